@@ -1,0 +1,80 @@
+"""harmont-exec: plan and run CI builds as DAGs of shell jobs.
+
+The public API, re-exported from the modules that own it::
+
+    import executor
+
+    plan = executor.load_plan("build.yaml")      # validate + order; raises BuildFileError
+    for level in plan.levels: ...
+    cursor = plan.cursor()                       # graphlib-like: ready() / done(key, state)
+
+Hypothesis strategies for your own tests live in ``executor.testing``.
+"""
+
+from executor.errors import (
+    BuildFileError,
+    CycleError,
+    Diagnostic,
+    ExecutorError,
+    InternalError,
+    InvalidTransitionError,
+)
+from executor.load import CLOUD_FIELDS, load_build, load_plan, parse_build_text, plan_build_text
+from executor.model import (
+    Backoff,
+    BuildSpec,
+    RetryPolicy,
+    SoftFailPolicy,
+    StepSpec,
+    WaitSpec,
+    parse_build_spec,
+)
+from executor.plan import Cursor, Decision, Edge, EdgeKind, Plan, Readiness, Settled, build_plan
+from executor.states import (
+    TRANSITIONS,
+    BuildState,
+    Event,
+    JobState,
+    JobStatus,
+    roll_up,
+    transition,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLOUD_FIELDS",
+    "TRANSITIONS",
+    "Backoff",
+    "BuildFileError",
+    "BuildSpec",
+    "BuildState",
+    "Cursor",
+    "CycleError",
+    "Decision",
+    "Diagnostic",
+    "Edge",
+    "EdgeKind",
+    "Event",
+    "ExecutorError",
+    "InternalError",
+    "InvalidTransitionError",
+    "JobState",
+    "JobStatus",
+    "Plan",
+    "Readiness",
+    "RetryPolicy",
+    "Settled",
+    "SoftFailPolicy",
+    "StepSpec",
+    "WaitSpec",
+    "__version__",
+    "build_plan",
+    "load_build",
+    "load_plan",
+    "parse_build_spec",
+    "parse_build_text",
+    "plan_build_text",
+    "roll_up",
+    "transition",
+]
