@@ -1,0 +1,474 @@
+"""Build file -> BuildSpec (and Plan): YAML or JSON, our format and Harmont's two v0 IR forms.
+
+Owns everything that knows about the file: reading it, syntax errors, duplicate mapping keys,
+turning Harmont's graph form into our step list, dropping cloud-only fields (with one warning),
+and mapping every diagnostic's ``loc`` back to ``file:line:column``. It must not decide what a
+field means (``executor.model``) or how steps relate (``executor.plan``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import yaml
+
+from executor.errors import BuildFileError, Diagnostic, Loc
+from executor.model import BuildSpec, parse_build_spec
+from executor.plan import Plan, build_plan
+
+__all__ = ["CLOUD_FIELDS", "load_build", "load_plan", "parse_build_text", "plan_build_text"]
+
+log = structlog.get_logger("executor.load")
+
+CLOUD_FIELDS = frozenset({"image", "default_image", "cache", "runner", "runner_args", "secrets"})
+"""Fields that only mean something in Harmont's cloud: accepted, ignored, warned about once."""
+
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BUILD_FIELDS = ("version", "env", "timeout_seconds", "concurrency")
+
+
+def load_build(path: str | Path) -> BuildSpec:
+    """Read and validate a build file field by field (``load_plan`` also checks dependencies)."""
+    return _Source.read(Path(path)).spec()
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a build file, validate it completely and plan it. Raises ``BuildFileError``."""
+    return _Source.read(Path(path)).plan()
+
+
+def parse_build_text(text: str, *, name: str = "<string>", json_format: bool = False) -> BuildSpec:
+    """Like ``load_build`` for text in memory; ``name`` is used in messages."""
+    return _Source.parse(text, name, json_format=json_format).spec()
+
+
+def plan_build_text(text: str, *, name: str = "<string>", json_format: bool = False) -> Plan:
+    """Like ``load_plan`` for text in memory; ``name`` is used in messages."""
+    return _Source.parse(text, name, json_format=json_format).plan()
+
+
+# --- source positions --------------------------------------------------------------------------
+
+
+class _Locator:
+    """Finds ``(line, column)`` (1-based) of a path in the document, from a composed YAML tree."""
+
+    def __init__(self, root: yaml.Node | None) -> None:
+        self._root = root
+
+    def find(self, loc: Loc, *, at_key: bool = False) -> tuple[int, int] | None:
+        node = self._root
+        if node is None:
+            return None
+        mark = node.start_mark
+        for n, part in enumerate(loc):
+            last = n == len(loc) - 1
+            if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+                pair = next((p for p in reversed(node.value) if p[0].value == part), None)
+                if pair is None:
+                    break
+                node = pair[0] if at_key and last else pair[1]
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+                if not 0 <= part < len(node.value):
+                    break
+                node = node.value[part]
+            else:
+                break
+            mark = node.start_mark
+        return mark.line + 1, mark.column + 1
+
+
+def _compose(text: str) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=_Loader)
+    except (yaml.YAMLError, RecursionError):
+        return None
+
+
+def _duplicate_key(root: yaml.Node | None) -> tuple[str, yaml.Mark, yaml.Mark] | None:
+    """The first mapping key that appears twice in one mapping: (key, first, second)."""
+    stack = [root] if root is not None else []
+    seen: set[int] = set()  # aliases share nodes: visit each once
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            marks: dict[object, yaml.Mark] = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else id(key)
+                if name in marks and name != "<<":
+                    return str(name), marks[name], key.start_mark
+                marks[name] = key.start_mark
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
+    return None
+
+
+# --- the source --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    name: str
+    data: object
+    locator: Callable[[], _Locator]
+    path: Path | None = None
+    to_source: Callable[[Loc], Loc] = field(default=lambda loc: loc)
+    ignored: set[str] = field(default_factory=set)
+
+    @classmethod
+    def read(cls, path: Path) -> _Source:
+        name = str(path)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise _error(name, "no such file; check the path") from None
+        except IsADirectoryError:
+            raise _error(name, "is a directory; pass the build file inside it") from None
+        except OSError as exc:
+            raise _error(
+                name, f"cannot read the file: {exc.strerror}; check its permissions"
+            ) from None
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise _error(
+                name,
+                f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                "save it as UTF-8",
+            ) from None
+        source = cls.parse(text, name, json_format=path.suffix.lower() == ".json")
+        source.path = path
+        return source
+
+    @classmethod
+    def parse(cls, text: str, name: str, *, json_format: bool) -> _Source:
+        if not text.strip():
+            raise _error(
+                name, "the build file is empty; add a `steps:` list with at least one step"
+            )
+        if json_format or text.lstrip().startswith("{"):
+            return cls._parse_json(text, name)
+        return cls._parse_yaml(text, name)
+
+    @classmethod
+    def _parse_json(cls, text: str, name: str) -> _Source:
+        duplicates: list[str] = []
+
+        def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+            out = dict(items)
+            if len(out) < len(items) and not duplicates:
+                seen: set[str] = set()
+                for key, _ in items:
+                    if key in seen:
+                        duplicates.append(key)
+                        break
+                    seen.add(key)
+            return out
+
+        try:
+            data = json.loads(text, object_pairs_hook=pairs)
+        except json.JSONDecodeError as exc:
+            raise BuildFileError(
+                [
+                    Diagnostic(
+                        f"invalid JSON: {exc.msg}; fix the syntax here (files ending in "
+                        ".json or starting with '{' are read as JSON)",
+                        file=name,
+                        line=exc.lineno,
+                        column=exc.colno,
+                    )
+                ]
+            ) from None
+        except RecursionError:
+            raise _error(
+                name, "the JSON is nested too deeply; a build file needs a few levels"
+            ) from None
+        cached: list[_Locator] = []
+
+        def locator() -> _Locator:
+            if not cached:
+                cached.append(_Locator(_compose(text)))
+            return cached[0]
+
+        if duplicates:
+            dup = _duplicate_key(_compose(text))
+            line, column = (dup[2].line + 1, dup[2].column + 1) if dup else (None, None)
+            raise BuildFileError(
+                [
+                    Diagnostic(
+                        f"duplicate key {duplicates[0]!r} in one JSON object; keep only one",
+                        file=name,
+                        line=line,
+                        column=column,
+                    )
+                ]
+            )
+        return cls(name, data, locator)
+
+    @classmethod
+    def _parse_yaml(cls, text: str, name: str) -> _Source:
+        try:
+            root = yaml.compose(text, Loader=_Loader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            problem = " ".join(p for p in (exc.context, exc.problem) if p)
+            raise BuildFileError(
+                [
+                    Diagnostic(
+                        f"invalid YAML: {problem}; fix the syntax here",
+                        file=name,
+                        line=mark.line + 1 if mark else None,
+                        column=mark.column + 1 if mark else None,
+                    )
+                ]
+            ) from None
+        except yaml.YAMLError as exc:
+            raise _error(name, f"invalid YAML: {exc}; fix the syntax") from None
+        except RecursionError:
+            raise _error(
+                name, "the YAML is nested too deeply; a build file needs a few levels"
+            ) from None
+        if root is None:
+            raise _error(
+                name, "the build file is empty; add a `steps:` list with at least one step"
+            )
+        dup = _duplicate_key(root)
+        if dup is not None:
+            key, first, second = dup
+            raise BuildFileError(
+                [
+                    Diagnostic(
+                        f"duplicate key {key!r} (first at line {first.line + 1}); keep only one",
+                        file=name,
+                        line=second.line + 1,
+                        column=second.column + 1,
+                    )
+                ]
+            )
+        try:
+            data = _Loader("").construct_document(root)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark
+            raise BuildFileError(
+                [
+                    Diagnostic(
+                        f"invalid YAML value: {exc.problem}; fix it here",
+                        file=name,
+                        line=mark.line + 1 if mark else None,
+                        column=mark.column + 1 if mark else None,
+                    )
+                ]
+            ) from None
+        locator = _Locator(root)
+        return cls(name, data, lambda: locator)
+
+    # --- meaning -----------------------------------------------------------------------------
+
+    def spec(self) -> BuildSpec:
+        data = self._normalized()
+        try:
+            spec = parse_build_spec(data)
+        except BuildFileError as exc:
+            raise self._located(exc) from None
+        if self.ignored:
+            log.warning(
+                "cloud_fields_ignored",
+                file=self.name,
+                fields=sorted(self.ignored),
+                reason="these fields only mean something in Harmont's cloud",
+            )
+        return spec
+
+    def plan(self) -> Plan:
+        spec = self.spec()
+        try:
+            return build_plan(spec, source=self.path)
+        except BuildFileError as exc:
+            raise self._located(exc) from None
+
+    def _located(self, exc: BuildFileError) -> BuildFileError:
+        locator = self.locator()
+        out = []
+        for d in exc.diagnostics:
+            pos = locator.find(self.to_source(d.loc), at_key=d.message.startswith("unknown field"))
+            out.append(d.located(self.name, *(pos or (None, None))))
+        out.sort(key=lambda d: (d.line or 0, d.column or 0))
+        return exc.with_diagnostics(out)
+
+    def _normalized(self) -> object:
+        """Our format as plain data: Harmont graph form converted, cloud-only fields dropped."""
+        data = self.data
+        if not isinstance(data, Mapping):
+            return data
+        data = self._strip(data)
+        if "graph" in data and "steps" not in data:
+            data = self._from_graph(data)
+        steps = data.get("steps")
+        if isinstance(steps, list):
+            data["steps"] = [self._strip(s) if isinstance(s, Mapping) else s for s in steps]
+        return data
+
+    def _strip(self, mapping: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(mapping)
+        for name in CLOUD_FIELDS.intersection(out):
+            self.ignored.add(name)
+            del out[name]
+        return out
+
+    def _from_graph(self, data: dict[str, Any]) -> dict[str, Any]:
+        graph = data.pop("graph")
+        problems: list[Diagnostic] = []
+        if not isinstance(graph, Mapping):
+            raise self._located(
+                BuildFileError.single(
+                    "graph must be a mapping with nodes and edges (Harmont's v0 graph form)",
+                    loc=("graph",),
+                )
+            )
+        extra = set(graph) - {"nodes", "edges", "node_holes", "edge_property"}
+        for name in sorted(extra):
+            problems.append(
+                Diagnostic(
+                    f"unknown field {name!r} in graph; its fields are nodes, edges, node_holes, "
+                    "edge_property",
+                    loc=("graph", name),
+                )
+            )
+        if graph.get("edge_property", "directed") != "directed":
+            problems.append(
+                Diagnostic(
+                    f"edge_property is {graph.get('edge_property')!r}; a build graph is directed: "
+                    'use "directed"',
+                    loc=("graph", "edge_property"),
+                )
+            )
+        nodes = graph.get("nodes")
+        edges = graph.get("edges", [])
+        holes = graph.get("node_holes", [])
+        if (
+            not isinstance(nodes, list)
+            or not isinstance(edges, list)
+            or not isinstance(holes, list)
+        ):
+            problems.append(
+                Diagnostic(
+                    "graph.nodes, graph.edges and graph.node_holes must be lists", loc=("graph",)
+                )
+            )
+            raise self._located(BuildFileError(problems))
+        # petgraph's StableGraph: node indices skip the holes left by removed nodes.
+        hole_set = {h for h in holes if isinstance(h, int)}
+        slot_of_index: dict[int, int] = {}
+        index = 0
+        for slot in range(len(nodes)):
+            while index in hole_set:
+                index += 1
+            slot_of_index[index] = slot
+            index += 1
+        steps: list[Any] = []
+        for slot, node in enumerate(nodes):
+            if not isinstance(node, Mapping) or not isinstance(node.get("step"), Mapping):
+                problems.append(
+                    Diagnostic(
+                        "a graph node must be a mapping {step: {...}, env: {...}}",
+                        loc=("graph", "nodes", slot),
+                    )
+                )
+                steps.append({})
+                continue
+            for name in sorted(set(node) - {"step", "env"}):
+                problems.append(
+                    Diagnostic(
+                        f"unknown field {name!r} in a graph node; its fields are step and env",
+                        loc=("graph", "nodes", slot, name),
+                    )
+                )
+            step = self._strip(node["step"])
+            env = node.get("env") or {}
+            if isinstance(env, Mapping) and isinstance(step.get("env", {}), Mapping):
+                step["env"] = {**env, **step.get("env", {})}
+            else:
+                step["env"] = env
+            steps.append(step)
+        edge_locs: dict[tuple[int, str], list[Loc]] = {}
+        for n, edge in enumerate(edges):
+            loc: Loc = ("graph", "edges", n)
+            ok = (
+                isinstance(edge, list)
+                and len(edge) == 3
+                and edge[2] in ("builds_in", "depends_on")
+                and all(isinstance(e, int) and not isinstance(e, bool) for e in edge[:2])
+            )
+            if not ok:
+                problems.append(
+                    Diagnostic(
+                        f'edge {edge!r} must be [from, to, "builds_in" | "depends_on"] with node '
+                        "indices",
+                        loc=loc,
+                    )
+                )
+                continue
+            src, dst = slot_of_index.get(edge[0]), slot_of_index.get(edge[1])
+            if src is None or dst is None:
+                problems.append(
+                    Diagnostic(
+                        f"edge {edge!r} names node index {edge[0] if src is None else edge[1]}, "
+                        "which is not a node of the graph; fix the index or remove the edge",
+                        loc=loc,
+                    )
+                )
+                continue
+            source_key, target = steps[src].get("key"), steps[dst]
+            if edge[2] == "builds_in":
+                if "builds_in" in target:
+                    problems.append(
+                        Diagnostic(
+                            "a step has two builds_in edges; a step builds in one parent: keep one",
+                            loc=loc,
+                        )
+                    )
+                    continue
+                target["builds_in"] = source_key
+                edge_locs[(dst, "builds_in")] = [loc]
+            else:
+                deps = target.setdefault("depends_on", [])
+                if isinstance(deps, str):
+                    deps = target["depends_on"] = [deps]
+                if isinstance(deps, list):
+                    deps.append(source_key)
+                    edge_locs.setdefault((dst, "depends_on"), []).append(loc)
+        if problems:
+            raise self._located(BuildFileError(problems))
+        data["steps"] = steps
+
+        def to_source(loc: Loc) -> Loc:
+            if len(loc) < 2 or loc[0] != "steps" or not isinstance(loc[1], int):
+                return loc
+            slot, rest = loc[1], loc[2:]
+            if rest[:1] == ("builds_in",) and (slot, "builds_in") in edge_locs:
+                return edge_locs[(slot, "builds_in")][0]
+            if rest[:1] == ("depends_on",) and len(rest) > 1 and isinstance(rest[1], int):
+                mine = edge_locs.get((slot, "depends_on"), [])
+                explicit = nodes[slot]["step"].get("depends_on", [])
+                k = rest[1] - (len(explicit) if isinstance(explicit, list) else 1)
+                if 0 <= k < len(mine):
+                    return mine[k]
+            if rest[:1] == ("env",):
+                return ("graph", "nodes", slot, *rest)
+            return ("graph", "nodes", slot, "step", *rest)
+
+        self.to_source = to_source
+        return data
+
+
+def _error(name: str, message: str) -> BuildFileError:
+    return BuildFileError([Diagnostic(message, file=name)])

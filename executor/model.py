@@ -1,0 +1,477 @@
+"""The build specification: pydantic models parsed from a build file, and their validation.
+
+``BuildSpec`` is what a build file means once its syntax is gone: command steps and wait
+barriers in file order, with normalized policies (every default filled in). This module checks
+each field on its own; relations between steps (unknown or cyclic dependencies, duplicate keys)
+are the planner's job. Pydantic errors never leave this module: ``parse_build_spec`` turns them
+into ``BuildFileError`` diagnostics that say what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    StringConstraints,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from executor.errors import BuildFileError, Diagnostic, Loc
+
+__all__ = [
+    "MAX_CONCURRENCY",
+    "MAX_RETRY_LIMIT",
+    "MAX_TIMEOUT_S",
+    "Backoff",
+    "BuildSpec",
+    "RetryPolicy",
+    "SoftFailPolicy",
+    "StepSpec",
+    "WaitSpec",
+    "parse_build_spec",
+]
+
+MAX_TIMEOUT_S = 7 * 24 * 3600
+MAX_RETRY_LIMIT = 10
+MAX_CONCURRENCY = 1024
+MAX_BACKOFF_S = 24 * 3600
+
+
+def _no_control_chars(value: str) -> str:
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"contains the control character {bad!r}")
+    return value
+
+
+def _no_nul(value: str) -> str:
+    if "\0" in value:
+        raise ValueError("contains a NUL byte, which no process can receive")
+    return value
+
+
+def _env_name(value: str) -> str:
+    if "=" in value or "\0" in value:
+        raise ValueError("contains '=' or a NUL byte")
+    return value
+
+
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is empty")
+    return _no_nul(value)
+
+
+StepKey = Annotated[
+    str,
+    Strict(),
+    StringConstraints(min_length=1, max_length=200),
+    AfterValidator(_no_control_chars),
+]
+EnvName = Annotated[str, Strict(), StringConstraints(min_length=1), AfterValidator(_env_name)]
+EnvValue = Annotated[str, Strict(), AfterValidator(_no_nul)]
+Env = dict[EnvName, EnvValue]
+Seconds = Annotated[float, Strict(), Field(gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)]
+ExitCodes = tuple[int, ...] | Literal["*"]
+
+
+def _exit_codes(value: object) -> ExitCodes:
+    """``"*"`` or a non-empty list of distinct integers 1-255, kept in the user's order."""
+    if value == "*":
+        return "*"
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError(f'must be a non-empty list of exit codes or "*", got {_show(value)}')
+    codes: list[int] = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise ValueError(f"contains {_show(item)}, which is not an integer exit code")
+        if not 1 <= item <= 255:
+            raise ValueError(f"contains {item}, but exit codes run from 1 to 255")
+        if item not in codes:
+            codes.append(item)
+    return tuple(codes)
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Backoff(_Spec):
+    """Delay before a retry: ``min(max_seconds, initial_seconds * factor**(n-1))``, jittered."""
+
+    initial_seconds: Annotated[float, Strict(), Field(ge=0, le=MAX_BACKOFF_S)] = 0.0
+    factor: Annotated[float, Strict(), Field(ge=1, le=100)] = 2.0
+    max_seconds: Annotated[float, Strict(), Field(ge=0, le=MAX_BACKOFF_S)] = 300.0
+    jitter: Annotated[bool, Strict()] = True
+
+
+class RetryPolicy(_Spec):
+    """How a failed attempt is retried (SPEC §3). Attempts = ``limit + 1``."""
+
+    limit: Annotated[int, Strict(), Field(ge=0, le=MAX_RETRY_LIMIT)] = 0
+    exit_codes: ExitCodes = "*"
+    on_timeout: Annotated[bool, Strict()] = False
+    backoff: Backoff = Backoff()
+
+    _check_codes = field_validator("exit_codes", mode="before")(_exit_codes)
+
+    def retries_exit_code(self, exit_code: int) -> bool:
+        return exit_code != 0 and (self.exit_codes == "*" or exit_code in self.exit_codes)
+
+
+class SoftFailPolicy(_Spec):
+    """Which final exit codes count as a soft failure (``"*"``: any non-zero)."""
+
+    exit_codes: ExitCodes = "*"
+
+    _check_codes = field_validator("exit_codes", mode="before")(_exit_codes)
+
+    def matches(self, exit_code: int) -> bool:
+        return exit_code != 0 and (self.exit_codes == "*" or exit_code in self.exit_codes)
+
+
+class StepSpec(_Spec):
+    """One command step: becomes one job."""
+
+    key: StepKey
+    label: Annotated[str, Strict(), StringConstraints(max_length=1000)] | None = None
+    command: Annotated[str, Strict(), AfterValidator(_non_blank)] = Field(
+        validation_alias=AliasChoices("command", "cmd")
+    )
+    depends_on: tuple[StepKey, ...] = ()
+    builds_in: StepKey | None = None
+    env: Env = Field(default_factory=dict)
+    timeout_seconds: Seconds | None = None
+    retry_policy: RetryPolicy | None = None
+    soft_fail_policy: SoftFailPolicy | None = None
+    artifact_paths: tuple[Annotated[str, Strict(), AfterValidator(_non_blank)], ...] = ()
+    allow_dependency_failure: Annotated[bool, Strict()] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reshape(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.pop("type", "command") != "command":  # the discriminator only lets "command" in
+            raise ValueError("type must be 'command'")
+        if "command" in data and "cmd" in data:
+            raise ValueError("has both 'command' and its alias 'cmd'; keep only one")
+        deps = data.get("depends_on")
+        if isinstance(deps, str):
+            data["depends_on"] = (deps,)
+        elif deps is None and "depends_on" in data:
+            data["depends_on"] = ()
+        policy = data.get("soft_fail_policy")
+        if policy is True:
+            data["soft_fail_policy"] = {}
+        elif policy is False:
+            data["soft_fail_policy"] = None
+        return data
+
+    @property
+    def prerequisites(self) -> tuple[str, ...]:
+        """Keys this step waits for by its own fields (``depends_on`` then ``builds_in``)."""
+        if self.builds_in is None or self.builds_in in self.depends_on:
+            return self.depends_on
+        return (*self.depends_on, self.builds_in)
+
+
+class WaitSpec(_Spec):
+    """A barrier: every later step depends on every earlier one."""
+
+    type: Literal["wait"] = "wait"
+    continue_on_failure: Annotated[bool, Strict()] = False
+
+
+def _step_tag(value: Any) -> str | None:
+    if isinstance(value, StepSpec):
+        return "command"
+    if isinstance(value, WaitSpec):
+        return "wait"
+    if isinstance(value, dict):
+        kind = value.get("type", "command")
+        return kind if kind in ("command", "wait") else None
+    return "command"
+
+
+Step = Annotated[
+    Annotated[StepSpec, Tag("command")] | Annotated[WaitSpec, Tag("wait")],
+    Discriminator(
+        _step_tag,
+        custom_error_type="step_type",
+        custom_error_message="unsupported step type",
+    ),
+]
+
+
+class BuildSpec(_Spec):
+    """A whole build file, validated field by field, in file order."""
+
+    version: Literal["0"] = "0"
+    env: Env = Field(default_factory=dict)
+    timeout_seconds: Seconds | None = None
+    concurrency: Annotated[int, Strict(), Field(ge=1, le=MAX_CONCURRENCY)] | None = None
+    steps: tuple[Step, ...]
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        return "0" if value == 0 and not isinstance(value, bool) else value
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _waits(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            if not value:
+                raise ValueError("is empty; add at least one command step")
+            return [{"type": "wait"} if s == "wait" else s for s in value]
+        return value
+
+    @model_validator(mode="after")
+    def _has_command(self) -> BuildSpec:
+        if not any(isinstance(s, StepSpec) for s in self.steps):
+            raise ValueError("has no command step; add at least one step with a key and command")
+        return self
+
+    @property
+    def command_steps(self) -> tuple[StepSpec, ...]:
+        return tuple(s for s in self.steps if isinstance(s, StepSpec))
+
+    def to_data(self) -> dict[str, Any]:
+        """The build as plain data in our file format, defaults left out; loads back equal."""
+        data = self.model_dump(mode="json", exclude_defaults=True, exclude={"steps"})
+        steps: list[Any] = []
+        for step in self.steps:
+            if isinstance(step, WaitSpec):
+                steps.append(
+                    {"type": "wait", "continue_on_failure": True}
+                    if step.continue_on_failure
+                    else "wait"
+                )
+            else:
+                steps.append(step.model_dump(mode="json", exclude_defaults=True))
+        data["steps"] = steps
+        return data
+
+
+# --- pydantic errors -> diagnostics ----------------------------------------------------------
+
+_HINTS: Mapping[str, str] = {
+    "version": 'use version: "0" or leave it out',
+    "env": 'use a mapping of names to string values; quote numbers and booleans, e.g. CI: "true"',
+    "timeout_seconds": f"use a number of seconds above 0 and at most {MAX_TIMEOUT_S} (7 days), "
+    "or leave it out",
+    "concurrency": f"use an integer from 1 to {MAX_CONCURRENCY}, or leave it out to use the "
+    "number of CPUs",
+    "steps": "use a list of steps, each a mapping with key and command, or the word wait",
+    "key": "use 1-200 characters without control characters, unique in the build",
+    "label": "use a short string",
+    "command": "use one shell string, e.g. command: make test; put several commands on "
+    "separate lines with `command: |`",
+    "depends_on": "use a step key or a list of step keys",
+    "builds_in": "use the key of one step",
+    "retry_policy": "use a mapping with limit, exit_codes, on_timeout, backoff",
+    "soft_fail_policy": 'use true, or a mapping like {exit_codes: [3]} or {exit_codes: "*"}',
+    "limit": f"use an integer from 0 to {MAX_RETRY_LIMIT} (attempts = limit + 1)",
+    "exit_codes": 'use a list of integers from 1 to 255, or "*" for any non-zero exit',
+    "on_timeout": "use true or false",
+    "backoff": "use a mapping with initial_seconds, factor, max_seconds, jitter",
+    "initial_seconds": f"use a number of seconds from 0 to {MAX_BACKOFF_S}",
+    "max_seconds": f"use a number of seconds from 0 to {MAX_BACKOFF_S}",
+    "factor": "use a number from 1 to 100",
+    "jitter": "use true or false",
+    "artifact_paths": "use a list of glob patterns relative to the working directory, "
+    'e.g. ["reports/**/*.xml"]',
+    "allow_dependency_failure": "use true or false",
+    "continue_on_failure": "use true or false",
+}
+
+_FIELDS: Mapping[str, tuple[str, ...]] = {
+    "build": tuple(BuildSpec.model_fields),
+    "command": (*(f for f in StepSpec.model_fields if f != "command"), "command", "cmd", "type"),
+    "wait": ("type", "continue_on_failure"),
+    "retry_policy": tuple(RetryPolicy.model_fields),
+    "soft_fail_policy": tuple(SoftFailPolicy.model_fields),
+    "backoff": tuple(Backoff.model_fields),
+}
+
+_KINDS: Mapping[str, str] = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "dict_type": "a mapping",
+    "tuple_type": "a list",
+    "list_type": "a list",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _describe_type(value: object) -> str:
+    names = {dict: "mapping", list: "list", tuple: "list", str: "string", bool: "boolean"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _clean_loc(loc: tuple[int | str, ...]) -> tuple[Loc, str]:
+    """Drop pydantic's union tags from ``loc``; return it and the kind of object it points into."""
+    out: list[int | str] = []
+    kind = "build"
+    for i, part in enumerate(loc):
+        if i == 2 and loc[0] == "steps" and part in ("command", "wait"):
+            kind = str(part)
+            continue
+        if isinstance(part, str) and part in ("retry_policy", "soft_fail_policy", "backoff"):
+            kind = part
+        out.append(part)
+    return tuple(out), kind
+
+
+def _field_of(loc: Loc) -> str | None:
+    names = [p for p in loc if isinstance(p, str)]
+    if len(names) >= 2 and names[-2] == "env" and loc and loc[-1] == names[-1]:
+        return "env"
+    return names[-1] if names else None
+
+
+def _message(err: Mapping[str, Any], loc: Loc, kind: str) -> str:
+    etype: str = err["type"]
+    value = err.get("input")
+    field = _field_of(loc)
+    inner = loc[2:] if len(loc) > 2 and loc[0] == "steps" else loc
+    where = ".".join(str(p) for p in inner if isinstance(p, str)) or "the build"
+    hint = _HINTS.get("command" if field == "cmd" else field or "", "")
+    if etype == "extra_forbidden":
+        name = str(loc[-1])
+        allowed = _FIELDS.get(kind, ())
+        close = difflib.get_close_matches(name, allowed, n=1)
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        owner = "step" if kind in ("command", "wait") else kind.replace("_", " ")
+        if kind == "build":
+            owner = "build file"
+        return f"unknown field {name!r}; {guess}fields of a {owner} are: {', '.join(allowed)}"
+    if etype == "missing":
+        if field == "command":
+            return "has no command; add `command: <shell command>` (or `cmd:`)"
+        if field == "key":
+            return "has no key; add `key: <unique name>` so other steps and the record can name it"
+        return f"missing required field {field!r}; {hint}"
+    if etype == "step_type":
+        if isinstance(value, dict):
+            return (
+                f"step type {_show(value.get('type'))} is not supported; harmont-exec runs "
+                "command steps (type: command) and barriers (type: wait)"
+            )
+        return f"step is {_show(value)}; a step is a mapping with key and command, or the word wait"
+    if etype == "literal_error" and field == "version":
+        return f'version is {_show(value)}; the only build-file version is "0": {hint}'
+    is_step = len(loc) == 2 and loc[0] == "steps"
+    if etype in _KINDS:
+        if is_step:
+            guess = (
+                "did you mean wait? "
+                if isinstance(value, str) and difflib.get_close_matches(value, ["wait"])
+                else ""
+            )
+            return (
+                f"step #{int(loc[1]) + 1} is {_describe_type(value)} {_show(value)}; {guess}"
+                "a step is a mapping with key and command, or the word wait"
+            )
+        if field == "env" and loc[-1] != "env":
+            return (
+                f"env value {loc[-1]!s} must be a string, got {_describe_type(value)} "
+                f"{_show(value)}; {_HINTS['env']}"
+            )
+        if field in ("command", "cmd") and isinstance(value, list):
+            return (
+                f"command must be one shell string, got a list {_show(value)}; join the "
+                "commands with && or write them on separate lines under `command: |`"
+            )
+        return (
+            f"{where} must be {_KINDS[etype]}, got {_describe_type(value)} {_show(value)}; {hint}"
+        )
+    detail = str(err.get("msg", "is invalid"))
+    if etype == "value_error":
+        detail = detail.removeprefix("Value error, ")
+        if is_step:
+            return detail
+        if not loc:
+            return f"the build {detail}"
+        return f"{where} {detail}; {hint}" if hint else f"{where} {detail}"
+    if etype == "string_too_long" and field == "key":
+        return f"key {_show(value)} is longer than 200 characters; {hint}"
+    ctx = err.get("ctx") or {}
+    bounds = {
+        "greater_than_equal": ("must be at least", "ge"),
+        "less_than_equal": ("must be at most", "le"),
+        "greater_than": ("must be above", "gt"),
+        "less_than": ("must be below", "lt"),
+    }
+    if etype in bounds:
+        words, name = bounds[etype]
+        detail = f"{words} {ctx.get(name):g}"
+    detail = detail[:1].lower() + detail[1:]
+    return f"{where} is {_show(value)}: {detail}; {hint}" if hint else f"{where}: {detail}"
+
+
+def _step_key_at(data: Mapping[str, Any], loc: Loc) -> str | None:
+    if len(loc) < 2 or loc[0] != "steps" or not isinstance(loc[1], int):
+        return None
+    steps = data.get("steps")
+    if not isinstance(steps, list | tuple) or not 0 <= loc[1] < len(steps):
+        return None
+    step = steps[loc[1]]
+    key = step.get("key") if isinstance(step, dict) else None
+    return key if isinstance(key, str) else None
+
+
+def diagnostics_from(exc: ValidationError, data: Mapping[str, Any]) -> list[Diagnostic]:
+    """Translate a pydantic ``ValidationError`` on ``data`` into our diagnostics."""
+    out: list[Diagnostic] = []
+    errors = [(err, *_clean_loc(tuple(err["loc"]))) for err in exc.errors(include_url=False)]
+    # A misspelt field ("comand") also shows up as a missing one ("command"): report it once.
+    misspelt = {
+        (loc[:-1], guess)
+        for err, loc, kind in errors
+        if err["type"] == "extra_forbidden"
+        for guess in difflib.get_close_matches(str(loc[-1]), _FIELDS.get(kind, ()), n=1)
+    }
+    for err, loc, kind in errors:
+        if err["type"] == "missing" and (loc[:-1], loc[-1]) in misspelt:
+            continue
+        out.append(Diagnostic(_message(err, loc, kind), loc=loc, step_key=_step_key_at(data, loc)))
+    return out
+
+
+def parse_build_spec(data: object) -> BuildSpec:
+    """Validate plain data (our build-file format) into a ``BuildSpec``; ``BuildFileError`` if bad.
+
+    Checks fields one by one; dependencies between steps are checked by ``executor.build_plan``.
+    """
+    if not isinstance(data, Mapping):
+        raise BuildFileError.single(
+            f"the build file must be a mapping with a `steps` list, got {_describe_type(data)}; "
+            "start the file with `steps:`"
+        )
+    try:
+        return BuildSpec.model_validate(data)
+    except ValidationError as exc:
+        raise BuildFileError(diagnostics_from(exc, data)) from None
