@@ -141,6 +141,10 @@ class Plan:
     def step(self, key: str) -> StepSpec:
         return self._steps[self._idx(key)]
 
+    def environment(self, key: str) -> dict[str, str]:
+        """Build env overlaid by the step's env (the runner adds its own and HARMONT_* on top)."""
+        return {**self.spec.env, **self.step(key).env}
+
     def position(self, key: str) -> int:
         """The step's place in plan order (0-based)."""
         return self._position[self._idx(key)]
@@ -169,10 +173,12 @@ class Plan:
     @cached_property
     def _levels(self) -> tuple[int, ...]:
         level = [0] * len(self._steps)
+        get = level.__getitem__
+        all_preds = self._preds
         for j in self._order:
-            preds = self._preds[j]
+            preds = all_preds[j]
             if preds:
-                level[j] = 1 + max(level[i] for i in preds)
+                level[j] = 1 + max(map(get, preds))
         return tuple(level)
 
     @cached_property
