@@ -155,8 +155,16 @@ class _Source:
             raise _error(
                 name, "the build file is empty; add a `steps:` list with at least one step"
             )
-        if json_format or text.lstrip().startswith("{"):
+        if json_format or name.lower().endswith(".json"):
             return cls._parse_json(text, name)
+        if text.lstrip().startswith("{"):
+            try:
+                return cls._parse_json(text, name)
+            except BuildFileError as not_json:
+                try:  # a YAML flow mapping is still a valid build file
+                    return cls._parse_yaml(text, name)
+                except BuildFileError:
+                    raise not_json from None
         return cls._parse_yaml(text, name)
 
     @classmethod

@@ -74,6 +74,13 @@ def _non_blank(value: str) -> str:
     return _no_nul(value)
 
 
+def _relative_glob(value: str) -> str:
+    value = _non_blank(value)
+    if value.startswith("/") or ".." in value.split("/"):
+        raise ValueError(f"is {value!r}, which reaches outside the working directory")
+    return value
+
+
 StepKey = Annotated[
     str,
     Strict(),
@@ -156,7 +163,7 @@ class StepSpec(_Spec):
     timeout_seconds: Seconds | None = None
     retry_policy: RetryPolicy | None = None
     soft_fail_policy: SoftFailPolicy | None = None
-    artifact_paths: tuple[Annotated[str, Strict(), AfterValidator(_non_blank)], ...] = ()
+    artifact_paths: tuple[Annotated[str, Strict(), AfterValidator(_relative_glob)], ...] = ()
     allow_dependency_failure: Annotated[bool, Strict()] = False
 
     @model_validator(mode="before")
@@ -322,13 +329,36 @@ _KINDS: Mapping[str, str] = {
 
 
 def _show(value: object) -> str:
+    if value is None:
+        return "(null)"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _describe_type(value: object) -> str:
-    names = {dict: "mapping", list: "list", tuple: "list", str: "string", bool: "boolean"}
+    if value is None:
+        return "nothing"
+    names = {
+        dict: "mapping",
+        list: "list",
+        tuple: "list",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+    }
     return names.get(type(value), type(value).__name__)
+
+
+_NESTED = ("retry_policy", "soft_fail_policy", "backoff")
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _clean_loc(loc: tuple[int | str, ...]) -> tuple[Loc, str]:
@@ -339,7 +369,9 @@ def _clean_loc(loc: tuple[int | str, ...]) -> tuple[Loc, str]:
         if i == 2 and loc[0] == "steps" and part in ("command", "wait"):
             kind = str(part)
             continue
-        if isinstance(part, str) and part in ("retry_policy", "soft_fail_policy", "backoff"):
+        # the last part may be the offending key itself, not an object it points into
+        last = i == len(loc) - 1
+        if not last and isinstance(part, str) and part in _NESTED:
             kind = part
         out.append(part)
     return tuple(out), kind
@@ -357,14 +389,22 @@ def _message(err: Mapping[str, Any], loc: Loc, kind: str) -> str:
     value = err.get("input")
     field = _field_of(loc)
     inner = loc[2:] if len(loc) > 2 and loc[0] == "steps" else loc
-    where = ".".join(str(p) for p in inner if isinstance(p, str)) or "the build"
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in inner).lstrip(".")
+    where = where or "the build"
+    if loc and loc[-1] == "[key]":  # a mapping key (an env variable's name)
+        name = loc[-2]
+        if etype == "string_type":
+            return f"env name {name!r} must be a string, got {_describe_type(value)}; quote it"
+        if etype == "string_too_short":
+            return "env has a variable with an empty name; give it a name or remove it"
+        return f"env name {name!r} contains '=' or a NUL byte; rename the variable"
     hint = _HINTS.get("command" if field == "cmd" else field or "", "")
     if etype == "extra_forbidden":
         name = str(loc[-1])
         allowed = _FIELDS.get(kind, ())
         close = difflib.get_close_matches(name, allowed, n=1)
         guess = f"did you mean {close[0]!r}? " if close else ""
-        owner = "step" if kind in ("command", "wait") else kind.replace("_", " ")
+        owner = {"command": "step", "wait": "wait step"}.get(kind, kind.replace("_", " "))
         if kind == "build":
             owner = "build file"
         return f"unknown field {name!r}; {guess}fields of a {owner} are: {', '.join(allowed)}"
@@ -405,6 +445,8 @@ def _message(err: Mapping[str, Any], loc: Loc, kind: str) -> str:
                 f"command must be one shell string, got a list {_show(value)}; join the "
                 "commands with && or write them on separate lines under `command: |`"
             )
+        if isinstance(value, str) and etype in ("int_type", "float_type") and _numeric(value):
+            hint = f"YAML 1.1 reads {value} as text: write it as 1000 or 1.0e+3; {hint}"
         return (
             f"{where} must be {_KINDS[etype]}, got {_describe_type(value)} {_show(value)}; {hint}"
         )
@@ -439,7 +481,7 @@ def _step_key_at(data: Mapping[str, Any], loc: Loc) -> str | None:
     if not isinstance(steps, list | tuple) or not 0 <= loc[1] < len(steps):
         return None
     step = steps[loc[1]]
-    key = step.get("key") if isinstance(step, dict) else None
+    key = step.get("key") if isinstance(step, dict) and step.get("type") != "wait" else None
     return key if isinstance(key, str) else None
 
 

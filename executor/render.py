@@ -14,6 +14,10 @@ from executor.plan import Edge, EdgeKind, Plan
 __all__ = ["plan_to_data", "plan_to_dot", "plan_to_mermaid", "plan_to_text"]
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _seconds(value: float) -> str:
     return f"{value:g}s"
 
@@ -56,7 +60,7 @@ def plan_to_text(plan: Plan, *, name: str | None = None) -> str:
     path = plan.critical_path
     head = f"{name}: " if name else ""
     lines = [
-        f"{head}{len(plan)} jobs in {len(plan.levels)} levels; "
+        f"{head}{_count(len(plan), 'job')} in {_count(len(plan.levels), 'level')}; "
         f"critical path ({len(path)} jobs): {' -> '.join(path)}",
         "concurrency: "
         + (str(spec.concurrency) if spec.concurrency else "number of CPUs")
@@ -72,7 +76,8 @@ def plan_to_text(plan: Plan, *, name: str | None = None) -> str:
             step = plan.step(key)
             parts = [f"  {key:<{width}}"]
             if label_width:
-                parts.append(f"  {step.label or '':<{label_width}}")
+                label = " ".join((step.label or "").split())  # one line, whatever it holds
+                parts.append(f"  {label:<{label_width}}")
             after = [_edge_note(e) for e in incoming.get(key, [])]
             if after:
                 parts.append(f"  after {', '.join(after)}")

@@ -74,7 +74,7 @@ def test_load_reports_every_problem_sorted_by_position() -> None:
     lines = _error(text).splitlines()
     assert [line.split(": ")[0] for line in lines] == ["build.yaml:4:22", "build.yaml:6:10"]
     assert "timeout_seconds is 0: must be above 0" in lines[0]
-    assert "cmd must be a string, got int 7; use one shell string" in lines[1]
+    assert "cmd must be a string, got integer 7; use one shell string" in lines[1]
 
 
 def test_load_cycle_error_lists_the_cycle_and_points_at_an_edge() -> None:
@@ -116,8 +116,10 @@ def test_load_invalid_json_syntax_position() -> None:
     assert _error('{"steps": [}', name="b.json").startswith("b.json:1:12: invalid JSON:")
 
 
-def test_load_file_starting_with_brace_is_json() -> None:
-    assert "invalid JSON" in _error("{steps: [{key: a, command: x}]}", name="build.yaml")
+def test_load_file_starting_with_brace_is_json_or_else_yaml_flow() -> None:
+    plan = plan_build_text("{steps: [{key: a, command: x}]}", name="build.yaml")
+    assert plan.order == ("a",)
+    assert "invalid JSON" in _error('{"steps": [{"key": "a",]}', name="build.yaml")
 
 
 def test_load_missing_file(tmp_path: Path) -> None:
@@ -297,3 +299,29 @@ def test_load_step_env_overlays_build_env() -> None:
         'env: {CI: "true", MODE: build}\nsteps:\n  - {key: a, command: x, env: {MODE: test}}\n'
     )
     assert plan.environment("a") == {"CI": "true", "MODE": "test"}
+
+
+def test_load_misplaced_nested_field_lists_the_fields_of_where_it_is() -> None:
+    message = _error("retry_policy: {limit: 1}\nsteps:\n  - {key: a, command: x}\n")
+    assert "unknown field 'retry_policy'; fields of a build file are: version" in message
+
+
+def test_load_env_name_errors_say_what_to_do() -> None:
+    message = _error('steps:\n  - {key: a, command: x, env: {"A=B": c, "": d}}\n')
+    assert "env name 'A=B' contains '=' or a NUL byte; rename the variable" in message
+    assert "env has a variable with an empty name; give it a name or remove it" in message
+
+
+def test_load_artifact_globs_stay_inside_the_working_directory() -> None:
+    message = _error("steps:\n  - {key: a, command: x, artifact_paths: [ok, ../x, '']}\n")
+    assert "artifact_paths[1] is '../x', which reaches outside the working directory" in message
+    assert "artifact_paths[2] is empty" in message
+
+
+def test_load_yaml_exponent_number_gets_a_hint() -> None:
+    message = _error("steps:\n  - {key: a, command: x, timeout_seconds: 1e3}\n")
+    assert "YAML 1.1 reads 1e3 as text: write it as 1000" in message
+
+
+def test_load_null_is_named_as_nothing() -> None:
+    assert "steps must be a list, got nothing (null)" in _error("steps:\n")
