@@ -16,6 +16,7 @@ __all__ = [
     "ExecutorError",
     "InternalError",
     "InvalidTransitionError",
+    "StoreError",
 ]
 
 Loc = tuple[str | int, ...]
@@ -105,3 +106,9 @@ class InvalidTransitionError(InternalError):
     """A job or build was asked to make a state change the transition table does not allow."""
 
     code = "invalid_transition"
+
+
+class StoreError(ExecutorError):
+    """The record could not be read or written (bad URL, disk full, newer schema, ...)."""
+
+    code = "store_error"

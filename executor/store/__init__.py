@@ -1,0 +1,40 @@
+"""The record: the only code that talks to a database (SPEC §5).
+
+``open_store(url)`` opens the store a path or URL names: SQLite today (one file, WAL, safe
+beside concurrent readers), with schema and SQL plain enough for a PostgreSQL backend to share.
+Writes are queued and group-committed by one writer thread; reads return frozen, typed rows.
+This package re-exports the public names and holds no logic.
+"""
+
+from __future__ import annotations
+
+from executor.store.rows import (
+    UNSET,
+    AttemptRow,
+    BuildRow,
+    CreatedBuild,
+    JobRow,
+    LogChunk,
+    TransitionRow,
+    Unset,
+)
+from executor.store.sql import SCHEMA_VERSION
+from executor.store.sqlite import Store
+from executor.store.url import DB_ENV, DEFAULT_DB, open_store, resolve_db_path
+
+__all__ = [
+    "DB_ENV",
+    "DEFAULT_DB",
+    "SCHEMA_VERSION",
+    "UNSET",
+    "AttemptRow",
+    "BuildRow",
+    "CreatedBuild",
+    "JobRow",
+    "LogChunk",
+    "Store",
+    "TransitionRow",
+    "Unset",
+    "open_store",
+    "resolve_db_path",
+]

@@ -1,0 +1,139 @@
+"""The store's read side: builds, jobs, histories, attempts and logs, as typed rows.
+
+``Reader`` owns one connection used for reads (and, in ``Store``, for the few synchronous
+writes). It is safe to share between threads (a lock serializes its use) and, because the file
+is in WAL mode, it reads committed data while another connection or process is writing. Reads
+never see a write the writer has not committed. This module must not write.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from executor.errors import StoreError
+from executor.store import sql
+from executor.store.connection import store_error
+from executor.store.rows import AttemptRow, BuildRow, JobRow, LogChunk, TransitionRow
+
+__all__ = ["JOB_ID_PREFIX_MIN", "LOG_PAGE_ROWS", "Reader"]
+
+LOG_PAGE_ROWS = 64
+"""Log chunks fetched per query by ``read_log`` (so a huge log is never loaded at once)."""
+
+JOB_ID_PREFIX_MIN = 8
+"""The shortest job id prefix ``get_job`` accepts."""
+
+_ID_PREFIX = re.compile(r"[0-9a-f-]+")
+
+
+class Reader:
+    def __init__(self, path: Path, db: sqlite3.Connection) -> None:
+        self._path = path
+        self._db = db
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        """The SQLite file."""
+        return self._path
+
+    @property
+    def url(self) -> str:
+        """The store as a URL (``sqlite:////abs/path``), accepted by ``open_store``."""
+        return f"sqlite:///{self._path}"
+
+    def _rows(self, query: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            with self._lock:
+                return self._db.execute(query, args).fetchall()
+        except sqlite3.Error as exc:
+            raise store_error("read the record", exc, self._path) from None
+
+    # --- builds ----------------------------------------------------------------------------
+
+    def list_builds(
+        self, *, org: str | None = None, pipeline: str | None = None, limit: int = 50
+    ) -> list[BuildRow]:
+        """Builds, newest first (by ``created_at``, then number), optionally of one org and/or
+        pipeline."""
+        query = sql.list_builds(org=org is not None, pipeline=pipeline is not None)
+        args = [a for a in (org, pipeline) if a is not None]
+        return [BuildRow.from_db(r) for r in self._rows(query, (*args, max(limit, 0)))]
+
+    def get_build(
+        self, number: int, *, org: str | None = None, pipeline: str | None = None
+    ) -> BuildRow | None:
+        """Build ``number`` of the given pipeline; without org/pipeline, the only build with
+        that number (StoreError naming the pipelines when several have one)."""
+        query = sql.builds_numbered(org=org is not None, pipeline=pipeline is not None)
+        args = [a for a in (org, pipeline) if a is not None]
+        rows = self._rows(query, (*args, number))
+        if len(rows) > 1:
+            names = ", ".join(f"{r['org']}/{r['pipeline']}" for r in rows)
+            raise StoreError(
+                f"build #{number} exists in several pipelines ({names}); pass --pipeline "
+                "(and --org if pipeline names repeat across organizations) to choose one"
+            )
+        return BuildRow.from_db(rows[0]) if rows else None
+
+    def get_build_by_id(self, build_id: str) -> BuildRow | None:
+        rows = self._rows(sql.BUILD_BY_ID, (build_id,))
+        return BuildRow.from_db(rows[0]) if rows else None
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def list_jobs(self, build_id: str) -> list[JobRow]:
+        """The build's jobs in plan order (topological), each with its prerequisites' ids."""
+        rows = self._rows(sql.JOBS_OF_BUILD, (build_id,))
+        depends_on: dict[str, list[str]] = {}
+        for job_id, prerequisite in self._rows(sql.DEPENDENCIES_OF_BUILD, (build_id,)):
+            depends_on.setdefault(job_id, []).append(prerequisite)
+        return [JobRow.from_db(r, tuple(depends_on.get(r["id"], ()))) for r in rows]
+
+    def get_job(self, job_id: str) -> JobRow | None:
+        """A job by id, or by a prefix of at least 8 characters that only one job id has
+        (StoreError when several do)."""
+        rows = self._rows(sql.JOB_BY_ID, (job_id,))
+        prefix = job_id.lower()
+        if not rows and len(prefix) >= JOB_ID_PREFIX_MIN and _ID_PREFIX.fullmatch(prefix):
+            rows = self._rows(sql.JOBS_BY_ID_PREFIX, (prefix, prefix + "~"))
+            if len(rows) > 1:
+                raise StoreError(
+                    f"job id prefix {job_id!r} matches several jobs ({rows[0]['id']}, "
+                    f"{rows[1]['id']}, ...); give more of the id"
+                )
+        if not rows:
+            return None
+        deps = tuple(r[0] for r in self._rows(sql.DEPENDENCIES_OF_JOB, (rows[0]["id"],)))
+        return JobRow.from_db(rows[0], deps)
+
+    def job_transitions(self, job_id: str) -> list[TransitionRow]:
+        """The job's history in order, from its creation (seq 0)."""
+        return [TransitionRow.from_db(r) for r in self._rows(sql.TRANSITIONS_OF_JOB, (job_id,))]
+
+    def list_attempts(self, job_id: str) -> list[AttemptRow]:
+        return [AttemptRow.from_db(r) for r in self._rows(sql.ATTEMPTS_OF_JOB, (job_id,))]
+
+    def read_log(self, job_id: str, *, after_seq: int = 0) -> Iterator[LogChunk]:
+        """The job's output chunks with ``seq > after_seq``, in order, fetched a page at a
+        time: a log of any size streams in bounded memory. Chunks committed while iterating
+        are included."""
+        seq = after_seq
+        while True:
+            rows = self._rows(sql.LOG_PAGE, (job_id, seq, LOG_PAGE_ROWS))
+            for row in rows:
+                chunk = LogChunk.from_db(row)
+                seq = chunk.seq
+                yield chunk
+            if len(rows) < LOG_PAGE_ROWS:
+                return
+
+    def check_integrity(self) -> str:
+        """SQLite's ``PRAGMA integrity_check``: ``"ok"`` when the file is sound, else the
+        problems found, one per line."""
+        return "\n".join(str(r[0]) for r in self._rows(sql.INTEGRITY_CHECK))

@@ -1,0 +1,257 @@
+"""What the store returns, and how values cross the database boundary.
+
+Rows are frozen dataclasses with parsed values: tz-aware UTC datetimes, ``JobState`` /
+``BuildState`` enums, policies as dicts, booleans as ``bool``, log content as ``bytes``. This
+module also owns the one timestamp format (``format_time`` / ``parse_time``). It runs no SQL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any, Protocol
+
+from executor.errors import InternalError
+from executor.states import BuildState, JobState
+
+__all__ = [
+    "UNSET",
+    "AttemptRow",
+    "BuildRow",
+    "CreatedBuild",
+    "JobRow",
+    "LogChunk",
+    "Record",
+    "TransitionRow",
+    "Unset",
+    "format_time",
+    "parse_time",
+]
+
+
+class Unset(Enum):
+    """Marks a keyword argument left out, so that ``None`` can mean "set to NULL"."""
+
+    UNSET = "unset"
+
+
+UNSET = Unset.UNSET
+
+
+class Record(Protocol):
+    """A database row addressed by column name (``sqlite3.Row``, a psycopg dict row)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def format_time(value: datetime) -> str:
+    """``2026-11-28T15:55:42.123456Z``: UTC, microseconds, fixed width, so text order is time
+    order. A naive datetime is a bug (its zone is unknown) and raises."""
+    if value.tzinfo is not UTC:
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InternalError(
+                f"naive datetime {value!r} given to the store; use an aware UTC time"
+            )
+        value = value.astimezone(UTC)
+    # %-formatting: ~40% faster than isoformat() with a tz, and this runs per recorded change.
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (  # noqa: UP031
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond,
+    )
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    return datetime.fromisoformat(value.removesuffix("Z")).replace(tzinfo=UTC)
+
+
+def _time(value: str) -> datetime:
+    return datetime.fromisoformat(value.removesuffix("Z")).replace(tzinfo=UTC)
+
+
+def _json(value: str | None) -> dict[str, Any] | None:
+    return None if value is None else dict(json.loads(value))
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedBuild:
+    """A build just recorded: its ids and number, for the runner."""
+
+    id: str
+    number: int
+    org: str
+    pipeline: str
+    job_ids: Mapping[str, str]  # step key -> job id
+
+
+@dataclass(frozen=True, slots=True)
+class BuildRow:
+    id: str
+    number: int
+    org: str
+    pipeline: str
+    state: BuildState
+    source: str
+    branch: str | None
+    commit: str | None
+    message: str | None
+    error_code: str | None
+    error_message: str | None
+    created_at: datetime
+    scheduled_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    build_file: str | None
+    working_dir: str
+    cancel_requested: bool
+    executor_host: str | None
+    executor_pid: int | None
+    heartbeat_at: datetime | None
+
+    @classmethod
+    def from_db(cls, r: Record) -> BuildRow:
+        return cls(
+            id=r["id"],
+            number=r["number"],
+            org=r["org"],
+            pipeline=r["pipeline"],
+            state=BuildState(r["state"]),
+            source=r["source"],
+            branch=r["branch"],
+            commit=r["commit_sha"],
+            message=r["message"],
+            error_code=r["error_code"],
+            error_message=r["error_message"],
+            created_at=_time(r["created_at"]),
+            scheduled_at=parse_time(r["scheduled_at"]),
+            started_at=parse_time(r["started_at"]),
+            finished_at=parse_time(r["finished_at"]),
+            build_file=r["build_file"],
+            working_dir=r["working_dir"],
+            cancel_requested=bool(r["cancel_requested"]),
+            executor_host=r["executor_host"],
+            executor_pid=r["executor_pid"],
+            heartbeat_at=parse_time(r["heartbeat_at"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    id: str
+    build_id: str
+    position: int  # index in the plan order (topological)
+    step_key: str
+    name: str | None
+    command: str | None
+    state: JobState
+    exit_code: int | None
+    soft_failed: bool
+    error_code: str | None
+    error_message: str | None
+    retry_policy: dict[str, Any] | None
+    soft_fail_policy: dict[str, Any] | None
+    retries_count: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    depends_on: tuple[str, ...]  # prerequisite job ids, in plan order
+
+    @classmethod
+    def from_db(cls, r: Record, depends_on: tuple[str, ...]) -> JobRow:
+        return cls(
+            id=r["id"],
+            build_id=r["build_id"],
+            position=r["position"],
+            step_key=r["step_key"],
+            name=r["name"],
+            command=r["command"],
+            state=JobState(r["state"]),
+            exit_code=r["exit_code"],
+            soft_failed=bool(r["soft_failed"]),
+            error_code=r["error_code"],
+            error_message=r["error_message"],
+            retry_policy=_json(r["retry_policy"]),
+            soft_fail_policy=_json(r["soft_fail_policy"]),
+            retries_count=r["retries_count"],
+            created_at=_time(r["created_at"]),
+            started_at=parse_time(r["started_at"]),
+            finished_at=parse_time(r["finished_at"]),
+            depends_on=depends_on,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionRow:
+    """One entry of a job's history. ``seq`` 0 is the job's creation (``from_state`` None,
+    ``event`` "created"); every later ``event`` is an ``Event`` value."""
+
+    job_id: str
+    seq: int
+    from_state: JobState | None
+    event: str
+    to_state: JobState
+    at: datetime
+
+    @classmethod
+    def from_db(cls, r: Record) -> TransitionRow:
+        return cls(
+            job_id=r["job_id"],
+            seq=r["seq"],
+            from_state=None if r["from_state"] is None else JobState(r["from_state"]),
+            event=r["event"],
+            to_state=JobState(r["to_state"]),
+            at=_time(r["at"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRow:
+    job_id: str
+    number: int  # 1, 2, ...
+    outcome: str | None  # None while the attempt runs
+    exit_code: int | None
+    signal: int | None
+    started_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def from_db(cls, r: Record) -> AttemptRow:
+        return cls(
+            job_id=r["job_id"],
+            number=r["number"],
+            outcome=r["outcome"],
+            exit_code=r["exit_code"],
+            signal=r["signal"],
+            started_at=_time(r["started_at"]),
+            finished_at=parse_time(r["finished_at"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LogChunk:
+    job_id: str
+    seq: int  # 1, 2, ... per job, in the order the output arrived
+    attempt: int
+    stream: str  # "stdout" or "stderr"
+    content: bytes  # exactly as the process wrote it (not necessarily valid UTF-8)
+    at: datetime
+
+    @classmethod
+    def from_db(cls, r: Record) -> LogChunk:
+        return cls(
+            job_id=r["job_id"],
+            seq=r["seq"],
+            attempt=r["attempt"],
+            stream=r["stream"],
+            content=bytes(r["content"]),
+            at=_time(r["at"]),
+        )

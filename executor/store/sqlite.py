@@ -1,0 +1,387 @@
+"""The SQLite store: one file in WAL mode; ``Store`` ties the reads, the writer and the record.
+
+Writes come from one executor process and one thread (its event loop). ``create_build`` is
+synchronous (the runner needs the ids) and numbers builds inside a ``BEGIN IMMEDIATE``
+transaction, so two executors sharing a file never get the same number. Everything else
+(``record_*``, ``append_log``) is queued for the writer thread (group commit, see ``writer``)
+and returns at once; ``flush`` waits for it and raises the first failed write. This process is
+the only writer of the builds it creates, so the per-job sequence numbers of the history and the
+log are counted here, in memory; the write methods must therefore not be called from two
+threads at once. Nothing here decides states: the transition table lives in ``executor.states``
+and the runner applies it before it records; the store only refuses (as a bug) a change whose
+``from_state`` is not the job's state in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import uuid
+import weakref
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from executor.errors import StoreError
+from executor.plan import Plan
+from executor.states import BuildState, Event, JobState
+from executor.store import sql
+from executor.store.connection import connect, migrate, store_error
+from executor.store.reads import Reader
+from executor.store.rows import UNSET, CreatedBuild, Unset, format_time
+from executor.store.writer import Guard, Write, Writer
+
+__all__ = ["Store"]
+
+_STREAMS = frozenset({"stdout", "stderr"})
+_START_ATTEMPT = (sql.START_ATTEMPT,)
+_FINISH_ATTEMPT = (sql.FINISH_ATTEMPT,)
+_INSERT_LOG_CHUNK = (sql.INSERT_LOG_CHUNK,)
+# When this process loaded the store: with host and pid it tells a live executor from a pid
+# that was reused after a crash.
+_PROCESS_STARTED_AT = format_time(datetime.now(UTC))
+
+
+def _value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return format_time(value)
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _fields(**given: Any) -> tuple[tuple[str, ...], list[Any]]:
+    """The names and database values of the keyword arguments that were passed (not UNSET)."""
+    names = tuple(name for name, v in given.items() if v is not UNSET)
+    return names, [_value(given[name]) for name in names]
+
+
+class Store(Reader):
+    """The record of builds in one SQLite file. Open it with ``open_store``; use it as a
+    context manager or call ``close()``."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = connect(path)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(
+                f"cannot open the store {path}: {exc}; check the path and its permissions"
+            ) from None
+        super().__init__(path, db)
+        try:
+            with self._lock:
+                migrate(db, path)
+        except sqlite3.Error as exc:
+            db.close()
+            raise store_error("open the store", exc, path) from None
+        except BaseException:
+            db.close()
+            raise
+        self._writer: Writer | None = None
+        self._closed = False
+        self._reported: StoreError | None = None
+        self._transition_seq: dict[str, int] = {}  # job id -> next history seq
+        self._log_seq: dict[str, int] = {}  # job id -> last log chunk seq
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- creating a build (synchronous) ------------------------------------------------------
+
+    def create_build(
+        self,
+        *,
+        org: str,
+        pipeline: str,
+        plan: Plan,
+        build_file: str | None,
+        working_dir: str,
+        source: str = "api",
+        branch: str | None = None,
+        commit: str | None = None,
+        message: str | None = None,
+        now: datetime,
+    ) -> CreatedBuild:
+        """Record a new build of ``plan`` (state ``scheduled``) with one ``pending`` job per
+        step, in plan order, and each job's first history row; committed when it returns.
+        Creates the organization and pipeline on first use."""
+        self._check_open()
+        at = format_time(now)
+        build_id = str(uuid.uuid4())
+        job_ids = {key: str(uuid.uuid4()) for key in plan.order}
+        jobs = [
+            (
+                job_ids[step.key],
+                build_id,
+                position,
+                step.key,
+                step.label,
+                step.command,
+                JobState.PENDING.value,
+                None
+                if step.retry_policy is None
+                else json.dumps(step.retry_policy.model_dump(mode="json")),
+                None
+                if step.soft_fail_policy is None
+                else json.dumps(step.soft_fail_policy.model_dump(mode="json")),
+                at,
+            )
+            for position, step in enumerate(plan)
+        ]
+        edges = [
+            (job_ids[e.target], job_ids[e.source], ",".join(k.value for k in e.kinds))
+            for e in plan.edges
+        ]
+        created = [
+            (job_id, 0, None, "created", JobState.PENDING.value, at) for job_id in job_ids.values()
+        ]
+        plan_json = json.dumps(plan.spec.to_data())
+        try:
+            with self._lock:
+                db = self._db
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.execute(sql.ENSURE_ORGANIZATION, (str(uuid.uuid4()), org, at))
+                    org_id = db.execute(sql.ORGANIZATION_ID, (org,)).fetchone()[0]
+                    db.execute(sql.ENSURE_PIPELINE, (str(uuid.uuid4()), org_id, pipeline, at))
+                    pipeline_id = db.execute(sql.PIPELINE_ID, (org_id, pipeline)).fetchone()[0]
+                    number = int(db.execute(sql.TAKE_BUILD_NUMBER, (pipeline_id,)).fetchone()[0])
+                    db.execute(
+                        sql.INSERT_BUILD,
+                        (
+                            build_id,
+                            pipeline_id,
+                            number,
+                            BuildState.SCHEDULED.value,
+                            source,
+                            branch,
+                            commit,
+                            message,
+                            at,
+                            at,
+                            build_file,
+                            working_dir,
+                            plan_json,
+                            socket.gethostname(),
+                            os.getpid(),
+                            _PROCESS_STARTED_AT,
+                            at,
+                        ),
+                    )
+                    db.executemany(sql.INSERT_JOB, jobs)
+                    db.executemany(sql.INSERT_DEPENDENCY, edges)
+                    db.executemany(sql.INSERT_TRANSITION, created)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            raise store_error(f"record a new build of {org}/{pipeline}", exc, self._path) from None
+        for job_id in job_ids.values():
+            self._transition_seq[job_id] = 1
+            self._log_seq[job_id] = 0
+        return CreatedBuild(build_id, number, org, pipeline, job_ids)
+
+    # --- queued writes -------------------------------------------------------------------------
+
+    def record_job_transition(
+        self,
+        job_id: str,
+        *,
+        from_state: JobState,
+        event: Event,
+        to_state: JobState,
+        at: datetime,
+        exit_code: int | Unset | None = UNSET,
+        soft_failed: bool | Unset = UNSET,
+        error_code: str | Unset | None = UNSET,
+        error_message: str | Unset | None = UNSET,
+        retries_count: int | Unset = UNSET,
+        started_at: datetime | Unset = UNSET,
+        finished_at: datetime | Unset = UNSET,
+    ) -> None:
+        """Queue one state change: the job row moves ``from_state`` -> ``to_state`` (with the
+        given fields) and its history gains a row, in one transaction. A job that is not in
+        ``from_state`` when the write is applied is a bug: ``flush()`` raises StoreError."""
+        # Spelled out rather than looped: this runs several times per job on the event loop.
+        names: list[str] = ["state"]
+        values: list[Any] = [to_state.value]
+        if exit_code is not UNSET:
+            names.append("exit_code")
+            values.append(exit_code)
+        if soft_failed is not UNSET:
+            names.append("soft_failed")
+            values.append(int(soft_failed))
+        if error_code is not UNSET:
+            names.append("error_code")
+            values.append(error_code)
+        if error_message is not UNSET:
+            names.append("error_message")
+            values.append(error_message)
+        if retries_count is not UNSET:
+            names.append("retries_count")
+            values.append(retries_count)
+        if started_at is not UNSET:
+            names.append("started_at")
+            values.append(format_time(started_at))
+        if finished_at is not UNSET:
+            names.append("finished_at")
+            values.append(format_time(finished_at))
+        old, new, why = from_state.value, to_state.value, event.value
+        when = format_time(at)
+        seq = self._transition_seq.get(job_id)
+        if seq is None:
+            last = self._last_seq(sql.LAST_TRANSITION_SEQ, job_id)
+            seq = 1 if last is None else last + 1
+        self._put(
+            Write(
+                sql.record_transition(tuple(names)),
+                ((*values, job_id, old), (job_id, seq, old, why, new, when)),
+                Guard("job %s %s -(%s)-> %s", (job_id, old, why, new), sql.JOB_STATE, (job_id,)),
+            )
+        )
+        self._transition_seq[job_id] = seq + 1
+
+    def record_build(
+        self,
+        build_id: str,
+        *,
+        state: BuildState,
+        at: datetime,
+        started_at: datetime | Unset = UNSET,
+        finished_at: datetime | Unset = UNSET,
+        error_code: str | Unset | None = UNSET,
+        error_message: str | Unset | None = UNSET,
+        cancel_requested: bool | Unset = UNSET,
+    ) -> None:
+        """Queue a change of the build row; also sets ``heartbeat_at`` to ``at``."""
+        names, values = _fields(
+            state=state.value,
+            heartbeat_at=at,
+            started_at=started_at,
+            finished_at=finished_at,
+            error_code=error_code,
+            error_message=error_message,
+            cancel_requested=cancel_requested,
+        )
+        guard = Guard("build %s -> %s", (build_id, state.value), sql.BUILD_EXISTS, (build_id,))
+        self._put(Write((sql.update_build(names),), ((*values, build_id),), guard))
+
+    def record_attempt_started(self, job_id: str, number: int, *, at: datetime) -> None:
+        """Queue the start of attempt ``number`` (1, 2, ...) of a job."""
+        self._put(Write(_START_ATTEMPT, ((job_id, number, format_time(at)),)))
+
+    def record_attempt_finished(
+        self,
+        job_id: str,
+        number: int,
+        *,
+        outcome: str,
+        exit_code: int | None,
+        signal: int | None,
+        at: datetime,
+    ) -> None:
+        """Queue the end of an attempt (its row is created if it never started)."""
+        when = format_time(at)
+        args = (job_id, number, outcome, exit_code, signal, when, when)
+        self._put(Write(_FINISH_ATTEMPT, (args,)))
+
+    def append_log(
+        self,
+        job_id: str,
+        attempt: int,
+        stream: str,
+        content: bytes | bytearray | memoryview,
+        *,
+        at: datetime,
+    ) -> None:
+        """Queue a chunk of a job's output, stored byte for byte; chunks are numbered per job
+        in call order from 1."""
+        if stream not in _STREAMS:
+            raise StoreError(f"log stream {stream!r} is not 'stdout' or 'stderr'")
+        when = format_time(at)
+        data = bytes(content)  # a copy: the caller may reuse its buffer before the write
+        last = self._log_seq.get(job_id)
+        if last is None:
+            last = self._last_seq(sql.LAST_LOG_SEQ, job_id) or 0
+        seq = last + 1
+        self._put(Write(_INSERT_LOG_CHUNK, ((job_id, seq, attempt, stream, data, when),)))
+        self._log_seq[job_id] = seq
+
+    def _last_seq(self, query: str, job_id: str) -> int | None:
+        """The last seq in the file, for a job this process did not create (a resumed build):
+        read once, then counted in memory."""
+        last = self._rows(query, (job_id,))[0][0]
+        return None if last is None else int(last)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"the store {self._path} is closed; open it again")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        error = self._writer.error if self._writer is not None else None
+        if error is not None:
+            self._reported = error
+            raise error
+
+    def _put(self, op: Write) -> None:
+        self._check_writable()
+        if self._writer is None:
+            try:
+                self._writer = Writer(lambda: connect(self._path), self._path)
+            except sqlite3.Error as exc:
+                raise store_error("start recording", exc, self._path) from None
+            # A store dropped without close() still commits its queue (at exit at the latest).
+            weakref.finalize(self, self._writer.close)
+        self._writer.put(op)
+
+    def _execute_in_writer(self, statement: str) -> None:
+        """Test hook: queue a raw statement on the writer's connection (e.g. ``PRAGMA
+        max_page_count``, to make the disk look full). Not for production code."""
+        self._put(Write((statement,), ((),)))
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Block until everything queued before this call is committed. Raises StoreError if
+        any queued write failed (then nothing queued after it was saved). Thread-safe."""
+        writer = self._writer
+        if writer is None:
+            return
+        writer.flush()
+        if writer.error is not None:
+            self._reported = writer.error
+            raise writer.error
+
+    def close(self) -> None:
+        """Flush, stop the writer and close the connections. Idempotent. Raises a failed
+        write's StoreError unless ``flush`` or a record call already raised it."""
+        if self._closed:
+            return
+        self._closed = True
+        error: StoreError | None = None
+        if self._writer is not None:
+            self._writer.close()
+            error = self._writer.error
+        with self._lock:
+            self._db.close()
+        if error is not None and error is not self._reported:
+            self._reported = error
+            raise error

@@ -1,0 +1,86 @@
+"""Where the record lives: ``--db`` / ``HARMONT_DB`` values to a backend, and ``open_store``.
+
+Accepted forms: a file path, ``sqlite:///relative/path`` or ``sqlite:////absolute/path`` (SQLite),
+``postgresql://...`` (refused until the PostgreSQL backend exists). Nothing given means
+``HARMONT_DB``, else ``.harmont/harmont.db`` under the current directory. This module parses and
+dispatches only; it runs no SQL.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from executor.errors import StoreError
+from executor.store.sqlite import Store
+
+__all__ = ["DB_ENV", "DEFAULT_DB", "open_store", "resolve_db_path"]
+
+DB_ENV = "HARMONT_DB"
+DEFAULT_DB = Path(".harmont") / "harmont.db"
+
+_FORMS = "a file path, sqlite:///relative/path, sqlite:////absolute/path or postgresql://..."
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password, for error messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
+
+
+def resolve_db_path(url: str | Path | None = None) -> Path:
+    """The SQLite file that ``url`` names (see the module docstring); StoreError for a value
+    that is not one of the accepted forms."""
+    origin = "--db"
+    if url is None or url == "":
+        url = os.environ.get(DB_ENV) or None
+        origin = DB_ENV
+        if url is None:
+            return Path.cwd() / DEFAULT_DB
+    if isinstance(url, Path):
+        path = url
+    else:
+        scheme = _SCHEME.match(url)
+        name = scheme.group(1).lower() if scheme else None
+        if name in ("postgresql", "postgres"):
+            raise StoreError(
+                f"{origin}={_redact(url)!r}: PostgreSQL support arrives in a later release of "
+                "harmont-exec; use a SQLite path for now (e.g. .harmont/harmont.db)"
+            )
+        if name == "sqlite":
+            if not url.startswith("sqlite:///") or url == "sqlite:///":
+                raise StoreError(
+                    f"{origin}={url!r} is not a SQLite URL harmont-exec understands; use "
+                    "sqlite:///relative/path or sqlite:////absolute/path"
+                )
+            path = Path(url.removeprefix("sqlite:///"))
+        elif scheme is not None and url[scheme.end() :].startswith("//"):
+            raise StoreError(f"{origin}={_redact(url)!r} is not a store location; use {_FORMS}")
+        else:
+            path = Path(url)
+    if str(path) == ":memory:":
+        raise StoreError(
+            f"{origin}=':memory:': the store must be a file that the runner, its writer thread "
+            "and readers share; give a file path"
+        )
+    path = path.expanduser()
+    if path.is_dir():
+        raise StoreError(
+            f"{origin}={str(path)!r} is a directory; give a file path such as {path / 'harmont.db'}"
+        )
+    return Path(os.path.abspath(path))
+
+
+def open_store(url: str | Path | None = None) -> Store:
+    """Open the store at ``url`` (see ``resolve_db_path``), creating the file, its directory
+    and the schema as needed. The result is a context manager that closes it."""
+    return Store(resolve_db_path(url))
