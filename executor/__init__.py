@@ -18,6 +18,7 @@ from executor.errors import (
     ExecutorError,
     InternalError,
     InvalidTransitionError,
+    StoreError,
 )
 from executor.load import CLOUD_FIELDS, load_build, load_plan, parse_build_text, plan_build_text
 from executor.model import (
@@ -30,6 +31,8 @@ from executor.model import (
     parse_build_spec,
 )
 from executor.plan import Cursor, Decision, Edge, EdgeKind, Plan, Readiness, Settled, build_plan
+from executor.run.build import run_build, run_build_sync
+from executor.run.scheduler import BuildResult, JobResult, RunOptions
 from executor.states import (
     TRANSITIONS,
     BuildState,
@@ -47,6 +50,7 @@ __all__ = [
     "TRANSITIONS",
     "Backoff",
     "BuildFileError",
+    "BuildResult",
     "BuildSpec",
     "BuildState",
     "Cursor",
@@ -59,14 +63,17 @@ __all__ = [
     "ExecutorError",
     "InternalError",
     "InvalidTransitionError",
+    "JobResult",
     "JobState",
     "JobStatus",
     "Plan",
     "Readiness",
     "RetryPolicy",
+    "RunOptions",
     "Settled",
     "SoftFailPolicy",
     "StepSpec",
+    "StoreError",
     "WaitSpec",
     "__version__",
     "build_plan",
@@ -76,5 +83,7 @@ __all__ = [
     "parse_build_text",
     "plan_build_text",
     "roll_up",
+    "run_build",
+    "run_build_sync",
     "transition",
 ]

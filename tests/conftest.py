@@ -16,3 +16,11 @@ settings.register_profile(
     max_examples=100,
 )
 settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

@@ -1,0 +1,136 @@
+"""A recorded build from start to end: open the store, record the build, run it, handle signals.
+
+``run_build`` is the library entry point (``executor.run_build``); ``run_build_sync`` wraps it
+for code without an event loop. The CLI's ``run`` command is a thin layer over it.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+import anyio
+import structlog
+
+from executor.load import load_plan
+from executor.plan import Plan
+from executor.run.process import ProcessRunner
+from executor.run.scheduler import BuildResult, Change, RunOptions, Scheduler
+from executor.store import Store, open_store
+
+__all__ = ["git_metadata", "run_build", "run_build_sync"]
+
+log = structlog.get_logger("executor.run")
+
+
+def git_metadata(directory: Path) -> tuple[str | None, str | None, str | None]:
+    """(branch, commit, message) of the git checkout at ``directory``, or Nones."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(directory), *args],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() or None if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return None, None, None
+    branch = git("rev-parse", "--abbrev-ref", "HEAD")
+    return (None if branch == "HEAD" else branch), commit, git("log", "-1", "--format=%s")
+
+
+async def run_build(
+    build: Plan | str | Path,
+    *,
+    store: Store | None = None,
+    db: str | Path | None = None,
+    org: str = "local",
+    pipeline: str | None = None,
+    options: RunOptions | None = None,
+    runner: ProcessRunner | None = None,
+    on_change: Callable[[Change], None] | None = None,
+    handle_signals: bool = False,
+) -> BuildResult:
+    """Plan (if given a path), record and run a build; return its outcome.
+
+    ``store`` (already open) or ``db`` (a path or URL, default ``HARMONT_DB`` or
+    ``.harmont/harmont.db``) says where it is recorded, under organization ``org`` and pipeline
+    ``pipeline`` (default: the build file's name without extension). With ``handle_signals``,
+    the first SIGINT/SIGTERM cancels the build gracefully and a second one kills every job.
+    """
+    plan = build if isinstance(build, Plan) else load_plan(build)
+    options = options or RunOptions()
+    if pipeline is None:
+        pipeline = plan.source.stem if plan.source is not None else "default"
+    if store is None:
+        with open_store(db) as own:
+            return await _run(plan, own, org, pipeline, options, runner, on_change, handle_signals)
+    return await _run(plan, store, org, pipeline, options, runner, on_change, handle_signals)
+
+
+async def _run(
+    plan: Plan,
+    store: Store,
+    org: str,
+    pipeline: str,
+    options: RunOptions,
+    runner: ProcessRunner | None,
+    on_change: Callable[[Change], None] | None,
+    handle_signals: bool,
+) -> BuildResult:
+    working_dir = options.working_dir
+    if working_dir is None:
+        working_dir = plan.source.parent if plan.source is not None else Path.cwd()
+    branch, commit, message = await anyio.to_thread.run_sync(git_metadata, working_dir)
+    created = await anyio.to_thread.run_sync(
+        partial(
+            store.create_build,
+            org=org,
+            pipeline=pipeline,
+            plan=plan,
+            build_file=str(plan.source) if plan.source is not None else None,
+            working_dir=str(working_dir.resolve()),
+            branch=branch,
+            commit=commit,
+            message=message,
+            now=datetime.now(UTC),
+        )
+    )
+    log.info("build_created", org=org, pipeline=pipeline, build=created.number, jobs=len(plan))
+    scheduler = Scheduler(plan, store, created, options=options, runner=runner, on_change=on_change)
+    async with anyio.create_task_group() as tg:
+        if handle_signals:
+            tg.start_soon(_watch_signals, scheduler)
+        result = await scheduler.run()
+        tg.cancel_scope.cancel()
+    log.info("build_finished", build=result.number, state=result.state.value)
+    return result
+
+
+async def _watch_signals(scheduler: Scheduler) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        count = 0
+        async for signum in signals:
+            count += 1
+            name = signal.Signals(signum).name
+            if count == 1:
+                scheduler.cancel(f"canceled by {name}")
+            else:
+                log.warning("killing_jobs", signal=name)
+                scheduler.kill()
+
+
+def run_build_sync(build: Plan | str | Path, **kwargs: object) -> BuildResult:
+    """``run_build`` for code without an event loop (takes the same keyword arguments)."""
+    return anyio.run(partial(run_build, build, **kwargs))  # type: ignore[arg-type]

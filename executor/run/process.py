@@ -1,0 +1,342 @@
+"""One attempt of one command: spawn, stream its output, stop it, reap it (SPEC §4).
+
+Each attempt runs ``/bin/sh -c COMMAND`` in a new session (its own process group), stdin from
+/dev/null, stdout and stderr read as they arrive and handed to ``on_output`` as bytes. When the
+scheduler asks it to stop (timeout or cancel), the whole group gets SIGTERM, then SIGKILL after
+the grace period. When the shell exits, whatever is left of its group is killed too: no process
+of a job outlives it. Reaping is shielded from cancellation. The outcome is a value
+(``AttemptResult``), never an exception.
+
+It must not know about jobs, states or the store: the scheduler owns those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+
+__all__ = [
+    "AttemptResult",
+    "AttemptSpec",
+    "LocalProcessRunner",
+    "OutputSink",
+    "ProcessRunner",
+    "Reason",
+    "StopRequest",
+    "Stream",
+]
+
+_READ_SIZE = 64 * 1024
+
+
+class Stream(StrEnum):
+    STDOUT = "stdout"
+    STDERR = "stderr"
+
+
+class Reason(StrEnum):
+    """Why an attempt ended."""
+
+    EXITED = "exited"  # the command exited on its own (any status)
+    TIMED_OUT = "timed_out"  # stopped because its timeout expired
+    CANCELED = "canceled"  # stopped because the build was canceled
+    SPAWN_FAILED = "spawn_failed"  # the shell could not be started at all
+    EXECUTOR_LOST = "executor_lost"  # the machine running it went away (remote executors)
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptSpec:
+    """What to run: the shell command, where, with which complete environment."""
+
+    command: str
+    cwd: Path
+    env: Mapping[str, str]
+    grace_period_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """How an attempt ended. ``exit_code`` is 128+N when signal N killed the shell."""
+
+    reason: Reason
+    exit_code: int | None
+    signal: int | None
+    started_at: datetime
+    finished_at: datetime
+    error: str | None = None
+
+
+class StopRequest:
+    """The scheduler's handle to stop a running attempt: ``stop`` (graceful) or ``kill``.
+
+    Runners either wait on the events or register callbacks with ``on_stop``.
+    """
+
+    def __init__(self) -> None:
+        self.reason: Reason | None = None
+        self.requested = anyio.Event()
+        self.killed = anyio.Event()
+        self._callbacks: list[Callable[[bool], None]] = []
+
+    def on_stop(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(kill)`` on every stop or kill request (at once if one was made)."""
+        self._callbacks.append(callback)
+        if self.requested.is_set():
+            callback(self.killed.is_set())
+
+    def stop(self, reason: Reason) -> None:
+        """SIGTERM the group now, SIGKILL after the grace period. The first reason wins."""
+        if self.reason is None:
+            self.reason = reason
+        self.requested.set()
+        for callback in self._callbacks:
+            callback(False)
+
+    def kill(self, reason: Reason) -> None:
+        """SIGKILL the group now (a second interrupt)."""
+        if self.reason is None:
+            self.reason = reason
+        self.requested.set()
+        self.killed.set()
+        for callback in self._callbacks:
+            callback(True)
+
+
+OutputSink = Callable[[Stream, bytes], None]
+
+
+class ProcessRunner(Protocol):
+    """Runs one attempt. The scheduler takes one as a parameter, so tests can pass a fake."""
+
+    async def run(
+        self,
+        spec: AttemptSpec,
+        *,
+        on_start: Callable[[], None],
+        on_output: OutputSink,
+        stop: StopRequest,
+    ) -> AttemptResult:
+        """Run ``spec``; call ``on_start`` once the process exists (not if it cannot start)."""
+        ...
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is already gone
+
+
+class LocalProcessRunner:
+    """Runs attempts as local subprocesses (the default executor).
+
+    It drives the pipes and the exit through the event loop's reader callbacks (a pidfd for the
+    exit), which costs a fraction of a task per pipe: with thousands of short jobs that is what
+    keeps harmont-exec close to ninja. It therefore needs anyio's asyncio backend (the default).
+    """
+
+    async def run(
+        self,
+        spec: AttemptSpec,
+        *,
+        on_start: Callable[[], None],
+        on_output: OutputSink,
+        stop: StopRequest,
+    ) -> AttemptResult:
+        loop = asyncio.get_running_loop()
+        started_at = _now()
+        try:
+            process = _spawn(spec)
+        except OSError as exc:
+            return AttemptResult(
+                Reason.SPAWN_FAILED,
+                None,
+                None,
+                started_at,
+                _now(),
+                error=f"cannot start /bin/sh in {spec.cwd}: {exc.strerror or exc}",
+            )
+        on_start()
+        watch = _Watch(loop, process, on_output, spec.grace_period_s)
+        stop.on_stop(watch.stop)
+        try:
+            await watch.exited
+            await watch.drained
+        finally:
+            with anyio.CancelScope(shield=True):
+                if not watch.exited.done():  # cancelled from outside: never leave the group
+                    watch.stop(True)
+                    await watch.exited
+                watch.close()
+        status = watch.exited.result()
+        code = os.waitstatus_to_exitcode(status)
+        sig = -code if code < 0 else None
+        exit_code = 128 + sig if sig is not None else code
+        reason = stop.reason if stop.reason is not None else Reason.EXITED
+        return AttemptResult(reason, exit_code, sig, started_at, _now())
+
+
+@dataclass(frozen=True, slots=True)
+class _Process:
+    pid: int
+    stdout: int  # read ends of the pipes, owned by the watcher
+    stderr: int
+
+
+_devnull: int | None = None
+
+
+def _spawn(spec: AttemptSpec) -> _Process:
+    """Start ``/bin/sh -c COMMAND`` as the leader of a new session, stdin from /dev/null.
+
+    posix_spawn (vfork + exec) is the cheap way, but it cannot change directory; when the job
+    runs elsewhere than harmont-exec's own directory, Popen does the chdir.
+    """
+    global _devnull
+    if _devnull is None:
+        _devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    argv = ["/bin/sh", "-c", spec.command]
+    out_r, out_w = os.pipe()  # close-on-exec; dup2 makes the child's copies inheritable
+    err_r, err_w = os.pipe()
+    try:
+        if str(spec.cwd) == os.getcwd():
+            pid = os.posix_spawn(
+                "/bin/sh",
+                argv,
+                spec.env,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, _devnull, 0),
+                    (os.POSIX_SPAWN_DUP2, out_w, 1),
+                    (os.POSIX_SPAWN_DUP2, err_w, 2),
+                ],
+                setsid=True,
+            )
+        else:
+            popen = subprocess.Popen(
+                argv,
+                stdin=_devnull,
+                stdout=out_w,
+                stderr=err_w,
+                cwd=spec.cwd,
+                env=spec.env,
+                start_new_session=True,
+            )
+            popen.returncode = 0  # reaped by the watcher, not by Popen
+            pid = popen.pid
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    return _Process(pid, out_r, err_r)
+
+
+class _Watch:
+    """Event-loop callbacks for one process: its two pipes and its exit (through a pidfd)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        proc: _Process,
+        on_output: OutputSink,
+        grace_period_s: float,
+    ) -> None:
+        self.loop = loop
+        self.proc = proc
+        self.pgid = proc.pid  # a new session: the shell leads its own process group
+        self.on_output = on_output
+        self.grace_period_s = grace_period_s
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self.drained: asyncio.Future[None] = loop.create_future()
+        self.timers: list[asyncio.TimerHandle] = []
+        self.streams = {proc.stdout: Stream.STDOUT, proc.stderr: Stream.STDERR}
+        for fd in self.streams:
+            os.set_blocking(fd, False)
+            loop.add_reader(fd, self._read, fd)
+        try:
+            self.pidfd: int | None = os.pidfd_open(proc.pid)
+        except OSError:  # no pidfd (old kernel): poll for the exit instead
+            self.pidfd = None
+            self.timers.append(loop.call_later(0.01, self._poll_exit))
+        else:
+            loop.add_reader(self.pidfd, self._check_exit)
+
+    def _read(self, fd: int) -> None:
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        if data:
+            self.on_output(self.streams[fd], data)
+            return
+        self.loop.remove_reader(fd)
+        del self.streams[fd]
+        if not self.streams and not self.drained.done():
+            self.drained.set_result(None)
+
+    def _check_exit(self) -> None:
+        # WNOWAIT: while the shell is a zombie its pid (the group id) cannot be reused, so the
+        # group can still be killed safely: nothing of a job outlives it, and killing the rest
+        # closes the pipes they inherited. Then reap.
+        if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+            return
+        if self.pidfd is not None:
+            self.loop.remove_reader(self.pidfd)
+        _signal_group(self.pgid, signal.SIGKILL)
+        _, status = os.waitpid(self.proc.pid, 0)
+        for timer in self.timers:
+            timer.cancel()
+        if not self.exited.done():
+            self.exited.set_result(status)
+        # Only a daemon that left the group can still hold a pipe: stop waiting for it.
+        self.timers.append(self.loop.call_later(max(self.grace_period_s, 1.0), self._give_up))
+
+    def _poll_exit(self) -> None:
+        self._check_exit()
+        if not self.exited.done():
+            self.timers.append(self.loop.call_later(0.01, self._poll_exit))
+
+    def _give_up(self) -> None:
+        for fd in list(self.streams):
+            self.loop.remove_reader(fd)
+        self.streams.clear()
+        if not self.drained.done():
+            self.drained.set_result(None)
+
+    def stop(self, kill: bool) -> None:
+        if self.exited.done():
+            return
+        if kill:
+            _signal_group(self.pgid, signal.SIGKILL)
+            return
+        _signal_group(self.pgid, signal.SIGTERM)
+        self.timers.append(
+            self.loop.call_later(self.grace_period_s, _signal_group, self.pgid, signal.SIGKILL)
+        )
+
+    def close(self) -> None:
+        self._give_up()
+        for timer in self.timers:
+            timer.cancel()
+        if self.pidfd is not None:
+            if not self.exited.done():
+                self.loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+        os.close(self.proc.stdout)
+        os.close(self.proc.stderr)

@@ -1,0 +1,556 @@
+"""The build loop: drives a Plan's jobs through THE transition table to terminal states.
+
+Owns concurrency, plan-order start, retries with backoff, soft-fail, cascade (through the plan's
+Cursor), per-job and whole-build timeouts, --fail-fast, cancellation, and the build roll-up.
+Every state change goes through ``_transition``: ``states.transition`` decides the next state
+and one store call records it with its history row. Processes are the runner's business
+(``ProcessRunner``), which is a parameter, so tests can drive this loop with a fake.
+
+All of this runs on one event-loop thread; the store only queues writes (group commit), so
+recording never blocks a job from starting.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+import structlog
+
+from executor.model import StepSpec
+from executor.plan import Plan, Settled
+from executor.run.process import (
+    AttemptResult,
+    AttemptSpec,
+    LocalProcessRunner,
+    ProcessRunner,
+    Reason,
+    StopRequest,
+    Stream,
+)
+from executor.states import BuildState, Event, JobState, JobStatus, roll_up, transition
+from executor.store import CreatedBuild, Store
+
+__all__ = ["BuildResult", "Change", "JobResult", "RunOptions", "Scheduler", "exit_status"]
+
+log = structlog.get_logger("executor.run")
+
+# Error codes are public API (the store, the HTTP API and log lines use the same words).
+DEPENDENCY_FAILED = "dependency_failed"
+PIPELINE_TIMEOUT = "pipeline_timeout"
+JOB_TIMEOUT = "job_timeout"
+BUILD_CANCELED = "build_canceled"
+SPAWN_FAILED = "spawn_failed"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """How to run a plan. ``None`` fields take the build file's value, then the default."""
+
+    concurrency: int | None = None
+    fail_fast: bool = False
+    grace_period_s: float = 10.0
+    working_dir: Path | None = None
+    base_env: Mapping[str, str] | None = None  # default: this process's environment
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A state change, for live views: a job's (``key`` set) or the build's (``key`` None)."""
+
+    key: str | None
+    state: str
+    at: datetime
+    attempt: int = 0
+    exit_code: int | None = None
+    soft_failed: bool = False
+    error_message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    key: str
+    job_id: str
+    state: JobState
+    exit_code: int | None
+    soft_failed: bool
+    attempts: int
+    error_code: str | None
+    error_message: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class BuildResult:
+    build_id: str
+    number: int
+    org: str
+    pipeline: str
+    state: BuildState
+    error_code: str | None
+    jobs: Mapping[str, JobResult]
+
+    @property
+    def exit_status(self) -> int:
+        return exit_status(self.state, self.error_code)
+
+
+def exit_status(state: BuildState, error_code: str | None) -> int:
+    """``harmont-exec run``'s exit status (SPEC §4): 0 passed, 1 failed, 124 build timeout,
+    130 canceled."""
+    if state is BuildState.PASSED:
+        return 0
+    if state is BuildState.CANCELED:
+        return 130
+    if error_code == PIPELINE_TIMEOUT:
+        return 124
+    return 1
+
+
+@dataclass(slots=True)
+class _Job:
+    key: str
+    id: str
+    step: StepSpec
+    state: JobState = JobState.PENDING
+    attempts: int = 0
+    retries_count: int = 0
+    exit_code: int | None = None
+    soft_failed: bool = False
+    error_code: str | None = None
+    error_message: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    stop: StopRequest | None = None
+    cause: str | None = None
+
+
+@dataclass(slots=True)
+class _Counters:
+    terminal: int = 0
+    running: int = 0  # jobs holding a concurrency slot (assigned, running, stopping)
+    tasks: int = 0  # job tasks alive (a stopped job's process may still be exiting)
+    hard_failures: int = 0
+    started: bool = False
+
+
+class Scheduler:
+    """Runs one recorded build of ``plan``. Use ``run()`` once."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        store: Store,
+        build: CreatedBuild,
+        *,
+        options: RunOptions | None = None,
+        runner: ProcessRunner | None = None,
+        on_change: Callable[[Change], None] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.store = store
+        self.build = build
+        self.options = options or RunOptions()
+        self.runner: ProcessRunner = runner or LocalProcessRunner()
+        self._on_change = on_change
+        self._jobs = {s.key: _Job(s.key, build.job_ids[s.key], s) for s in plan}
+        self._cursor = plan.cursor()
+        self._queue: list[tuple[int, str]] = []  # scheduled jobs waiting for a slot
+        self._count = _Counters()
+        self._limit = self.options.concurrency or plan.spec.concurrency or os.cpu_count() or 1
+        self._state = BuildState.SCHEDULED
+        self._cancel_requested = False  # a user's cancel (signal), not fail-fast
+        self._stopping = False  # no new attempts, no retries
+        self._error: tuple[str, str] | None = None
+        self._done = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+        cwd = self.options.working_dir
+        if cwd is None:
+            cwd = plan.source.parent if plan.source is not None else Path.cwd()
+        self.working_dir = cwd.resolve()
+        base = os.environ if self.options.base_env is None else self.options.base_env
+        self._base_env = {**base, **plan.spec.env}
+
+    # --- public -----------------------------------------------------------------------------
+
+    async def run(self) -> BuildResult:
+        """Run every job to a terminal state; return the build's outcome. Never raises for a
+        job's failure; store errors surface from the final flush."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            if self.plan.spec.timeout_seconds is not None:
+                tg.start_soon(self._build_timer, self.plan.spec.timeout_seconds)
+            self._advance()
+            await self._done.wait()
+            tg.cancel_scope.cancel()  # only timers are left
+        await anyio.to_thread.run_sync(self.store.flush)
+        return self._result()
+
+    def cancel(self, reason: str = "the build was canceled") -> None:
+        """Cancel gracefully (first SIGINT/SIGTERM): stop what runs, cancel what waits."""
+        if self._state.is_terminal or self._cancel_requested:
+            return
+        self._cancel_requested = True
+        log.info("build_canceling", build=self.build.number, reason=reason)
+        self._stop_everything(reason)
+
+    def kill(self) -> None:
+        """Second interrupt: SIGKILL every job's process group now."""
+        self.cancel()
+        for job in self._jobs.values():
+            if job.stop is not None:
+                job.stop.kill(job.stop.reason or Reason.CANCELED)
+
+    # --- transitions --------------------------------------------------------------------------
+
+    def _transition(
+        self, job: _Job, event: Event, *, at: datetime | None = None, **fields: object
+    ) -> None:
+        """THE way a job changes state: the table, the record, the counters, the view."""
+        at = at or _now()
+        old = job.state
+        new = transition(old, event)
+        for name, value in fields.items():
+            setattr(job, name, value)
+        record: dict[str, object] = dict(fields)
+        if new is JobState.RUNNING and job.started_at is None:
+            job.started_at = record["started_at"] = at
+        if new.is_terminal:
+            job.finished_at = record["finished_at"] = at
+        record.pop("cause", None)
+        job.state = new
+        self.store.record_job_transition(
+            job.id,
+            from_state=old,
+            event=event,
+            to_state=new,
+            at=at,
+            **record,  # type: ignore[arg-type]
+        )
+        if self._on_change is not None:
+            self._on_change(
+                Change(
+                    job.key,
+                    new.value,
+                    at,
+                    job.attempts,
+                    job.exit_code,
+                    job.soft_failed,
+                    job.error_message,
+                )
+            )
+        if new is JobState.RUNNING and not self._count.started:
+            self._count.started = True
+            self._roll_up(at)
+        if new.is_terminal:
+            self._count.terminal += 1
+            if JobStatus(new, job.soft_failed).is_hard_failure:
+                self._count.hard_failures += 1
+                if self._count.hard_failures == 1:
+                    self._roll_up(at)
+                    if self.options.fail_fast and not self._stopping:
+                        self._stop_everything(f"--fail-fast: {job.key!r} {new.value}")
+            if self._count.terminal == len(self._jobs):
+                self._roll_up(at)
+
+    def _settle(self, settled: tuple[Settled, ...]) -> None:
+        for item in settled:
+            job = self._jobs[item.key]
+            cause = self._jobs[item.cause]
+            if item.state is JobState.SKIPPED:
+                message = f"skipped because {cause.key!r} {cause.state.value}"
+                self._transition(
+                    job,
+                    Event.DEPENDENCY_FAILED,
+                    error_code=DEPENDENCY_FAILED,
+                    error_message=message,
+                    cause=cause.key,
+                )
+            else:
+                message = f"canceled because {cause.key!r} was canceled"
+                self._transition(
+                    job,
+                    Event.CANCEL_REQUESTED,
+                    error_code=BUILD_CANCELED,
+                    error_message=message,
+                    cause=cause.key,
+                )
+
+    def _finish(self, job: _Job) -> None:
+        """A job reached a terminal state by itself: cascade, then start what became ready."""
+        settled = self._cursor.done(job.key, job.state, soft_failed=job.soft_failed)
+        self._settle(settled)
+        self._advance()
+
+    def _advance(self) -> None:
+        """Schedule newly ready jobs, then give free slots to scheduled jobs in plan order."""
+        if not self._stopping:
+            for key in self._cursor.ready():
+                job = self._jobs[key]
+                self._transition(job, Event.READY)
+                heapq.heappush(self._queue, (self.plan.position(key), key))
+        while self._queue and self._count.running < self._limit and not self._stopping:
+            _, key = heapq.heappop(self._queue)
+            job = self._jobs[key]
+            if job.state is not JobState.SCHEDULED:
+                continue
+            self._transition(job, Event.SLOT_ACQUIRED)
+            self._count.running += 1
+            self._count.tasks += 1
+            assert self._tg is not None
+            self._tg.start_soon(self._attempt, job)
+        self._check_done()
+
+    def _check_done(self) -> None:
+        if self._count.terminal == len(self._jobs) and self._count.tasks == 0:
+            self._done.set()
+
+    def _roll_up(self, at: datetime) -> None:
+        statuses = (JobStatus(j.state, j.soft_failed) for j in self._jobs.values())
+        state = roll_up(statuses, cancel_requested=self._cancel_requested)
+        if state is self._state:
+            return
+        fields: dict[str, object] = {}
+        if self._state is BuildState.SCHEDULED and state is not BuildState.CANCELED:
+            fields["started_at"] = at  # leaving "scheduled": the build has started
+        if state.is_terminal:
+            fields["finished_at"] = at
+            if self._error is not None:
+                fields["error_code"], fields["error_message"] = self._error
+        if state is BuildState.CANCELING or state is BuildState.CANCELED:
+            fields["cancel_requested"] = True
+        self._state = state
+        self.store.record_build(self.build.id, state=state, at=at, **fields)  # type: ignore[arg-type]
+        log.info("build_state", build=self.build.number, state=state.value)
+        if self._on_change is not None:
+            self._on_change(Change(None, state.value, at))
+
+    # --- stopping -----------------------------------------------------------------------------
+
+    def _stop_everything(self, reason: str) -> None:
+        """Cancel waiting jobs, stop running ones; used by cancel and --fail-fast."""
+        self._stopping = True
+        at = _now()
+        for key in self.plan.order:
+            job = self._jobs[key]
+            if job.state in (JobState.PENDING, JobState.SCHEDULED, JobState.ASSIGNED):
+                self._transition(
+                    job,
+                    Event.CANCEL_REQUESTED,
+                    at=at,
+                    error_code=BUILD_CANCELED,
+                    error_message=reason,
+                )
+                if job.stop is not None:  # the runner may already be starting it
+                    job.stop.stop(Reason.CANCELED)
+                self._settle(self._cursor.done(key, JobState.CANCELED))
+            elif job.state is JobState.RUNNING:
+                self._transition(
+                    job,
+                    Event.CANCEL_REQUESTED,
+                    at=at,
+                    error_code=BUILD_CANCELED,
+                    error_message=reason,
+                )
+                assert job.stop is not None
+                job.stop.stop(Reason.CANCELED)
+        if self._cancel_requested:
+            self._roll_up(at)
+        self._check_done()
+
+    async def _build_timer(self, timeout_s: float) -> None:
+        await anyio.sleep(timeout_s)
+        self._stopping = True
+        at = _now()
+        message = f"the build exceeded its timeout_seconds={timeout_s:g}"
+        self._error = (PIPELINE_TIMEOUT, message)
+        for key in self.plan.order:
+            job = self._jobs[key]
+            if job.state.is_terminal:
+                continue
+            self._transition(
+                job, Event.BUILD_TIMEOUT, at=at, error_code=PIPELINE_TIMEOUT, error_message=message
+            )
+            if job.stop is not None:
+                job.stop.stop(Reason.TIMED_OUT)
+        self._check_done()
+
+    async def _job_timer(self, job: _Job, attempt: int, timeout_s: float) -> None:
+        await anyio.sleep(timeout_s)
+        if job.state is JobState.RUNNING and job.attempts == attempt and job.stop is not None:
+            self._transition(
+                job,
+                Event.TIMEOUT_EXPIRED,
+                error_code=JOB_TIMEOUT,
+                error_message=f"attempt {attempt} exceeded timeout_seconds={timeout_s:g}",
+            )
+            job.stop.stop(Reason.TIMED_OUT)
+
+    # --- one attempt --------------------------------------------------------------------------
+
+    async def _attempt(self, job: _Job) -> None:
+        try:
+            if job.state is not JobState.ASSIGNED:  # canceled before it could start
+                return
+            job.attempts += 1
+            attempt = job.attempts
+            stop = job.stop = StopRequest()
+            env = {
+                **self._base_env,
+                **job.step.env,
+                "HARMONT_BUILD_NUMBER": str(self.build.number),
+                "HARMONT_JOB_ID": job.id,
+                "HARMONT_STEP_KEY": job.key,
+                "HARMONT_ATTEMPT": str(attempt),
+            }
+            spec = AttemptSpec(job.step.command, self.working_dir, env, self.options.grace_period_s)
+            timer = anyio.CancelScope()
+
+            async def run_timer(timeout_s: float) -> None:
+                with timer:
+                    await self._job_timer(job, attempt, timeout_s)
+
+            def on_start() -> None:
+                at = _now()
+                self.store.record_attempt_started(job.id, attempt, at=at)
+                if job.state is not JobState.ASSIGNED:
+                    return  # canceled while spawning: the stop request already kills it
+                self._transition(job, Event.STARTED, at=at)
+                if job.step.timeout_seconds is not None and self._tg is not None:
+                    self._tg.start_soon(run_timer, job.step.timeout_seconds)
+
+            def on_output(stream: Stream, data: bytes) -> None:
+                self.store.append_log(job.id, attempt, stream.value, data, at=_now())
+
+            result = await self.runner.run(spec, on_start=on_start, on_output=on_output, stop=stop)
+            timer.cancel()
+            self._attempt_finished(job, attempt, result)
+        finally:
+            self._count.running -= 1  # the slot is held until the attempt's task ends
+            self._count.tasks -= 1
+            self._advance()
+
+    def _attempt_finished(self, job: _Job, attempt: int, result: AttemptResult) -> None:
+        at = result.finished_at
+        self.store.record_attempt_finished(
+            job.id,
+            attempt,
+            outcome=result.reason.value,
+            exit_code=result.exit_code,
+            signal=result.signal,
+            at=at,
+        )
+        log.info(
+            "attempt_finished",
+            build=self.build.number,
+            job=job.key,
+            attempt=attempt,
+            reason=result.reason.value,
+            exit_code=result.exit_code,
+        )
+        if job.state.is_terminal:  # canceled or timed out with the build; the process is gone
+            return
+        step = job.step
+        retry = step.retry_policy
+        retries_left = retry is not None and attempt <= retry.limit and not self._stopping
+        if result.reason is Reason.SPAWN_FAILED or result.reason is Reason.EXECUTOR_LOST:
+            lost = SPAWN_FAILED if result.reason is Reason.SPAWN_FAILED else "executor_lost"
+            self._transition(
+                job,
+                Event.EXECUTOR_LOST,
+                at=at,
+                error_code=lost,
+                error_message=result.error or lost,
+                exit_code=result.exit_code,
+            )
+        elif job.state is JobState.CANCELING:
+            self._transition(job, Event.PROCESS_GONE, at=at, exit_code=result.exit_code)
+        elif job.state is JobState.TIMING_OUT:
+            if retries_left and retry is not None and retry.on_timeout:
+                self._retry(job, attempt, at, result.exit_code)
+                return
+            self._transition(job, Event.PROCESS_GONE, at=at, exit_code=result.exit_code)
+        elif result.exit_code == 0:
+            self._transition(
+                job, Event.EXITED_ZERO, at=at, exit_code=0, error_code=None, error_message=None
+            )
+        else:
+            code = result.exit_code if result.exit_code is not None else 255
+            if retries_left and retry is not None and retry.retries_exit_code(code):
+                self._retry(job, attempt, at, code)
+                return
+            soft = step.soft_fail_policy is not None and step.soft_fail_policy.matches(code)
+            self._transition(
+                job,
+                Event.EXITED_NONZERO,
+                at=at,
+                exit_code=code,
+                soft_failed=soft,
+                error_code=None,  # the exit code says it; error codes are for what it cannot
+                error_message=None,
+            )
+        self._finish(job)
+
+    def _retry(self, job: _Job, attempt: int, at: datetime, exit_code: int | None) -> None:
+        retry = job.step.retry_policy
+        assert retry is not None
+        backoff = retry.backoff
+        delay = min(backoff.max_seconds, backoff.initial_seconds * backoff.factor ** (attempt - 1))
+        if backoff.jitter:
+            delay = random.uniform(0, delay)
+        self._transition(
+            job, Event.RETRY_SCHEDULED, at=at, exit_code=exit_code, retries_count=attempt
+        )
+        log.info(
+            "retry_scheduled",
+            build=self.build.number,
+            job=job.key,
+            attempt=attempt + 1,
+            delay_s=round(delay, 3),
+        )
+        assert self._tg is not None
+        self._tg.start_soon(self._requeue_after, job, delay)
+
+    async def _requeue_after(self, job: _Job, delay: float) -> None:
+        # A timer, not a job task: a cancel settles the job and the end of the build cancels it.
+        await anyio.sleep(delay)
+        if job.state is JobState.SCHEDULED and not self._stopping:
+            heapq.heappush(self._queue, (self.plan.position(job.key), job.key))
+            self._advance()
+
+    def _result(self) -> BuildResult:
+        error_code = self._error[0] if self._error else None
+        return BuildResult(
+            self.build.id,
+            self.build.number,
+            self.build.org,
+            self.build.pipeline,
+            self._state,
+            error_code,
+            {
+                k: JobResult(
+                    k,
+                    j.id,
+                    j.state,
+                    j.exit_code,
+                    j.soft_failed,
+                    j.attempts,
+                    j.error_code,
+                    j.error_message,
+                    j.started_at,
+                    j.finished_at,
+                )
+                for k, j in self._jobs.items()
+            },
+        )

@@ -1,0 +1,183 @@
+"""The scheduler driven by a fake process runner under random outcomes and cancels.
+
+Hypothesis draws a build (``executor.testing.build_specs``), the exit code of every attempt
+(or "hang until stopped") and when to cancel the build. A fake runner plays those outcomes and
+checks, at every start, that the job's prerequisites allow it and the concurrency limit holds.
+Afterwards the real SQLite record must show every job terminal, every history a legal path
+through the transition table that never leaves a terminal state, and the build's roll-up.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from executor import Backoff, BuildSpec, JobState, JobStatus, Readiness, StepSpec, build_plan
+from executor.plan import Plan
+from executor.run.process import AttemptResult, AttemptSpec, Reason, StopRequest, Stream
+from executor.run.scheduler import Change, RunOptions, Scheduler
+from executor.states import TRANSITIONS, Event, roll_up
+from executor.store import open_store
+from executor.testing import build_specs
+
+HANG = -1
+EXIT_CODES = [0, 0, 0, 1, 3, 137, HANG]
+
+
+def _without_clocks(spec: BuildSpec) -> BuildSpec:
+    """No timeouts and no backoff delays: only the drawn outcomes and cancels stop attempts."""
+    steps = []
+    for step in spec.steps:
+        if isinstance(step, StepSpec):
+            update: dict[str, object] = {"timeout_seconds": None}
+            if step.retry_policy is not None:
+                update["retry_policy"] = step.retry_policy.model_copy(
+                    update={"backoff": Backoff(initial_seconds=0, jitter=False)}
+                )
+            step = step.model_copy(update=update)
+        steps.append(step)
+    return spec.model_copy(update={"steps": tuple(steps), "timeout_seconds": None})
+
+
+class FakeRunner:
+    def __init__(self, plan: Plan, outcomes: Callable[[str, int], int], limit: int) -> None:
+        self.plan = plan
+        self.outcomes = outcomes
+        self.limit = limit
+        self.statuses: dict[str, JobStatus] = {}
+        self.running = 0
+        self.peak = 0
+        self.starts = 0
+        self.attempts: dict[str, int] = {}
+        self.on_first_hang: Callable[[], None] = lambda: None
+        self.hung = False
+
+    def observe(self, change: Change) -> None:
+        if change.key is not None and JobState(change.state).is_terminal:
+            self.statuses[change.key] = JobStatus(
+                JobState(change.state), soft_failed=change.soft_failed
+            )
+
+    async def run(
+        self,
+        spec: AttemptSpec,
+        *,
+        on_start: Callable[[], None],
+        on_output: Callable[..., None],
+        stop: StopRequest,
+    ) -> AttemptResult:
+        key = spec.env["HARMONT_STEP_KEY"]
+        attempt = int(spec.env["HARMONT_ATTEMPT"])
+        assert attempt == self.attempts.get(key, 0) + 1
+        self.attempts[key] = attempt
+        statuses = {k: s for k, s in self.statuses.items() if k != key}
+        decision = self.plan.readiness(key, statuses)
+        assert decision.readiness is Readiness.READY, (key, decision, statuses)
+        started_at = datetime.now(UTC)
+        await anyio.lowlevel.checkpoint()  # let other jobs interleave
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        assert self.running <= self.limit
+        try:
+            on_start()
+            on_output(Stream.STDOUT, f"{key} attempt {attempt}\n".encode())
+            code = self.outcomes(key, attempt)
+            if code == HANG or stop.requested.is_set():
+                if not self.hung:
+                    self.hung = True
+                    self.on_first_hang()
+                await stop.requested.wait()
+                code = 143
+            else:
+                await anyio.lowlevel.checkpoint()
+            reason = stop.reason if stop.reason is not None else Reason.EXITED
+            return AttemptResult(reason, code, None, started_at, datetime.now(UTC))
+        finally:
+            self.running -= 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    spec=build_specs(max_steps=12, unicode=False),
+    codes=st.lists(st.sampled_from(EXIT_CODES), min_size=1, max_size=40),
+    concurrency=st.integers(1, 4),
+    fail_fast=st.booleans(),
+    cancel_at=st.none() | st.integers(1, 10),
+)
+def test_scheduler_invariants_under_random_outcomes_and_cancels(
+    spec: BuildSpec, codes: list[int], concurrency: int, fail_fast: bool, cancel_at: int | None
+) -> None:
+    spec = _without_clocks(spec)
+    plan = build_plan(spec)
+    draws = iter(codes * 50)
+
+    def outcome(key: str, attempt: int) -> int:
+        code = next(draws)
+        return 0 if code == HANG and cancel_at is None else code
+
+    runner = FakeRunner(plan, outcome, concurrency)
+    with tempfile.TemporaryDirectory() as tmp, open_store(Path(tmp) / "h.db") as store:
+        created = store.create_build(
+            org="local",
+            pipeline="p",
+            plan=plan,
+            build_file=None,
+            working_dir=tmp,
+            now=datetime.now(UTC),
+        )
+        scheduler = Scheduler(
+            plan,
+            store,
+            created,
+            options=RunOptions(concurrency=concurrency, fail_fast=fail_fast, working_dir=Path(tmp)),
+            runner=runner,
+            on_change=runner.observe,
+        )
+        cancel = lambda: scheduler.cancel("test")  # noqa: E731
+        runner.on_first_hang = cancel if cancel_at is not None else (lambda: None)
+
+        async def go() -> None:
+            with anyio.fail_after(30):
+                if cancel_at is not None:
+                    original = runner.run
+
+                    async def counting(*args: object, **kwargs: object) -> AttemptResult:
+                        runner.starts += 1
+                        if runner.starts == cancel_at:
+                            scheduler.cancel("test")
+                        return await original(*args, **kwargs)  # type: ignore[arg-type]
+
+                    runner.run = counting  # type: ignore[method-assign]
+                result = await scheduler.run()
+                assert result.state.is_terminal
+
+        anyio.run(go)
+        jobs = store.list_jobs(created.id)
+        assert {j.step_key for j in jobs} == set(plan.order)
+        for job in jobs:
+            assert job.state.is_terminal, job
+            history = store.job_transitions(job.id)
+            assert history[0].to_state is JobState.PENDING
+            for row in history[1:]:
+                assert TRANSITIONS[(row.from_state, Event(row.event))] is row.to_state, row
+            terminal = [n for n, row in enumerate(history) if row.to_state.is_terminal]
+            assert terminal == [len(history) - 1], "a terminal state changed"
+            step = plan.step(job.step_key)
+            attempts = store.list_attempts(job.id)
+            limit = step.retry_policy.limit if step.retry_policy else 0
+            assert len(attempts) <= limit + 1
+        build = store.get_build_by_id(created.id)
+        assert build is not None
+        expected = roll_up(
+            (JobStatus(j.state, j.soft_failed) for j in jobs),
+            cancel_requested=build.cancel_requested,
+        )
+        assert build.state is expected
+        assert runner.peak <= concurrency
