@@ -1,7 +1,7 @@
 """The ``harmont-exec`` command line: the only module that parses argv or prints.
 
-Exit codes (SPEC §4): 0 ok, 2 invalid build file or usage. Errors print the diagnostics on
-stderr without a traceback.
+Exit codes (SPEC §4): ``run`` exits 0 passed, 1 failed, 124 build timeout, 130 canceled; every
+command exits 2 for an invalid build file or usage. Errors print on stderr without a traceback.
 """
 
 from __future__ import annotations
@@ -9,20 +9,32 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
 import click
 import structlog
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from executor import __version__
-from executor.errors import ExecutorError
+from executor.errors import BuildFileError, ExecutorError
 from executor.load import load_plan
 from executor.render import plan_to_data, plan_to_dot, plan_to_mermaid, plan_to_text
+from executor.run.build import run_build
+from executor.run.scheduler import BuildResult, Change, RunOptions
+from executor.states import JobState
+from executor.store import BuildRow, JobRow, Store, open_store
 
 EXIT_INVALID = 2
 
 
-def _configure_logging(log_format: str) -> None:
+def _configure_logging(log_format: str, level: int = logging.INFO) -> None:
     """structlog to stderr: a console renderer on a terminal, JSON lines otherwise."""
     if log_format == "auto":
         log_format = "console" if sys.stderr.isatty() else "json"
@@ -37,7 +49,7 @@ def _configure_logging(log_format: str) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
@@ -52,9 +64,12 @@ def _configure_logging(log_format: str) -> None:
     show_default=True,
     help="How log lines on stderr look: console on a terminal, JSON otherwise.",
 )
-def cli(log_format: str) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Also log every attempt and state change.")
+@click.pass_context
+def cli(ctx: click.Context, log_format: str, verbose: bool) -> None:
     """Plan and run CI builds as DAGs of shell jobs."""
-    _configure_logging(log_format)
+    ctx.obj = {"log_format": log_format, "verbose": verbose}
+    _configure_logging(log_format, logging.INFO if verbose else logging.WARNING)
 
 
 @cli.command()
@@ -82,6 +97,373 @@ def plan(file: Path, fmt: str) -> None:
         click.echo(plan_to_mermaid(result), nl=False)
     else:
         click.echo(plan_to_text(result, name=str(file)), nl=False)
+
+
+# --- run -------------------------------------------------------------------------------------
+
+
+def _console() -> Console:
+    """Rich output on stdout; piped, lines are not wrapped at 80 columns (scripts grep them)."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 240)
+
+
+_STYLE = {
+    "passed": "green",
+    "failed": "red",
+    "timed_out": "red",
+    "skipped": "yellow",
+    "canceled": "magenta",
+    "canceling": "magenta",
+    "timing_out": "red",
+    "running": "cyan",
+}
+
+
+def _duration(start: datetime | None, end: datetime | None) -> str:
+    if start is None:
+        return ""
+    seconds = ((end or datetime.now(UTC)) - start).total_seconds()
+    return f"{seconds:.1f}s" if seconds < 60 else f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
+
+
+class _LiveView:
+    """Terminal view while a build runs: progress, state counts and the jobs running now."""
+
+    def __init__(self, console: Console, total: int) -> None:
+        self.console = console
+        self.states: dict[str, Change] = {}
+        self.started: dict[str, datetime] = {}
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self.task = self.progress.add_task("build", total=total)
+        self.build_state = "scheduled"
+
+    def __call__(self, change: Change) -> None:
+        if change.key is None:
+            self.build_state = change.state
+            self.progress.update(self.task, description=f"build {change.state}")
+            return
+        previous = self.states.get(change.key)
+        self.states[change.key] = change
+        if change.state == "running" and change.key not in self.started:
+            self.started[change.key] = change.at
+        if JobState(change.state).is_terminal and not (
+            previous is not None and JobState(previous.state).is_terminal
+        ):
+            self.progress.advance(self.task)
+            if change.state != "passed":
+                self.console.print(_plain_line(change), highlight=False)
+
+    def __rich__(self) -> Group:
+        counts = Counter(c.state for c in self.states.values())
+        summary = "  ".join(
+            f"[{_STYLE.get(state, 'white')}]{state} {n}[/]" for state, n in sorted(counts.items())
+        )
+        active = Table.grid(padding=(0, 2))
+        shown = 0
+        for key, change in self.states.items():
+            if change.state in ("running", "timing_out", "canceling") and shown < 10:
+                shown += 1
+                active.add_row(
+                    f"[{_STYLE.get(change.state, 'white')}]{change.state}[/]",
+                    key,
+                    f"attempt {change.attempt}",
+                    _duration(self.started.get(key), None),
+                )
+        return Group(self.progress, summary, active)
+
+
+def _plain_line(change: Change) -> str:
+    when = change.at.astimezone(UTC).isoformat(timespec="seconds")[11:19]
+    if change.key is None:
+        return f"{when} build {change.state}"
+    state = JobState(change.state)
+    details = []
+    if state is JobState.RUNNING:
+        details.append(f"attempt {change.attempt}")
+    elif state is JobState.SCHEDULED and change.attempt:
+        details.append(f"retry after attempt {change.attempt}")
+        if change.exit_code is not None:
+            details.append(f"exit {change.exit_code}")
+    elif state.is_terminal or state in (JobState.TIMING_OUT, JobState.CANCELING):
+        if change.attempt > 1:
+            details.append(f"{change.attempt} attempts")
+        if change.exit_code is not None and state.is_terminal:
+            details.append(f"exit {change.exit_code}")
+        if change.soft_failed:
+            details.append("soft-failed")
+        if change.error_message and state is not JobState.PASSED:
+            details.append(change.error_message)
+    suffix = f" ({', '.join(details)})" if details else ""
+    return f"{when} {change.key} {state.value}{suffix}"
+
+
+def _echo_line(change: Change) -> None:
+    # Flushed per line: whoever reads a pipe (tee, a CI log) sees each change as it happens.
+    sys.stdout.write(_plain_line(change) + "\n")
+    sys.stdout.flush()
+
+
+_SUMMARY_ROWS = 40
+
+
+def _summary(console: Console, store: Store, result: BuildResult, tail_lines: int) -> None:
+    build = store.get_build_by_id(result.build_id)
+    jobs = store.list_jobs(result.build_id)
+    table = Table(
+        title=f"{result.org}/{result.pipeline} build #{result.number}: {result.state.value}"
+    )
+    for column in ("job", "state", "attempts", "exit", "duration", "note"):
+        table.add_column(column)
+    attempts = {k: j.attempts for k, j in result.jobs.items()}
+    # A big build lists only what did not pass; the counts say the rest.
+    shown = (
+        jobs
+        if len(jobs) <= _SUMMARY_ROWS
+        else [j for j in jobs if j.state is not JobState.PASSED or j.soft_failed][:_SUMMARY_ROWS]
+    )
+    for job in shown:
+        state = job.state.value + (" (soft)" if job.soft_failed else "")
+        table.add_row(
+            job.step_key,
+            f"[{_STYLE.get(job.state.value, 'white')}]{state}[/]",
+            str(attempts.get(job.step_key or "", "")),
+            "" if job.exit_code is None else str(job.exit_code),
+            _duration(job.started_at, job.finished_at),
+            "" if job.state is JobState.PASSED else (job.error_message or ""),
+        )
+    if len(shown) < len(jobs):
+        counts = Counter(j.state.value for j in jobs)
+        table.caption = (
+            ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+            + f"; showing {len(shown)} of {len(jobs)} jobs (harmont-exec jobs {result.number})"
+        )
+    if shown:
+        console.print(table)
+    else:
+        console.print(f"{table.title}; {table.caption}")
+    for job in jobs:
+        if job.state in (JobState.FAILED, JobState.TIMED_OUT) and tail_lines:
+            lines = _tail(store, job, tail_lines)
+            if not lines:
+                continue
+            console.rule(
+                f"{job.step_key}: last {len(lines)} log lines (harmont-exec logs {job.id})"
+            )
+            for line in lines:
+                console.out(line, highlight=False)
+    if build is not None and build.error_message:
+        console.print(f"[red]{build.error_message}[/]")
+
+
+def _tail(store: Store, job: JobRow, count: int) -> list[str]:
+    data = b"".join(chunk.content for chunk in store.read_log(job.id))
+    return data.decode("utf-8", "replace").splitlines()[-count:]
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option(
+    "--db",
+    envvar="HARMONT_DB",
+    help="Store: a SQLite path or sqlite:/// URL [default: .harmont/harmont.db; env HARMONT_DB].",
+)
+@click.option("--org", default="local", show_default=True, help="Organization to record into.")
+@click.option("--pipeline", help="Pipeline to record into [default: the file's name].")
+@click.option(
+    "-j",
+    "--jobs",
+    "concurrency",
+    type=click.IntRange(1, 1024),
+    help="Jobs running at once [default: the file's concurrency, else CPUs].",
+)
+@click.option("--fail-fast", is_flag=True, help="Cancel everything after the first hard failure.")
+@click.option(
+    "--grace-seconds",
+    type=click.FloatRange(0, 3600),
+    default=10.0,
+    show_default=True,
+    help="Between SIGTERM and SIGKILL when a job is stopped.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["console", "json"]),
+    help="Override the log format for this command.",
+)
+@click.option(
+    "--tail",
+    "tail_lines",
+    type=click.IntRange(0),
+    default=20,
+    show_default=True,
+    help="Log lines shown for each failed job at the end.",
+)
+@click.pass_context
+def run(
+    ctx: click.Context,
+    file: Path,
+    db: str | None,
+    org: str,
+    pipeline: str | None,
+    concurrency: int | None,
+    fail_fast: bool,
+    grace_seconds: float,
+    log_format: str | None,
+    tail_lines: int,
+) -> None:
+    """Run the build in FILE, record it, and exit with its outcome."""
+    if log_format is not None:
+        _configure_logging(log_format, logging.INFO if ctx.obj["verbose"] else logging.WARNING)
+    try:
+        plan = load_plan(file)
+    except BuildFileError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_INVALID)
+    console = _console()
+    options = RunOptions(concurrency=concurrency, fail_fast=fail_fast, grace_period_s=grace_seconds)
+    live = console.is_terminal
+
+    async def go(store: Store) -> BuildResult:
+        if live:
+            view = _LiveView(console, len(plan))
+            with Live(view, console=console, refresh_per_second=8, transient=True):
+                return await run_build(
+                    plan,
+                    store=store,
+                    org=org,
+                    pipeline=pipeline,
+                    options=options,
+                    on_change=view,
+                    handle_signals=True,
+                )
+        return await run_build(
+            plan,
+            store=store,
+            org=org,
+            pipeline=pipeline,
+            options=options,
+            on_change=_echo_line,
+            handle_signals=True,
+        )
+
+    started = time.monotonic()
+    try:
+        with open_store(db) as store:
+            result = anyio.run(go, store)
+            _summary(console, store, result, tail_lines)
+    except ExecutorError as exc:
+        click.echo(f"harmont-exec: {exc}", err=True)
+        sys.exit(1)
+    console.print(
+        f"build #{result.number} {result.state.value} in "
+        f"{time.monotonic() - started:.1f}s (exit {result.exit_status})"
+    )
+    sys.exit(result.exit_status)
+
+
+# --- reading the record ----------------------------------------------------------------------
+
+_db_option = click.option(
+    "--db", envvar="HARMONT_DB", help="Store [default: .harmont/harmont.db; env HARMONT_DB]."
+)
+
+
+def _build_or_exit(store: Store, number: int, org: str | None, pipeline: str | None) -> BuildRow:
+    build = store.get_build(number, org=org, pipeline=pipeline)
+    if build is None:
+        where = f" in pipeline {pipeline!r}" if pipeline else ""
+        click.echo(
+            f"harmont-exec: no build #{number}{where}; `harmont-exec builds` lists them", err=True
+        )
+        sys.exit(EXIT_INVALID)
+    return build
+
+
+@cli.command()
+@_db_option
+@click.option("--org", help="Only this organization.")
+@click.option("--pipeline", help="Only this pipeline.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+def builds(db: str | None, org: str | None, pipeline: str | None, limit: int) -> None:
+    """List recorded builds, newest first."""
+    try:
+        with open_store(db) as store:
+            rows = store.list_builds(org=org, pipeline=pipeline, limit=limit)
+    except ExecutorError as exc:
+        click.echo(f"harmont-exec: {exc}", err=True)
+        sys.exit(1)
+    table = Table()
+    for column in ("pipeline", "#", "state", "created", "duration", "branch", "error"):
+        table.add_column(column)
+    for b in rows:
+        table.add_row(
+            f"{b.org}/{b.pipeline}",
+            str(b.number),
+            b.state.value,
+            b.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            _duration(b.started_at, b.finished_at),
+            b.branch or "",
+            b.error_code or "",
+        )
+    _console().print(table)
+
+
+@cli.command()
+@click.argument("number", type=int)
+@_db_option
+@click.option("--org", help="Organization of the build.")
+@click.option("--pipeline", help="Pipeline of the build (needed when the number is ambiguous).")
+def jobs(number: int, db: str | None, org: str | None, pipeline: str | None) -> None:
+    """Show the jobs of build NUMBER in plan order."""
+    try:
+        with open_store(db) as store:
+            build = _build_or_exit(store, number, org, pipeline)
+            rows = store.list_jobs(build.id)
+    except ExecutorError as exc:
+        click.echo(f"harmont-exec: {exc}", err=True)
+        sys.exit(1)
+    table = Table(title=f"{build.org}/{build.pipeline} build #{build.number}: {build.state.value}")
+    for column in ("job", "id", "state", "exit", "retries", "duration", "note"):
+        table.add_column(column)
+    for j in rows:
+        table.add_row(
+            j.step_key,
+            j.id,
+            j.state.value + (" (soft)" if j.soft_failed else ""),
+            "" if j.exit_code is None else str(j.exit_code),
+            str(j.retries_count),
+            _duration(j.started_at, j.finished_at),
+            j.error_message or "",
+        )
+    _console().print(table)
+
+
+@cli.command()
+@click.argument("job_id")
+@_db_option
+def logs(job_id: str, db: str | None) -> None:
+    """Print a job's log (every attempt, stdout and stderr as recorded, bytes unchanged)."""
+    try:
+        with open_store(db) as store:
+            job = store.get_job(job_id)
+            if job is None:
+                click.echo(
+                    f"harmont-exec: no job {job_id!r}; `harmont-exec jobs NUMBER` lists job ids",
+                    err=True,
+                )
+                sys.exit(EXIT_INVALID)
+            out = sys.stdout.buffer
+            for chunk in store.read_log(job.id):
+                out.write(chunk.content)
+            out.flush()
+    except ExecutorError as exc:
+        click.echo(f"harmont-exec: {exc}", err=True)
+        sys.exit(1)
 
 
 def main() -> None:

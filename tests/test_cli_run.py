@@ -1,0 +1,173 @@
+"""`harmont-exec run`, `builds`, `jobs`, `logs` as a user runs them: real processes, real store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _cli(*args: str, cwd: Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "executor", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+        check=False,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
+    """Wait until a job has created ``path`` (an event from the child), bounded."""
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "python-ci.yaml",
+        "flaky-retry.yaml",
+        "soft-fail-lint.yaml",
+        "harmont-flat-ir.json",
+        "harmont-graph-ir.json",
+    ],
+)
+def test_cli_run_examples_pass(name: str, tmp_path: Path) -> None:
+    result = _cli("run", str(EXAMPLES / name), "--db", str(tmp_path / "h.db"), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "passed" in result.stdout.splitlines()[-1]
+
+
+def test_cli_run_failure_exits_1_and_shows_the_log_tail(tmp_path: Path) -> None:
+    (tmp_path / "b.yaml").write_text(
+        "steps:\n  - {key: broken, command: 'echo compiling; echo boom >&2; exit 3'}\n"
+        "  - {key: after, command: 'true', depends_on: broken}\n"
+    )
+    result = _cli("run", "b.yaml", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "broken failed (exit 3" in result.stdout
+    assert "after skipped (skipped because 'broken' failed)" in result.stdout
+    assert "boom" in result.stdout  # the tail of the failed job's log
+    assert (tmp_path / ".harmont" / "harmont.db").exists()  # the default store
+
+
+def test_cli_run_invalid_file_exits_2(tmp_path: Path) -> None:
+    result = _cli("run", str(EXAMPLES / "invalid" / "three-step-cycle.yaml"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "dependency cycle" in result.stderr
+    assert not (tmp_path / ".harmont").exists()  # nothing recorded for an invalid file
+
+
+def test_cli_run_build_timeout_exits_124(tmp_path: Path) -> None:
+    (tmp_path / "b.yaml").write_text(
+        "timeout_seconds: 1\nsteps:\n  - {key: s, command: sleep 60}\n"
+    )
+    result = _cli("run", "b.yaml", "--grace-seconds", "0.2", cwd=tmp_path)
+    assert result.returncode == 124, result.stdout
+    assert "pipeline_timeout" in _cli("builds", cwd=tmp_path).stdout
+
+
+def test_cli_run_sigint_cancels_the_build_and_exits_130(tmp_path: Path) -> None:
+    (tmp_path / "b.yaml").write_text(
+        textwrap.dedent("""
+        steps:
+          - {key: busy, command: 'touch started; sleep 60'}
+          - {key: later, command: 'true', depends_on: busy}
+    """)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "executor", "run", "b.yaml", "--grace-seconds", "5"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(tmp_path / "started", proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "busy canceled" in out and "later canceled" in out
+    jobs = _cli("jobs", "1", cwd=tmp_path).stdout
+    assert "canceled" in jobs and "running" not in jobs and "pending" not in jobs
+
+
+def test_cli_run_second_sigint_kills_a_job_that_ignores_sigterm(tmp_path: Path) -> None:
+    (tmp_path / "b.yaml").write_text(
+        "steps:\n  - {key: stubborn, command: \"trap '' TERM; touch started; "
+        'while :; do sleep 1; done"}\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "executor", "run", "b.yaml", "--grace-seconds", "600"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(tmp_path / "started", proc)
+    proc.send_signal(signal.SIGINT)
+    _wait_for_line(proc)
+    proc.send_signal(signal.SIGINT)  # without the second one, the grace period is 10 minutes
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "stubborn canceled (exit 137" in out
+
+
+def _wait_for_line(proc: subprocess.Popen[str]) -> None:
+    """Read stdout until the build reports it is canceling (the first signal was handled)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "canceling" in line:
+            return
+    raise AssertionError("the build never reported canceling")
+
+
+def test_cli_builds_jobs_and_logs_read_the_record(tmp_path: Path) -> None:
+    (tmp_path / "ci.yaml").write_text(
+        "steps:\n  - {key: hello, command: \"printf 'hi\\\\377\\\\n'\"}\n"
+    )
+    assert _cli("run", "ci.yaml", cwd=tmp_path).returncode == 0
+    builds = _cli("builds", cwd=tmp_path)
+    assert builds.returncode == 0 and "local/ci" in builds.stdout and "passed" in builds.stdout
+    jobs = _cli("jobs", "1", cwd=tmp_path)
+    assert "hello" in jobs.stdout
+    job_id = next(w for w in jobs.stdout.split() if len(w) == 36 and w.count("-") == 4)
+    logs = subprocess.run(
+        [sys.executable, "-m", "executor", "logs", job_id],
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert logs.stdout == b"hi\xff\n"
+
+
+def test_cli_jobs_unknown_build_exits_2(tmp_path: Path) -> None:
+    result = _cli("jobs", "7", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no build #7" in result.stderr
+
+
+def test_cli_logs_unknown_job_exits_2(tmp_path: Path) -> None:
+    result = _cli("logs", "00000000-0000-0000-0000-000000000000", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no job" in result.stderr
+
+
+def test_cli_bad_db_url_is_a_clear_error(tmp_path: Path) -> None:
+    result = _cli("builds", "--db", "mysql://x", cwd=tmp_path, env={**os.environ})
+    assert result.returncode != 0
+    assert "mysql://x" in result.stderr and "Traceback" not in result.stderr
