@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -329,27 +330,22 @@ def run(
     live = console.is_terminal
 
     async def go(store: Store) -> BuildResult:
-        if live:
-            view = _LiveView(console, len(plan))
-            with Live(view, console=console, refresh_per_second=8, transient=True):
-                return await run_build(
-                    plan,
-                    store=store,
-                    org=org,
-                    pipeline=pipeline,
-                    options=options,
-                    on_change=view,
-                    handle_signals=True,
-                )
-        return await run_build(
-            plan,
-            store=store,
-            org=org,
-            pipeline=pipeline,
-            options=options,
-            on_change=_echo_line,
-            handle_signals=True,
-        )
+        def start(on_change: Callable[[Change], None]) -> Awaitable[BuildResult]:
+            return run_build(
+                plan,
+                store=store,
+                org=org,
+                pipeline=pipeline,
+                options=options,
+                on_change=on_change,
+                handle_signals=True,
+            )
+
+        if not live:
+            return await start(_echo_line)
+        view = _LiveView(console, len(plan))
+        with Live(view, console=console, refresh_per_second=8, transient=True):
+            return await start(view)
 
     started = time.monotonic()
     try:
