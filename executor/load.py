@@ -229,16 +229,7 @@ class _Source:
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             problem = " ".join(p for p in (exc.context, exc.problem) if p)
-            raise BuildFileError(
-                [
-                    Diagnostic(
-                        f"invalid YAML: {problem}; fix the syntax here",
-                        file=name,
-                        line=mark.line + 1 if mark else None,
-                        column=mark.column + 1 if mark else None,
-                    )
-                ]
-            ) from None
+            raise _at_mark(name, f"invalid YAML: {problem}; fix the syntax here", mark) from None
         except yaml.YAMLError as exc:
             raise _error(name, f"invalid YAML: {exc}; fix the syntax") from None
         except RecursionError:
@@ -252,29 +243,16 @@ class _Source:
         dup = _duplicate_key(root)
         if dup is not None:
             key, first, second = dup
-            raise BuildFileError(
-                [
-                    Diagnostic(
-                        f"duplicate key {key!r} (first at line {first.line + 1}); keep only one",
-                        file=name,
-                        line=second.line + 1,
-                        column=second.column + 1,
-                    )
-                ]
+            raise _at_mark(
+                name,
+                f"duplicate key {key!r} (first at line {first.line + 1}); keep only one",
+                second,
             )
         try:
             data = _Loader("").construct_document(root)
         except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark
-            raise BuildFileError(
-                [
-                    Diagnostic(
-                        f"invalid YAML value: {exc.problem}; fix it here",
-                        file=name,
-                        line=mark.line + 1 if mark else None,
-                        column=mark.column + 1 if mark else None,
-                    )
-                ]
+            raise _at_mark(
+                name, f"invalid YAML value: {exc.problem}; fix it here", exc.problem_mark
             ) from None
         locator = _Locator(root)
         return cls(name, data, lambda: locator)
@@ -476,6 +454,12 @@ class _Source:
 
         self.to_source = to_source
         return data
+
+
+def _at_mark(name: str, message: str, mark: yaml.Mark | None) -> BuildFileError:
+    """An error at a YAML mark (0-based line and column) of file ``name``."""
+    line, column = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+    return BuildFileError([Diagnostic(message, file=name, line=line, column=column)])
 
 
 def _error(name: str, message: str) -> BuildFileError:

@@ -27,6 +27,17 @@ def _cli(*args: str, cwd: Path, **kwargs: object) -> subprocess.CompletedProcess
     )
 
 
+def _start_run(cwd: Path, *args: str) -> subprocess.Popen[str]:
+    """`harmont-exec run b.yaml ARGS` in the background, output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "executor", "run", "b.yaml", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
     """Wait until a job has created ``path`` (an event from the child), bounded."""
     deadline = time.monotonic() + 60
@@ -89,13 +100,7 @@ def test_cli_run_sigint_cancels_the_build_and_exits_130(tmp_path: Path) -> None:
           - {key: later, command: 'true', depends_on: busy}
     """)
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "executor", "run", "b.yaml", "--grace-seconds", "5"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_run(tmp_path, "--grace-seconds", "5")
     _wait_for(tmp_path / "started", proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -110,13 +115,7 @@ def test_cli_run_second_sigint_kills_a_job_that_ignores_sigterm(tmp_path: Path) 
         "steps:\n  - {key: stubborn, command: \"trap '' TERM; touch started; "
         'while :; do sleep 1; done"}\n'
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "executor", "run", "b.yaml", "--grace-seconds", "600"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_run(tmp_path, "--grace-seconds", "600")
     _wait_for(tmp_path / "started", proc)
     proc.send_signal(signal.SIGINT)
     _wait_for_line(proc)

@@ -332,3 +332,16 @@ async def test_run_numbers_builds_per_pipeline(tmp_path: Path, store: Store) -> 
     second = await _run(build, store)
     assert (first.number, second.number) == (1, 2)
     assert first.pipeline == "ci" and first.org == "local"
+
+
+async def test_run_job_that_cannot_start_fails_with_spawn_failed(
+    tmp_path: Path, store: Store
+) -> None:
+    build = _write(tmp_path, "steps:\n  - {key: a, command: 'true'}\n")
+    result = await _run(build, store, working_dir=tmp_path / "missing")
+    job = store.get_job(result.jobs["a"].job_id)
+    assert job is not None and job.state is JobState.FAILED
+    assert job.error_code == "spawn_failed"
+    assert "cannot start /bin/sh in" in (job.error_message or "")
+    assert result.state is BuildState.FAILED and result.exit_status == 1
+    _assert_legal_history(store, job.id)

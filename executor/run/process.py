@@ -168,7 +168,8 @@ class LocalProcessRunner:
                 None,
                 started_at,
                 _now(),
-                error=f"cannot start /bin/sh in {spec.cwd}: {exc.strerror or exc}",
+                error=f"cannot start /bin/sh in {spec.cwd}: {exc.strerror or exc}; check that the "
+                "working directory exists and /bin/sh is executable",
             )
         on_start()
         watch = _Watch(loop, process, on_output, spec.grace_period_s)
