@@ -16,10 +16,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import executor
 from executor.errors import StoreError
-from executor.states import BuildState, Event, JobState
+from executor.states import TRANSITIONS, BuildState, Event, JobState
 from executor.store import SCHEMA_VERSION, CreatedBuild, Store, open_store, resolve_db_path
 
 T0 = datetime(2026, 11, 28, 15, 55, 42, 123456, tzinfo=UTC)
@@ -113,6 +115,16 @@ def test_store_refuses_a_database_it_did_not_create(db: Path) -> None:
         raw.execute("CREATE TABLE notes (text TEXT)")
     with pytest.raises(StoreError, match="did not create"):
         open_store(db)
+
+
+def test_store_refuses_an_sqlite_too_old_for_its_queries(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    with pytest.raises(StoreError, match=r"needs SQLite 3\.33\.0 or newer.*uses SQLite 3\.31\.1"):
+        open_store(db)
+    assert not db.exists()
 
 
 def test_store_refuses_a_file_that_is_not_a_database(db: Path) -> None:
@@ -564,3 +576,109 @@ def test_store_url_refuses_other_forms_naming_them(url: str) -> None:
 def test_store_url_refuses_a_directory(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="is a directory"):
         open_store(tmp_path)
+
+
+# --- batching -------------------------------------------------------------------------------
+
+
+_FORWARD = {  # the usual way through, so that walks often get to run attempts
+    JobState.PENDING: Event.READY,
+    JobState.SCHEDULED: Event.SLOT_ACQUIRED,
+    JobState.ASSIGNED: Event.STARTED,
+}
+
+
+@st.composite
+def _recordings(draw: st.DrawFn) -> list[tuple[str, object]]:
+    """Legal walks of the demo build's jobs through THE table with attempts and log chunks,
+    interleaved, with flushes at random points (so changes split across batches anywhere)."""
+    keys = ["deps", "lint", "test", "deploy"]
+    walks: dict[str, list[tuple[str, object]]] = {}
+    for key in keys:
+        state, attempt, steps = JobState.PENDING, 0, []
+        for _ in range(draw(st.integers(0, 8))):
+            events = sorted((e for (s, e) in TRANSITIONS if s is state), key=lambda e: e.value)
+            if not events:
+                break
+            forward = _FORWARD.get(state)
+            event = (
+                forward if forward and draw(st.integers(0, 3)) else draw(st.sampled_from(events))
+            )
+            new = TRANSITIONS[(state, event)]
+            if new is JobState.RUNNING:
+                attempt += 1
+                steps.append((key, ("start", attempt)))
+            fields = {"exit_code": draw(st.none() | st.integers(0, 255))} if new.is_terminal else {}
+            steps.append((key, ("transition", state, event, new, fields)))
+            if state is JobState.RUNNING:
+                steps.append((key, ("log", attempt, draw(st.binary(max_size=8)))))
+                steps.append((key, ("finish", attempt, draw(st.integers(0, 3)))))
+            state = new
+        walks[key] = steps
+    merged: list[tuple[str, object]] = []
+    while any(walks.values()):
+        key = draw(st.sampled_from([k for k in keys if walks[k]]))
+        merged.append(walks[key].pop(0))
+        if draw(st.integers(0, 3)) == 0:
+            merged.append(("", ("flush",)))
+    return merged
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(recording=_recordings())
+def test_store_batches_record_exactly_what_one_by_one_writes_would(
+    tmp_path_factory: pytest.TempPathFactory, recording: list[tuple[str, object]]
+) -> None:
+    db = tmp_path_factory.mktemp("batches") / "harmont.db"
+    expected_state: dict[str, JobState] = {}
+    expected_history: dict[str, list[str]] = {}
+    expected_attempts: dict[str, dict[int, tuple[datetime, int | None]]] = {}
+    expected_exit: dict[str, int | None] = {}
+    expected_log: dict[str, list[bytes]] = {}
+    with open_store(db) as store:
+        ids = _create(store).job_ids
+        for i, (key, (kind, *args)) in enumerate(recording):  # type: ignore[misc]
+            at = T0 + timedelta(seconds=i)
+            if kind == "flush":
+                store.flush()
+                continue
+            job_id = ids[key]
+            if kind == "transition":
+                old, event, new, fields = args
+                store.record_job_transition(
+                    job_id, from_state=old, event=event, to_state=new, at=at, **fields
+                )
+                expected_state[key] = new
+                expected_history.setdefault(key, []).append(event.value)
+                expected_exit[key] = fields.get("exit_code", expected_exit.get(key))
+            elif kind == "start":
+                store.record_attempt_started(job_id, args[0], at=at)
+                expected_attempts.setdefault(key, {})[args[0]] = (at, None)
+            elif kind == "finish":
+                number, code = args
+                store.record_attempt_finished(
+                    job_id, number, outcome="exited", exit_code=code, signal=None, at=at
+                )
+                expected_attempts.setdefault(key, {})[number] = (
+                    expected_attempts[key][number][0],
+                    code,
+                )
+            else:
+                store.append_log(job_id, args[0], "stdout", args[1], at=at)
+                expected_log.setdefault(key, []).append(args[1])
+    with open_store(db) as store:
+        for key, job_id in ids.items():
+            job = store.get_job(job_id)
+            assert job is not None
+            assert job.state is expected_state.get(key, JobState.PENDING)
+            assert job.exit_code == expected_exit.get(key)
+            history = store.job_transitions(job_id)
+            assert [h.event for h in history[1:]] == expected_history.get(key, [])
+            assert [h.seq for h in history] == list(range(len(history)))
+            assert all(h.from_state is p.to_state for p, h in itertools.pairwise(history))
+            attempts = {a.number: (a.started_at, a.exit_code) for a in store.list_attempts(job_id)}
+            assert attempts == expected_attempts.get(key, {})
+            assert [c.content for c in store.read_log(job_id)] == expected_log.get(key, [])
+        assert store.check_integrity() == "ok"

@@ -17,7 +17,10 @@ from executor.errors import StoreError
 from executor.store import sql
 from executor.store.rows import format_time
 
-__all__ = ["BUSY_TIMEOUT_S", "connect", "migrate", "store_error"]
+__all__ = ["BUSY_TIMEOUT_S", "MIN_SQLITE", "connect", "migrate", "store_error"]
+
+MIN_SQLITE = (3, 33, 0)
+"""UPDATE ... FROM (the writer's batched job updates) arrived in SQLite 3.33 (2020)."""
 
 BUSY_TIMEOUT_S = 30.0
 """How long a statement waits for another connection's write lock before failing."""
@@ -44,6 +47,12 @@ def store_error(action: str, exc: sqlite3.Error, path: Path) -> StoreError:
 def connect(path: Path) -> sqlite3.Connection:
     """A connection to ``path`` in autocommit mode (transactions are explicit BEGIN/COMMIT),
     usable from any thread (callers serialize access)."""
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise StoreError(
+            f"the store needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer, but this Python "
+            f"uses SQLite {sqlite3.sqlite_version}; use a Python built with a newer SQLite "
+            "(python.org and distribution builds since 2021 have one)"
+        )
     db = sqlite3.connect(
         path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
     )

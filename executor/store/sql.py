@@ -210,18 +210,17 @@ INSERT_DEPENDENCY = (
 
 # --- queued writes (the writer thread's batches) -----------------------------------------------
 
-JOB_FIELDS = frozenset(
-    {
-        "state",
-        "exit_code",
-        "soft_failed",
-        "error_code",
-        "error_message",
-        "retries_count",
-        "started_at",
-        "finished_at",
-    }
+JOB_COLUMNS = (
+    "state",
+    "exit_code",
+    "soft_failed",
+    "error_code",
+    "error_message",
+    "retries_count",
+    "started_at",
+    "finished_at",
 )
+"""A job's columns that change as it runs, in the order the store keeps them in memory."""
 BUILD_FIELDS = frozenset(
     {
         "state",
@@ -242,24 +241,35 @@ def _assignments(fields: Sequence[str], allowed: frozenset[str]) -> str:
     return ", ".join(f"{name} = ?" for name in fields)
 
 
-@cache
-def update_job(fields: tuple[str, ...]) -> str:
-    """Set ``fields`` of one job, only if it is still in the expected state (last two ``?``:
-    job id, expected state)."""
-    return f"UPDATE jobs SET {_assignments(fields, JOB_FIELDS)} WHERE id = ? AND state = ?"
+def _from_json(index: int) -> str:
+    return f"json_extract(u.value, '$[{index}]')"
+
+
+# One change at a time (the exact path). Last two ``?`` of UPDATE_JOB: job id, expected state.
+UPDATE_JOB = (
+    f"UPDATE jobs SET {', '.join(f'{name} = ?' for name in JOB_COLUMNS)} WHERE id = ? AND state = ?"
+)
+# A whole batch in one statement per table (the fast path): the only parameter is a JSON array
+# of rows, so SQLite steps once per table instead of once per row. Rows of UPDATE_JOBS_JSON:
+# [id, expected state, *JOB_COLUMNS]; of INSERT_TRANSITIONS_JSON: the columns of
+# INSERT_TRANSITION; of UPSERT_ATTEMPTS_JSON: [job_id, number, started_at, outcome, exit_code,
+# signal, finished_at].
+UPDATE_JOBS_JSON = (
+    "UPDATE jobs SET "
+    + ", ".join(f"{name} = {_from_json(i + 2)}" for i, name in enumerate(JOB_COLUMNS))
+    + f" FROM json_each(?) AS u WHERE jobs.id = {_from_json(0)} AND jobs.state = {_from_json(1)}"
+)
 
 
 INSERT_TRANSITION = (
     "INSERT INTO job_transitions (job_id, seq, from_state, event, to_state, at) "
     "VALUES (?, ?, ?, ?, ?, ?)"
 )
-
-
-@cache
-def record_transition(fields: tuple[str, ...]) -> tuple[str, str]:
-    """A state change: ``update_job(fields)`` and the history row (one shared tuple per set of
-    fields, so the writer can batch identical changes)."""
-    return update_job(fields), INSERT_TRANSITION
+INSERT_TRANSITIONS_JSON = (
+    "INSERT INTO job_transitions (job_id, seq, from_state, event, to_state, at) SELECT "
+    + ", ".join(_from_json(i) for i in range(6))
+    + " FROM json_each(?) AS u"
+)
 
 
 @cache
@@ -277,11 +287,19 @@ FINISH_ATTEMPT = (  # an attempt that never started (spawn failure) still gets i
     "outcome = excluded.outcome, exit_code = excluded.exit_code, signal = excluded.signal, "
     "finished_at = excluded.finished_at"
 )
+UPSERT_ATTEMPTS_JSON = (  # "WHERE true": SQLite's rule for INSERT ... SELECT ... ON CONFLICT
+    "INSERT INTO attempts (job_id, number, started_at, outcome, exit_code, signal, finished_at) "
+    "SELECT " + ", ".join(_from_json(i) for i in range(7)) + " FROM json_each(?) AS u WHERE true "
+    "ON CONFLICT (job_id, number) DO UPDATE SET "
+    "outcome = excluded.outcome, exit_code = excluded.exit_code, signal = excluded.signal, "
+    "finished_at = excluded.finished_at"
+)
 INSERT_LOG_CHUNK = (
     "INSERT INTO log_chunks (job_id, seq, attempt, stream, content, at) VALUES (?, ?, ?, ?, ?, ?)"
 )
 LAST_TRANSITION_SEQ = "SELECT MAX(seq) FROM job_transitions WHERE job_id = ?"
 LAST_LOG_SEQ = "SELECT MAX(seq) FROM log_chunks WHERE job_id = ?"
+JOB_COLUMNS_NOW = f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE id = ?"
 
 # --- reads ---------------------------------------------------------------------------------------
 

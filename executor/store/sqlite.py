@@ -29,17 +29,24 @@ from executor.errors import StoreError
 from executor.plan import Plan
 from executor.states import BuildState, Event, JobState
 from executor.store import sql
+from executor.store.changes import (
+    AttemptFinished,
+    AttemptStarted,
+    BuildChanged,
+    Change,
+    JobChanged,
+    LogAppended,
+    RawStatement,
+)
 from executor.store.connection import connect, migrate, store_error
 from executor.store.reads import Reader
 from executor.store.rows import UNSET, CreatedBuild, Unset, format_time
-from executor.store.writer import Guard, Write, Writer
+from executor.store.writer import Writer
 
 __all__ = ["Store"]
 
 _STREAMS = frozenset({"stdout", "stderr"})
-_START_ATTEMPT = (sql.START_ATTEMPT,)
-_FINISH_ATTEMPT = (sql.FINISH_ATTEMPT,)
-_INSERT_LOG_CHUNK = (sql.INSERT_LOG_CHUNK,)
+_NEW_JOB = (JobState.PENDING.value, None, 0, None, None, 0, None, None)  # sql.JOB_COLUMNS
 # When this process loaded the store: with host and pid it tells a live executor from a pid
 # that was reused after a crash.
 _PROCESS_STARTED_AT = format_time(datetime.now(UTC))
@@ -86,6 +93,7 @@ class Store(Reader):
         self._reported: StoreError | None = None
         self._transition_seq: dict[str, int] = {}  # job id -> next history seq
         self._log_seq: dict[str, int] = {}  # job id -> last log chunk seq
+        self._job_columns: dict[str, list[Any]] = {}  # job id -> its sql.JOB_COLUMNS, as queued
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -196,6 +204,7 @@ class Store(Reader):
         for job_id in job_ids.values():
             self._transition_seq[job_id] = 1
             self._log_seq[job_id] = 0
+            self._job_columns[job_id] = list(_NEW_JOB)
         return CreatedBuild(build_id, number, org, pipeline, job_ids)
 
     # --- queued writes -------------------------------------------------------------------------
@@ -219,41 +228,35 @@ class Store(Reader):
         """Queue one state change: the job row moves ``from_state`` -> ``to_state`` (with the
         given fields) and its history gains a row, in one transaction. A job that is not in
         ``from_state`` when the write is applied is a bug: ``flush()`` raises StoreError."""
-        # Spelled out rather than looped: this runs several times per job on the event loop.
-        names: list[str] = ["state"]
-        values: list[Any] = [to_state.value]
+        # The job's whole row is queued (the writer keeps only a batch's last one per job), so
+        # this process keeps it in memory; spelled out rather than looped: it runs several
+        # times per job on the event loop.
+        columns = self._job_columns.get(job_id)
+        if columns is None:
+            columns = self._job_columns[job_id] = self._current_columns(job_id)
+        columns[0] = to_state.value
         if exit_code is not UNSET:
-            names.append("exit_code")
-            values.append(exit_code)
+            columns[1] = exit_code
         if soft_failed is not UNSET:
-            names.append("soft_failed")
-            values.append(int(soft_failed))
+            columns[2] = int(soft_failed)
         if error_code is not UNSET:
-            names.append("error_code")
-            values.append(error_code)
+            columns[3] = error_code
         if error_message is not UNSET:
-            names.append("error_message")
-            values.append(error_message)
+            columns[4] = error_message
         if retries_count is not UNSET:
-            names.append("retries_count")
-            values.append(retries_count)
+            columns[5] = retries_count
         if started_at is not UNSET:
-            names.append("started_at")
-            values.append(format_time(started_at))
+            columns[6] = format_time(started_at)
         if finished_at is not UNSET:
-            names.append("finished_at")
-            values.append(format_time(finished_at))
-        old, new, why = from_state.value, to_state.value, event.value
-        when = format_time(at)
+            columns[7] = format_time(finished_at)
         seq = self._transition_seq.get(job_id)
         if seq is None:
             last = self._last_seq(sql.LAST_TRANSITION_SEQ, job_id)
             seq = 1 if last is None else last + 1
+        when = format_time(at)
         self._put(
-            Write(
-                sql.record_transition(tuple(names)),
-                ((*values, job_id, old), (job_id, seq, old, why, new, when)),
-                Guard("job %s %s -(%s)-> %s", (job_id, old, why, new), sql.JOB_STATE, (job_id,)),
+            JobChanged(
+                job_id, seq, from_state.value, event.value, to_state.value, when, tuple(columns)
             )
         )
         self._transition_seq[job_id] = seq + 1
@@ -280,12 +283,11 @@ class Store(Reader):
             error_message=error_message,
             cancel_requested=cancel_requested,
         )
-        guard = Guard("build %s -> %s", (build_id, state.value), sql.BUILD_EXISTS, (build_id,))
-        self._put(Write((sql.update_build(names),), ((*values, build_id),), guard))
+        self._put(BuildChanged(build_id, names, tuple(values)))
 
     def record_attempt_started(self, job_id: str, number: int, *, at: datetime) -> None:
         """Queue the start of attempt ``number`` (1, 2, ...) of a job."""
-        self._put(Write(_START_ATTEMPT, ((job_id, number, format_time(at)),)))
+        self._put(AttemptStarted(job_id, number, format_time(at)))
 
     def record_attempt_finished(
         self,
@@ -298,9 +300,7 @@ class Store(Reader):
         at: datetime,
     ) -> None:
         """Queue the end of an attempt (its row is created if it never started)."""
-        when = format_time(at)
-        args = (job_id, number, outcome, exit_code, signal, when, when)
-        self._put(Write(_FINISH_ATTEMPT, (args,)))
+        self._put(AttemptFinished(job_id, number, outcome, exit_code, signal, format_time(at)))
 
     def append_log(
         self,
@@ -321,7 +321,7 @@ class Store(Reader):
         if last is None:
             last = self._last_seq(sql.LAST_LOG_SEQ, job_id) or 0
         seq = last + 1
-        self._put(Write(_INSERT_LOG_CHUNK, ((job_id, seq, attempt, stream, data, when),)))
+        self._put(LogAppended(job_id, seq, attempt, stream, data, when))
         self._log_seq[job_id] = seq
 
     def _last_seq(self, query: str, job_id: str) -> int | None:
@@ -329,6 +329,13 @@ class Store(Reader):
         read once, then counted in memory."""
         last = self._rows(query, (job_id,))[0][0]
         return None if last is None else int(last)
+
+    def _current_columns(self, job_id: str) -> list[Any]:
+        """The job's changing columns as in the file, for a job this process did not create."""
+        rows = self._rows(sql.JOB_COLUMNS_NOW, (job_id,))
+        if not rows:
+            raise StoreError(f"no job {job_id} in {self._path}; record changes of its own jobs")
+        return list(rows[0])
 
     def _check_open(self) -> None:
         if self._closed:
@@ -341,7 +348,7 @@ class Store(Reader):
             self._reported = error
             raise error
 
-    def _put(self, op: Write) -> None:
+    def _put(self, change: Change) -> None:
         self._check_writable()
         if self._writer is None:
             try:
@@ -350,12 +357,12 @@ class Store(Reader):
                 raise store_error("start recording", exc, self._path) from None
             # A store dropped without close() still commits its queue (at exit at the latest).
             weakref.finalize(self, self._writer.close)
-        self._writer.put(op)
+        self._writer.put(change)
 
     def _execute_in_writer(self, statement: str) -> None:
         """Test hook: queue a raw statement on the writer's connection (e.g. ``PRAGMA
         max_page_count``, to make the disk look full). Not for production code."""
-        self._put(Write((statement,), ((),)))
+        self._put(RawStatement(statement))
 
     # --- lifecycle -----------------------------------------------------------------------------
 

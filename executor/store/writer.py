@@ -1,20 +1,19 @@
-"""Group commit: one thread that owns the write connection and applies queued writes in batches.
+"""Group commit: one thread owns the write connection and commits queued changes in batches.
 
-Callers enqueue ``Write`` operations and return at once. The writer thread takes the first
-queued item (blocking), drains whatever else is queued (up to ``BATCH_LIMIT``), applies every
-operation of the batch, whole and in queue order, in ONE transaction, and commits. So the
-database is consistent at every commit and each job's history keeps its order, while a runner
-recording ~6 transitions per job never waits for a disk sync. Consecutive operations of the same
-shape (same statements) go to SQLite with one ``executemany`` per statement: each statement's
-rows keep their queue order, and a run's statements touch different tables, so the result is
-the same as applying the operations one by one.
+Callers ``put`` changes and return at once. The writer thread waits for the first one, then,
+unless a ``flush`` is waiting, lets changes gather until ``COMMIT_INTERVAL_S`` has passed since
+its previous commit, takes everything queued (up to ``BATCH_LIMIT``) and applies it, whole and
+in queue order, in ONE transaction. So the database is consistent at every commit and each
+job's history keeps its order, the runner never waits for SQLite, and a steady stream of
+changes costs a few commits a second instead of one per change: each commit, and each wake-up
+of this thread, takes the GIL from the event loop for a moment. What a batch does to the tables
+is ``changes.apply_batch``; this module only runs the thread, the transactions and the errors.
 
 Failures are never dropped. A batch that SQLite refuses (disk full, read-only file, ...) is
-rolled back. An operation whose guard matched no row (a bug: the store and the runner disagree
-about a job's state) ends its batch: the batch is replayed one operation at a time and the
-operations before the bad one are committed. Either way the writer remembers the first error
-and applies nothing after it; ``Writer.error`` exposes it for the store to raise. This module
-knows nothing about jobs or builds beyond the guard's words.
+rolled back. A change whose guard does not hold (a bug: the store and the runner disagree about
+a job's state) makes the writer roll the batch back and replay it one change at a time, keeping
+the changes before the bad one. Either way the writer remembers the first error and applies
+nothing after it; ``Writer.error`` exposes it for the store to raise.
 """
 
 from __future__ import annotations
@@ -22,37 +21,23 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from executor.errors import StoreError
+from executor.store.changes import Change, apply_batch, apply_one
 from executor.store.connection import store_error
 
-__all__ = ["BATCH_LIMIT", "Guard", "Write", "Writer"]
+__all__ = ["BATCH_LIMIT", "COMMIT_INTERVAL_S", "Writer"]
 
 BATCH_LIMIT = 5000
-"""At most this many operations per transaction (bounds the writer's lock hold time)."""
+"""At most this many changes per transaction (bounds the writer's lock hold time)."""
 
-
-class Guard(NamedTuple):
-    """The first statement of a ``Write`` must change exactly one row. If it changes none, the
-    error says ``what`` was being recorded and what ``probe`` (a query returning one value, or
-    no row) finds instead."""
-
-    what: str  # a %-format, filled with ``args`` only when the guard fails
-    args: tuple[Any, ...]
-    probe: str
-    probe_params: tuple[Any, ...]
-
-
-class Write(NamedTuple):
-    """One operation: statements applied together, in one transaction, or not at all.
-    (NamedTuples: the caller builds one per recorded change, so they must be cheap.)"""
-
-    statements: tuple[str, ...]
-    params: tuple[tuple[Any, ...], ...]  # one tuple per statement
-    guard: Guard | None = None
+COMMIT_INTERVAL_S = 0.05
+"""The least time between two commits while changes keep coming: how stale a reader's view of
+a running build can be."""
 
 
 class _Flush(NamedTuple):
@@ -63,9 +48,6 @@ class _Stop(NamedTuple):
     pass
 
 
-Item = Write | _Flush | _Stop
-
-
 class Writer:
     """The writer thread and its connection. ``put`` may be called from one thread at a time;
     ``flush`` from any thread."""
@@ -73,7 +55,8 @@ class Writer:
     def __init__(self, connect: Callable[[], sqlite3.Connection], path: Path) -> None:
         self._path = path
         self._db = connect()  # opened here so that a bad path fails in the caller
-        self._queue: queue.SimpleQueue[Item] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Change | _Flush | _Stop] = queue.SimpleQueue()
+        self._urgent = threading.Event()  # a flush or close is waiting: commit now
         self._error: StoreError | None = None
         self._thread = threading.Thread(target=self._loop, name="harmont-store-writer", daemon=True)
         self._thread.start()
@@ -83,8 +66,8 @@ class Writer:
         """The first failed write, if any (nothing queued after it was applied)."""
         return self._error
 
-    def put(self, op: Write) -> None:
-        self._queue.put(op)
+    def put(self, change: Change) -> None:
+        self._queue.put(change)
 
     def flush(self) -> None:
         """Block until everything queued before this call is committed or refused."""
@@ -92,6 +75,7 @@ class Writer:
             return
         done = threading.Event()
         self._queue.put(_Flush(done))
+        self._urgent.set()
         while not done.wait(1.0):
             if not self._thread.is_alive():  # not expected: the loop catches every error
                 break
@@ -100,41 +84,57 @@ class Writer:
         """Apply what is queued, stop the thread and close the connection."""
         if self._thread.is_alive():
             self._queue.put(_Stop())
+            self._urgent.set()
             self._thread.join()
 
     def _loop(self) -> None:
+        last_commit = -COMMIT_INTERVAL_S
         try:
             while True:
-                batch: list[Item] = [self._queue.get()]
+                first = self._queue.get()
+                wait = last_commit + COMMIT_INTERVAL_S - time.monotonic()
+                if wait > 0:
+                    self._urgent.wait(wait)
+                self._urgent.clear()  # before draining: a later flush sets it again
+                batch = [first]
                 while len(batch) < BATCH_LIMIT:
                     try:
                         batch.append(self._queue.get_nowait())
                     except queue.Empty:
                         break
-                ops = [item for item in batch if isinstance(item, Write)]
-                if ops and self._error is None:
-                    self._apply(ops)
+                changes: list[Change] = []
+                stop = False
+                flushes: list[_Flush] = []
                 for item in batch:
                     if isinstance(item, _Flush):
-                        item.done.set()
-                if any(isinstance(item, _Stop) for item in batch):
+                        flushes.append(item)
+                    elif isinstance(item, _Stop):
+                        stop = True
+                    else:
+                        changes.append(item)
+                if changes and self._error is None:
+                    self._apply(changes)
+                    last_commit = time.monotonic()
+                for flush in flushes:
+                    flush.done.set()
+                if stop:
                     return
         finally:
             self._db.close()
 
-    def _apply(self, ops: list[Write]) -> None:
+    def _apply(self, changes: list[Change]) -> None:
         cursor = self._db.cursor()
         try:
             cursor.execute("BEGIN IMMEDIATE")
-            if not self._apply_grouped(cursor, ops):
+            if not apply_batch(cursor, changes):
                 cursor.execute("ROLLBACK")
                 cursor.execute("BEGIN IMMEDIATE")
-                self._apply_one_by_one(cursor, ops)
+                self._apply_one_by_one(cursor, changes)
             cursor.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
             self._error = store_error(
-                f"save {len(ops)} queued writes (none of them, nor any later one, is recorded)",
+                f"save {len(changes)} queued writes (none of them, nor any later one, is recorded)",
                 exc,
                 self._path,
             )
@@ -147,45 +147,16 @@ class Writer:
         finally:
             cursor.close()
 
-    @staticmethod
-    def _apply_grouped(cursor: sqlite3.Cursor, ops: list[Write]) -> bool:
-        """The fast path; False (nothing committed) when some guard matched no row."""
-        start, count = 0, len(ops)
-        while start < count:
-            first = ops[start]
-            end = start + 1
-            guarded = first.guard is not None
-            while (
-                end < count
-                and ops[end].statements == first.statements
-                and (ops[end].guard is not None) == guarded
-            ):
-                end += 1
-            for index, statement in enumerate(first.statements):
-                if end - start == 1:
-                    cursor.execute(statement, first.params[index])
-                else:
-                    cursor.executemany(statement, [op.params[index] for op in ops[start:end]])
-                # Guarded statements change at most one row each (they match a primary key).
-                if index == 0 and guarded and cursor.rowcount != end - start:
-                    return False
-            start = end
-        return True
-
-    def _apply_one_by_one(self, cursor: sqlite3.Cursor, ops: list[Write]) -> None:
-        """The exact path: stop at the first guard that matches no row, keep what precedes."""
-        for op in ops:
-            cursor.execute(op.statements[0], op.params[0])
-            if op.guard is not None and cursor.rowcount != 1:
-                row = cursor.execute(op.guard.probe, op.guard.probe_params).fetchone()
-                actual = "it does not exist" if row is None else f"the store has {row[0]!r}"
+    def _apply_one_by_one(self, cursor: sqlite3.Cursor, changes: list[Change]) -> None:
+        """Keep the changes before the first whose guard fails; record that one as the error."""
+        for change in changes:
+            refused = apply_one(cursor, change)
+            if refused is not None:
                 self._error = StoreError(
-                    f"could not record {op.guard.what % op.guard.args}: {actual}; this is a bug in "
-                    "harmont-exec (the runner and the store disagree), please report it"
+                    f"could not record {refused}; this is a bug in harmont-exec (the runner and "
+                    "the store disagree), please report it"
                 )
                 return
-            for statement, params in zip(op.statements[1:], op.params[1:], strict=True):
-                cursor.execute(statement, params)
 
     def _rollback(self) -> None:
         try:
