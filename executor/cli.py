@@ -32,7 +32,7 @@ from executor.render import plan_to_data, plan_to_dot, plan_to_mermaid, plan_to_
 from executor.run.build import run_build
 from executor.run.scheduler import BuildResult, Change, RunOptions
 from executor.states import JobState
-from executor.store import BuildRow, JobRow, Store, open_store
+from executor.store import BuildRow, Store, open_store
 
 EXIT_INVALID = 2
 
@@ -181,29 +181,37 @@ class _LiveView:
         return Group(self.progress, summary, active)
 
 
+_ENDING = frozenset(s.value for s in JobState if s.is_terminal)
+_STOPPING = frozenset({JobState.TIMING_OUT.value, JobState.CANCELING.value})
+
+
 def _plain_line(change: Change) -> str:
-    when = change.at.astimezone(UTC).isoformat(timespec="seconds")[11:19]
+    # Plain string tests and %-formatting: this runs four times per job.
+    at = change.at if change.at.tzinfo is UTC else change.at.astimezone(UTC)
+    when = "%02d:%02d:%02d" % (at.hour, at.minute, at.second)  # noqa: UP031
+    state = change.state
     if change.key is None:
-        return f"{when} build {change.state}"
-    state = JobState(change.state)
+        return f"{when} build {state}"
     details = []
-    if state is JobState.RUNNING:
+    if state == "running":
         details.append(f"attempt {change.attempt}")
-    elif state is JobState.SCHEDULED and change.attempt:
-        details.append(f"retry after attempt {change.attempt}")
-        if change.exit_code is not None:
-            details.append(f"exit {change.exit_code}")
-    elif state.is_terminal or state in (JobState.TIMING_OUT, JobState.CANCELING):
+    elif state == "scheduled":
+        if change.attempt:
+            details.append(f"retry after attempt {change.attempt}")
+            if change.exit_code is not None:
+                details.append(f"exit {change.exit_code}")
+    elif state in _ENDING or state in _STOPPING:
         if change.attempt > 1:
             details.append(f"{change.attempt} attempts")
-        if change.exit_code is not None and state.is_terminal:
+        if change.exit_code is not None and state in _ENDING:
             details.append(f"exit {change.exit_code}")
         if change.soft_failed:
             details.append("soft-failed")
-        if change.error_message and state is not JobState.PASSED:
+        if change.error_message and state != "passed":
             details.append(change.error_message)
-    suffix = f" ({', '.join(details)})" if details else ""
-    return f"{when} {change.key} {state.value}{suffix}"
+    if details:
+        return f"{when} {change.key} {state} ({', '.join(details)})"
+    return f"{when} {change.key} {state}"
 
 
 class _PlainLines:
@@ -236,14 +244,14 @@ _SUMMARY_ROWS = 40
 
 
 def _summary(console: Console, store: Store, result: BuildResult, tail_lines: int) -> None:
-    build = store.get_build_by_id(result.build_id)
-    jobs = store.list_jobs(result.build_id)
+    """The table of jobs (from the result in memory: a big build is not read back) and the
+    last log lines of each failed job (from the store)."""
+    jobs = list(result.jobs.values())  # plan order
     table = Table(
         title=f"{result.org}/{result.pipeline} build #{result.number}: {result.state.value}"
     )
     for column in ("job", "state", "attempts", "exit", "duration", "note"):
         table.add_column(column)
-    attempts = {k: j.attempts for k, j in result.jobs.items()}
     # A big build lists only what did not pass; the counts say the rest.
     shown = (
         jobs
@@ -253,9 +261,9 @@ def _summary(console: Console, store: Store, result: BuildResult, tail_lines: in
     for job in shown:
         state = job.state.value + (" (soft)" if job.soft_failed else "")
         table.add_row(
-            job.step_key,
+            job.key,
             f"[{_STYLE.get(job.state.value, 'white')}]{state}[/]",
-            str(attempts.get(job.step_key or "", "")),
+            str(job.attempts),
             "" if job.exit_code is None else str(job.exit_code),
             _duration(job.started_at, job.finished_at),
             "" if job.state is JobState.PASSED else (job.error_message or ""),
@@ -272,20 +280,16 @@ def _summary(console: Console, store: Store, result: BuildResult, tail_lines: in
         console.print(f"{table.title}; {table.caption}")
     for job in jobs:
         if job.state in (JobState.FAILED, JobState.TIMED_OUT) and tail_lines:
-            lines = _tail(store, job, tail_lines)
+            lines = _tail(store, job.job_id, tail_lines)
             if not lines:
                 continue
-            console.rule(
-                f"{job.step_key}: last {len(lines)} log lines (harmont-exec logs {job.id})"
-            )
+            console.rule(f"{job.key}: last {len(lines)} log lines (harmont-exec logs {job.job_id})")
             for line in lines:
                 console.out(line, highlight=False)
-    if build is not None and build.error_message:
-        console.print(f"[red]{build.error_message}[/]")
 
 
-def _tail(store: Store, job: JobRow, count: int) -> list[str]:
-    data = b"".join(chunk.content for chunk in store.read_log(job.id))
+def _tail(store: Store, job_id: str, count: int) -> list[str]:
+    data = b"".join(chunk.content for chunk in store.read_log(job_id))
     return data.decode("utf-8", "replace").splitlines()[-count:]
 
 

@@ -79,37 +79,63 @@ class AttemptResult:
 class StopRequest:
     """The scheduler's handle to stop a running attempt: ``stop`` (graceful) or ``kill``.
 
-    Runners either wait on the events or register callbacks with ``on_stop``.
+    Runners register callbacks with ``on_stop`` or wait on the ``requested`` / ``killed``
+    events (made on first use: most attempts are never stopped, and an event costs more than
+    the flag).
     """
 
     def __init__(self) -> None:
         self.reason: Reason | None = None
-        self.requested = anyio.Event()
-        self.killed = anyio.Event()
+        self.stopped = False
+        self.killed_now = False
+        self._requested: anyio.Event | None = None
+        self._killed: anyio.Event | None = None
         self._callbacks: list[Callable[[bool], None]] = []
+
+    @property
+    def requested(self) -> anyio.Event:
+        """Set once a stop or a kill was requested."""
+        if self._requested is None:
+            self._requested = anyio.Event()
+            if self.stopped:
+                self._requested.set()
+        return self._requested
+
+    @property
+    def killed(self) -> anyio.Event:
+        """Set once a kill was requested."""
+        if self._killed is None:
+            self._killed = anyio.Event()
+            if self.killed_now:
+                self._killed.set()
+        return self._killed
 
     def on_stop(self, callback: Callable[[bool], None]) -> None:
         """Call ``callback(kill)`` on every stop or kill request (at once if one was made)."""
         self._callbacks.append(callback)
-        if self.requested.is_set():
-            callback(self.killed.is_set())
+        if self.stopped:
+            callback(self.killed_now)
 
     def stop(self, reason: Reason) -> None:
         """SIGTERM the group now, SIGKILL after the grace period. The first reason wins."""
-        if self.reason is None:
-            self.reason = reason
-        self.requested.set()
-        for callback in self._callbacks:
-            callback(False)
+        self._request(reason, kill=False)
 
     def kill(self, reason: Reason) -> None:
         """SIGKILL the group now (a second interrupt)."""
+        self._request(reason, kill=True)
+
+    def _request(self, reason: Reason, *, kill: bool) -> None:
         if self.reason is None:
             self.reason = reason
-        self.requested.set()
-        self.killed.set()
+        self.stopped = True
+        if self._requested is not None:
+            self._requested.set()
+        if kill:
+            self.killed_now = True
+            if self._killed is not None:
+                self._killed.set()
         for callback in self._callbacks:
-            callback(True)
+            callback(kill)
 
 
 OutputSink = Callable[[Stream, bytes], None]

@@ -415,10 +415,11 @@ class Scheduler:
                 "HARMONT_ATTEMPT": str(attempt),
             }
             spec = AttemptSpec(job.step.command, self.working_dir, env, self.options.grace_period_s)
-            timer = anyio.CancelScope()
+            timeout_s = job.step.timeout_seconds
+            timer = None if timeout_s is None else anyio.CancelScope()  # most jobs have none
 
-            async def run_timer(timeout_s: float) -> None:
-                with timer:
+            async def run_timer(scope: anyio.CancelScope, timeout_s: float) -> None:
+                with scope:
                     await self._job_timer(job, attempt, timeout_s)
 
             def on_start() -> None:
@@ -427,14 +428,15 @@ class Scheduler:
                 if job.state is not JobState.ASSIGNED:
                     return  # canceled while spawning: the stop request already kills it
                 self._transition(job, Event.STARTED, at=at)
-                if job.step.timeout_seconds is not None and self._tg is not None:
-                    self._tg.start_soon(run_timer, job.step.timeout_seconds)
+                if timer is not None and timeout_s is not None and self._tg is not None:
+                    self._tg.start_soon(run_timer, timer, timeout_s)
 
             def on_output(stream: Stream, data: bytes) -> None:
                 self.store.append_log(job.id, attempt, stream.value, data, at=_now())
 
             result = await self.runner.run(spec, on_start=on_start, on_output=on_output, stop=stop)
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             self._attempt_finished(job, attempt, result)
         finally:
             self._count.running -= 1  # the slot is held until the attempt's task ends
