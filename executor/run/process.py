@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import subprocess
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -175,6 +178,17 @@ class LocalProcessRunner:
     keeps harmont-exec close to ninja. It therefore needs anyio's asyncio backend (the default).
     """
 
+    def __init__(self) -> None:
+        self._pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Poller] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _poller(self, loop: asyncio.AbstractEventLoop) -> _Poller:
+        poller = self._pollers.get(loop)
+        if poller is None:
+            poller = self._pollers[loop] = _Poller(loop)
+        return poller
+
     async def run(
         self,
         spec: AttemptSpec,
@@ -198,17 +212,17 @@ class LocalProcessRunner:
                 "working directory exists and /bin/sh is executable",
             )
         on_start()
-        watch = _Watch(loop, process, on_output, spec.grace_period_s)
+        watch = _Watch(loop, self._poller(loop), process, on_output, spec.grace_period_s)
         stop.on_stop(watch.stop)
         try:
             await watch.exited
             await watch.drained
         finally:
-            with anyio.CancelScope(shield=True):
-                if not watch.exited.done():  # cancelled from outside: never leave the group
+            if not watch.exited.done():  # cancelled from outside: never leave the group
+                with anyio.CancelScope(shield=True):
                     watch.stop(True)
                     await watch.exited
-                watch.close()
+            watch.close()
         status = watch.exited.result()
         code = os.waitstatus_to_exitcode(status)
         sig = -code if code < 0 else None
@@ -274,17 +288,58 @@ def _spawn(spec: AttemptSpec) -> _Process:
     return _Process(pid, out_r, err_r)
 
 
+class _Poller:
+    """Every attempt's pipes and pidfd in one epoll set, which the event loop watches as one
+    file descriptor. Registering with epoll directly costs a system call; registering each fd
+    with the event loop (three per attempt) costs several times that in Python. Where there is
+    no epoll (not Linux), it is the event loop's own reader registration."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._handlers: dict[int, Callable[[], None]] = {}
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        if self._epoll is not None:
+            loop.add_reader(self._epoll.fileno(), self._dispatch)
+            # Closed with the loop: a poller lives as long as its loop (see LocalProcessRunner).
+            weakref.finalize(self, self._epoll.close)
+
+    def add(self, fd: int, handler: Callable[[], None]) -> None:
+        if self._epoll is None:
+            self._loop.add_reader(fd, handler)
+            return
+        self._epoll.register(fd, select.EPOLLIN)
+        self._handlers[fd] = handler
+
+    def remove(self, fd: int) -> None:
+        if self._epoll is None:
+            self._loop.remove_reader(fd)
+            return
+        if self._handlers.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
+
+    def _dispatch(self) -> None:
+        assert self._epoll is not None
+        for fd, _ in self._epoll.poll(0):
+            # A handler may have removed this fd (or a new one may reuse its number, which
+            # costs that one a read that finds nothing): look it up at each event.
+            handler = self._handlers.get(fd)
+            if handler is not None:
+                handler()
+
+
 class _Watch:
     """Event-loop callbacks for one process: its two pipes and its exit (through a pidfd)."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
+        poller: _Poller,
         proc: _Process,
         on_output: OutputSink,
         grace_period_s: float,
     ) -> None:
         self.loop = loop
+        self.poller = poller
         self.proc = proc
         self.pgid = proc.pid  # a new session: the shell leads its own process group
         self.on_output = on_output
@@ -295,14 +350,14 @@ class _Watch:
         self.streams = {proc.stdout: Stream.STDOUT, proc.stderr: Stream.STDERR}
         for fd in self.streams:
             os.set_blocking(fd, False)
-            loop.add_reader(fd, self._read, fd)
+            poller.add(fd, partial(self._read, fd))
         try:
             self.pidfd: int | None = os.pidfd_open(proc.pid)
         except OSError:  # no pidfd (old kernel): poll for the exit instead
             self.pidfd = None
             self.timers.append(loop.call_later(0.01, self._poll_exit))
         else:
-            loop.add_reader(self.pidfd, self._check_exit)
+            poller.add(self.pidfd, self._check_exit)
 
     def _read(self, fd: int) -> None:
         try:
@@ -312,7 +367,7 @@ class _Watch:
         if data:
             self.on_output(self.streams[fd], data)
             return
-        self.loop.remove_reader(fd)
+        self.poller.remove(fd)
         del self.streams[fd]
         if not self.streams and not self.drained.done():
             self.drained.set_result(None)
@@ -324,7 +379,7 @@ class _Watch:
         if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
             return
         if self.pidfd is not None:
-            self.loop.remove_reader(self.pidfd)
+            self.poller.remove(self.pidfd)
         _signal_group(self.pgid, signal.SIGKILL)
         _, status = os.waitpid(self.proc.pid, 0)
         for timer in self.timers:
@@ -341,7 +396,7 @@ class _Watch:
 
     def _give_up(self) -> None:
         for fd in list(self.streams):
-            self.loop.remove_reader(fd)
+            self.poller.remove(fd)
         self.streams.clear()
         if not self.drained.done():
             self.drained.set_result(None)
@@ -363,7 +418,7 @@ class _Watch:
             timer.cancel()
         if self.pidfd is not None:
             if not self.exited.done():
-                self.loop.remove_reader(self.pidfd)
+                self.poller.remove(self.pidfd)
             os.close(self.pidfd)
         os.close(self.proc.stdout)
         os.close(self.proc.stderr)

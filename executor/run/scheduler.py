@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import os
 import random
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -140,7 +141,7 @@ class _Job:
 class _Counters:
     terminal: int = 0
     running: int = 0  # jobs holding a concurrency slot (assigned, running, stopping)
-    tasks: int = 0  # job tasks alive (a stopped job's process may still be exiting)
+    tasks: int = 0  # attempts assigned or running (a stopped job's process may still be exiting)
     hard_failures: int = 0
     started: bool = False
 
@@ -164,9 +165,13 @@ class Scheduler:
         self.options = options or RunOptions()
         self.runner: ProcessRunner = runner or LocalProcessRunner()
         self._on_change = on_change
+        # Bound once: the module's lazy logger re-reads the configuration at every call.
+        self._log = log.bind(build=build.number)
         self._jobs = {s.key: _Job(s.key, build.job_ids[s.key], s) for s in plan}
         self._cursor = plan.cursor()
         self._queue: list[tuple[int, str]] = []  # scheduled jobs waiting for a slot
+        self._assigned: deque[_Job] = deque()  # jobs given a slot, for the next free worker
+        self._idle: list[anyio.Event] = []  # workers waiting for an assigned job
         self._count = _Counters()
         self._limit = self.options.concurrency or plan.spec.concurrency or os.cpu_count() or 1
         self._state = BuildState.SCHEDULED
@@ -191,6 +196,8 @@ class Scheduler:
             self._tg = tg
             if self.plan.spec.timeout_seconds is not None:
                 tg.start_soon(self._build_timer, self.plan.spec.timeout_seconds)
+            for _ in range(min(self._limit, len(self._jobs))):
+                tg.start_soon(self._worker)
             self._advance()
             await self._done.wait()
             tg.cancel_scope.cancel()  # only timers are left
@@ -202,7 +209,7 @@ class Scheduler:
         if self._state.is_terminal or self._cancel_requested:
             return
         self._cancel_requested = True
-        log.info("build_canceling", build=self.build.number, reason=reason)
+        self._log.info("build_canceling", reason=reason)
         self._stop_everything(reason)
 
     def kill(self) -> None:
@@ -308,8 +315,9 @@ class Scheduler:
             self._transition(job, Event.SLOT_ACQUIRED)
             self._count.running += 1
             self._count.tasks += 1
-            assert self._tg is not None
-            self._tg.start_soon(self._attempt, job)
+            self._assigned.append(job)
+            if self._idle:
+                self._idle.pop().set()
         self._check_done()
 
     def _check_done(self) -> None:
@@ -332,7 +340,7 @@ class Scheduler:
             fields["cancel_requested"] = True
         self._state = state
         self.store.record_build(self.build.id, state=state, at=at, **fields)  # type: ignore[arg-type]
-        log.info("build_state", build=self.build.number, state=state.value)
+        self._log.info("build_state", state=state.value)
         if self._on_change is not None:
             self._on_change(Change(None, state.value, at))
 
@@ -399,6 +407,17 @@ class Scheduler:
 
     # --- one attempt --------------------------------------------------------------------------
 
+    async def _worker(self) -> None:
+        """Runs assigned jobs' attempts one after the other; there are as many workers as
+        slots. (A task per attempt costs more than the scheduling itself, at thousands of
+        short jobs a second.) Cancelled with the task group when the build is done."""
+        while True:
+            while self._assigned:
+                await self._attempt(self._assigned.popleft())
+            wake = anyio.Event()  # rare: a worker usually finds the job its own end assigned
+            self._idle.append(wake)
+            await wake.wait()
+
     async def _attempt(self, job: _Job) -> None:
         try:
             if job.state is not JobState.ASSIGNED:  # canceled before it could start
@@ -453,9 +472,8 @@ class Scheduler:
             signal=result.signal,
             at=at,
         )
-        log.info(
+        self._log.info(
             "attempt_finished",
-            build=self.build.number,
             job=job.key,
             attempt=attempt,
             reason=result.reason.value,
@@ -514,9 +532,8 @@ class Scheduler:
         self._transition(
             job, Event.RETRY_SCHEDULED, at=at, exit_code=exit_code, retries_count=attempt
         )
-        log.info(
+        self._log.info(
             "retry_scheduled",
-            build=self.build.number,
             job=job.key,
             attempt=attempt + 1,
             delay_s=round(delay, 3),
