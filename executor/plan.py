@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-
-import networkx as nx
+from typing import TYPE_CHECKING
 
 from executor.errors import BuildFileError, CycleError, Diagnostic, InternalError, Loc
 from executor.model import BuildSpec, StepSpec, WaitSpec
 from executor.states import JobState, JobStatus
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 __all__ = ["Cursor", "Decision", "Edge", "EdgeKind", "Plan", "Readiness", "Settled", "build_plan"]
 
@@ -239,6 +241,8 @@ class Plan:
         Node attributes: ``step`` (StepSpec), ``position`` (plan order), ``level``. Edge
         attributes: ``kinds`` (tuple of EdgeKind), ``continue_on_failure``, ``tolerant``.
         """
+        import networkx as nx  # lazy: a fifth of harmont-exec's start-up time
+
         graph = nx.DiGraph()
         graph.add_nodes_from(
             (s.key, {"step": s, "position": self._position[i], "level": self._levels[i]})
@@ -542,6 +546,8 @@ def _cycle_error(
     flags: tuple[tuple[int, ...], ...],
     ordered: set[int],
 ) -> CycleError:
+    import networkx as nx  # lazy, as in Plan.graph
+
     # Edges point from a step to what it depends on, so the cycle reads "a depends on b".
     graph = nx.DiGraph()
     stuck = [j for j in range(len(steps)) if j not in ordered]

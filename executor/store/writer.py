@@ -18,8 +18,10 @@ nothing after it; ``Writer.error`` exposes it for the store to raise.
 
 from __future__ import annotations
 
+import os
 import queue
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +32,7 @@ from executor.errors import StoreError
 from executor.store.changes import Change, apply_batch, apply_one
 from executor.store.connection import store_error
 
-__all__ = ["BATCH_LIMIT", "COMMIT_INTERVAL_S", "Writer"]
+__all__ = ["BATCH_LIMIT", "COMMIT_INTERVAL_S", "WRITER_NICE", "Writer"]
 
 BATCH_LIMIT = 5000
 """At most this many changes per transaction (bounds the writer's lock hold time)."""
@@ -38,6 +40,23 @@ BATCH_LIMIT = 5000
 COMMIT_INTERVAL_S = 0.05
 """The least time between two commits while changes keep coming: how stale a reader's view of
 a running build can be."""
+
+
+WRITER_NICE = 10
+"""The writer thread's nice value (Linux): recording must not take CPU from the event loop or
+the jobs. Starved while a build keeps every core busy, it commits bigger batches, which costs
+less per change; it catches up as soon as a core is free (at the latest, at the final flush)."""
+
+
+def _yield_cpu() -> None:
+    """Lower this thread's scheduling priority to ``WRITER_NICE`` (Linux only: elsewhere the
+    call would renice a whole process)."""
+    if sys.platform != "linux":
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+    except OSError:
+        pass  # a sandbox that forbids it: the writer runs at normal priority
 
 
 class _Flush(NamedTuple):
@@ -88,6 +107,7 @@ class Writer:
             self._thread.join()
 
     def _loop(self) -> None:
+        _yield_cpu()
         last_commit = -COMMIT_INTERVAL_S
         try:
             while True:
