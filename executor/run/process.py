@@ -386,8 +386,8 @@ class _Watch:
             timer.cancel()
         if not self.exited.done():
             self.exited.set_result(status)
-        # Only a daemon that left the group can still hold a pipe: stop waiting for it.
-        self.timers.append(self.loop.call_later(max(self.grace_period_s, 1.0), self._give_up))
+        if self.streams:  # only a daemon that left the group can still hold a pipe
+            self.timers.append(self.loop.call_later(max(self.grace_period_s, 1.0), self._give_up))
 
     def _poll_exit(self) -> None:
         self._check_exit()

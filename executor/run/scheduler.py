@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import anyio
 import structlog
@@ -65,9 +66,9 @@ class RunOptions:
     base_env: Mapping[str, str] | None = None  # default: this process's environment
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
-    """A state change, for live views: a job's (``key`` set) or the build's (``key`` None)."""
+class Change(NamedTuple):
+    """A state change, for live views: a job's (``key`` set) or the build's (``key`` None).
+    (A NamedTuple: four are made per job, and it costs a quarter of a frozen dataclass.)"""
 
     key: str | None
     state: str

@@ -349,6 +349,10 @@ class Store(Reader):
             raise error
 
     def _put(self, change: Change) -> None:
+        writer = self._writer
+        if writer is not None and writer.error is None and not self._closed:
+            writer.put(change)  # the usual case, several times per job: checks inlined
+            return
         self._check_writable()
         if self._writer is None:
             try:
