@@ -7,6 +7,7 @@ command exits 2 for an invalid build file or usage. Errors print on stderr witho
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import sys
@@ -351,6 +352,9 @@ def run(
     except BuildFileError as exc:
         click.echo(str(exc), err=True)
         sys.exit(EXIT_INVALID)
+    # What exists now (modules, the plan) lives until exit: keep the cyclic garbage collector
+    # from walking it again and again while jobs run (~10% of the CPU of 10k short jobs).
+    gc.freeze()
     console = _console()
     options = RunOptions(concurrency=concurrency, fail_fast=fail_fast, grace_period_s=grace_seconds)
     live = console.is_terminal

@@ -3,13 +3,14 @@
 Writes come from one executor process and one thread (its event loop). ``create_build`` is
 synchronous (the runner needs the ids) and numbers builds inside a ``BEGIN IMMEDIATE``
 transaction, so two executors sharing a file never get the same number. Everything else
-(``record_*``, ``append_log``) is queued for the writer thread (group commit, see ``writer``)
-and returns at once; ``flush`` waits for it and raises the first failed write. This process is
-the only writer of the builds it creates, so the per-job sequence numbers of the history and the
-log are counted here, in memory; the write methods must therefore not be called from two
-threads at once. Nothing here decides states: the transition table lives in ``executor.states``
-and the runner applies it before it records; the store only refuses (as a bug) a change whose
-``from_state`` is not the job's state in the file.
+(``record_*``, ``append_log``) becomes a change value (``changes``) queued for the writer
+thread (group commit, see ``writer``) and returns at once; ``flush`` waits for it and raises the
+first failed write. This process is the only writer of the builds it creates, so the per-job
+sequence numbers of the history and the log, and each job's changing columns, are kept here, in
+memory; the write methods must therefore not be called from two threads at once. Nothing here
+decides states: the transition table lives in ``executor.states`` and the runner applies it
+before it records; the store only refuses (as a bug) a change whose ``from_state`` is not the
+job's state in the file.
 """
 
 from __future__ import annotations
