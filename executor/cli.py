@@ -287,6 +287,9 @@ def _summary(console: Console, store: Store, result: BuildResult, tail_lines: in
             console.rule(f"{job.key}: last {len(lines)} log lines (harmont-exec logs {job.job_id})")
             for line in lines:
                 console.out(line, highlight=False)
+    build = store.get_build_by_id(result.build_id)
+    if build is not None and build.error_message:  # e.g. the build's timeout
+        console.print(f"[red]{build.error_message}[/]")
 
 
 def _tail(store: Store, job_id: str, count: int) -> list[str]:

@@ -89,6 +89,10 @@ def test_cli_run_build_timeout_exits_124(tmp_path: Path) -> None:
     )
     result = _cli("run", "b.yaml", "--grace-seconds", "0.2", cwd=tmp_path)
     assert result.returncode == 124, result.stdout
+    # After the summary: the build's own error, then the verdict.
+    *_, error, verdict = result.stdout.splitlines()
+    assert error == "the build exceeded its timeout_seconds=1"
+    assert verdict.startswith("build #1 failed in ") and verdict.endswith("(exit 124)")
     assert "pipeline_timeout" in _cli("builds", cwd=tmp_path).stdout
 
 
