@@ -201,7 +201,7 @@ class Scheduler:
                 tg.start_soon(self._worker)
             self._advance()
             await self._done.wait()
-            tg.cancel_scope.cancel()  # only timers are left
+            tg.cancel_scope.cancel()  # only timers and idle workers are left
         await anyio.to_thread.run_sync(self.store.flush)
         return self._result()
 
