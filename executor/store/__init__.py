@@ -8,6 +8,7 @@ This package re-exports the public names and holds no logic.
 
 from __future__ import annotations
 
+from executor.store.reads import token_hash
 from executor.store.rows import (
     UNSET,
     AttemptRow,
@@ -15,26 +16,34 @@ from executor.store.rows import (
     CreatedBuild,
     JobRow,
     LogChunk,
+    OrganizationRow,
+    PipelineRow,
+    TokenRow,
     TransitionRow,
     Unset,
 )
 from executor.store.sql import SCHEMA_VERSION
-from executor.store.sqlite import Store
+from executor.store.sqlite import TOKEN_PREFIX, Store
 from executor.store.url import DB_ENV, DEFAULT_DB, open_store, resolve_db_path
 
 __all__ = [
     "DB_ENV",
     "DEFAULT_DB",
     "SCHEMA_VERSION",
+    "TOKEN_PREFIX",
     "UNSET",
     "AttemptRow",
     "BuildRow",
     "CreatedBuild",
     "JobRow",
     "LogChunk",
+    "OrganizationRow",
+    "PipelineRow",
     "Store",
+    "TokenRow",
     "TransitionRow",
     "Unset",
     "open_store",
     "resolve_db_path",
+    "token_hash",
 ]

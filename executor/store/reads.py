@@ -8,6 +8,7 @@ never see a write the writer has not committed. This module must not write.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sqlite3
 import threading
@@ -18,9 +19,18 @@ from typing import Any
 from executor.errors import StoreError
 from executor.store import sql
 from executor.store.connection import store_error
-from executor.store.rows import AttemptRow, BuildRow, JobRow, LogChunk, TransitionRow
+from executor.store.rows import (
+    AttemptRow,
+    BuildRow,
+    JobRow,
+    LogChunk,
+    OrganizationRow,
+    PipelineRow,
+    TokenRow,
+    TransitionRow,
+)
 
-__all__ = ["JOB_ID_PREFIX_MIN", "LOG_PAGE_ROWS", "Reader"]
+__all__ = ["JOB_ID_PREFIX_MIN", "LOG_PAGE_ROWS", "Reader", "token_hash"]
 
 LOG_PAGE_ROWS = 64
 """Log chunks fetched per query by ``read_log`` (so a huge log is never loaded at once)."""
@@ -29,6 +39,11 @@ JOB_ID_PREFIX_MIN = 8
 """The shortest job id prefix ``get_job`` accepts."""
 
 _ID_PREFIX = re.compile(r"[0-9a-f-]+")
+
+
+def token_hash(secret: str) -> str:
+    """What the store keeps of a token: the SHA-256 of its text, in hex."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class Reader:
@@ -54,7 +69,31 @@ class Reader:
         except sqlite3.Error as exc:
             raise store_error("read the record", exc, self._path) from None
 
+    # --- organizations and pipelines -------------------------------------------------------
+
+    def list_organizations(self) -> list[OrganizationRow]:
+        """Every organization, by slug."""
+        return [OrganizationRow.from_db(r) for r in self._rows(sql.ORGANIZATIONS)]
+
+    def list_pipelines(self, org: str, *, after: str = "", limit: int = 50) -> list[PipelineRow]:
+        """The organization's pipelines by slug, those after slug ``after`` (a page)."""
+        rows = self._rows(sql.PIPELINES_PAGE, (org, after, max(limit, 0)))
+        return [PipelineRow.from_db(r) for r in rows]
+
+    def get_pipeline(self, org: str, pipeline: str) -> PipelineRow | None:
+        rows = self._rows(sql.PIPELINE, (org, pipeline))
+        return PipelineRow.from_db(rows[0]) if rows else None
+
     # --- builds ----------------------------------------------------------------------------
+
+    def builds_page(
+        self, org: str, pipeline: str, *, before: int | None = None, limit: int = 50
+    ) -> list[BuildRow]:
+        """The pipeline's builds, newest (highest number) first, those numbered below
+        ``before`` (a page)."""
+        below = (1 << 62) if before is None else before
+        rows = self._rows(sql.BUILDS_PAGE, (org, pipeline, below, max(limit, 0)))
+        return [BuildRow.from_db(r) for r in rows]
 
     def list_builds(
         self, *, org: str | None = None, pipeline: str | None = None, limit: int = 50
@@ -125,13 +164,27 @@ class Reader:
         are included."""
         seq = after_seq
         while True:
-            rows = self._rows(sql.LOG_PAGE, (job_id, seq, LOG_PAGE_ROWS))
-            for row in rows:
-                chunk = LogChunk.from_db(row)
-                seq = chunk.seq
-                yield chunk
-            if len(rows) < LOG_PAGE_ROWS:
+            page = self.log_page(job_id, after_seq=seq)
+            yield from page
+            if len(page) < LOG_PAGE_ROWS:
                 return
+            seq = page[-1].seq
+
+    def log_page(self, job_id: str, *, after_seq: int = 0) -> list[LogChunk]:
+        """Up to ``LOG_PAGE_ROWS`` of the job's chunks with ``seq > after_seq``, in order."""
+        rows = self._rows(sql.LOG_PAGE, (job_id, after_seq, LOG_PAGE_ROWS))
+        return [LogChunk.from_db(r) for r in rows]
+
+    # --- API tokens ------------------------------------------------------------------------
+
+    def list_tokens(self) -> list[TokenRow]:
+        """Every token (revoked and expired ones too), oldest first."""
+        return [TokenRow.from_db(r) for r in self._rows(sql.TOKENS)]
+
+    def token_for_secret(self, secret: str) -> TokenRow | None:
+        """The token whose secret is ``secret`` (compared by SHA-256), usable or not."""
+        rows = self._rows(sql.TOKEN_BY_HASH, (token_hash(secret),))
+        return TokenRow.from_db(rows[0]) if rows else None
 
     def check_integrity(self) -> str:
         """SQLite's ``PRAGMA integrity_check``: ``"ok"`` when the file is sound, else the

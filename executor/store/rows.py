@@ -24,7 +24,10 @@ __all__ = [
     "CreatedBuild",
     "JobRow",
     "LogChunk",
+    "OrganizationRow",
+    "PipelineRow",
     "Record",
+    "TokenRow",
     "TransitionRow",
     "Unset",
     "format_time",
@@ -91,6 +94,60 @@ class CreatedBuild:
     org: str
     pipeline: str
     job_ids: Mapping[str, str]  # step key -> job id
+
+
+@dataclass(frozen=True, slots=True)
+class OrganizationRow:
+    slug: str
+    created_at: datetime
+
+    @classmethod
+    def from_db(cls, r: Record) -> OrganizationRow:
+        return cls(slug=r["slug"], created_at=_time(r["created_at"]))
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineRow:
+    org: str
+    slug: str
+    created_at: datetime
+
+    @classmethod
+    def from_db(cls, r: Record) -> PipelineRow:
+        return cls(org=r["org"], slug=r["slug"], created_at=_time(r["created_at"]))
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRow:
+    """An API token's record (never its secret: only the SHA-256 of it is stored)."""
+
+    id: str
+    description: str | None
+    organizations: tuple[str, ...] | None  # None: every organization
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+    @classmethod
+    def from_db(cls, r: Record) -> TokenRow:
+        orgs = r["organizations"]
+        return cls(
+            id=r["id"],
+            description=r["description"],
+            organizations=None if orgs is None else tuple(json.loads(orgs)),
+            created_at=_time(r["created_at"]),
+            expires_at=parse_time(r["expires_at"]),
+            revoked_at=parse_time(r["revoked_at"]),
+            last_used_at=parse_time(r["last_used_at"]),
+        )
+
+    def usable_at(self, now: datetime) -> bool:
+        """Neither revoked nor expired at ``now``."""
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+    def sees(self, org: str) -> bool:
+        return self.organizations is None or org in self.organizations
 
 
 @dataclass(frozen=True, slots=True)

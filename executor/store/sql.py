@@ -358,3 +358,28 @@ LOG_PAGE = (
     "SELECT job_id, seq, attempt, stream, content, at FROM log_chunks "
     "WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?"
 )
+ORGANIZATIONS = "SELECT slug, created_at FROM organizations ORDER BY slug"
+_PIPELINES = (
+    "SELECT p.slug, p.created_at, o.slug AS org FROM pipelines p "
+    "JOIN organizations o ON o.id = p.organization_id"
+)
+PIPELINES_PAGE = f"{_PIPELINES} WHERE o.slug = ? AND p.slug > ? ORDER BY p.slug LIMIT ?"
+PIPELINE = f"{_PIPELINES} WHERE o.slug = ? AND p.slug = ?"
+BUILDS_PAGE = (  # newest first: numbers grow with creation within a pipeline
+    f"{_BUILDS} WHERE o.slug = ? AND p.slug = ? AND b.number < ? ORDER BY b.number DESC LIMIT ?"
+)
+
+# --- API tokens (written synchronously, not through the writer: they are few) -----------------
+
+INSERT_TOKEN = (
+    "INSERT INTO api_tokens (id, token_sha256, description, organizations, created_at, "
+    "expires_at) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_TOKENS = (
+    "SELECT id, description, organizations, created_at, expires_at, revoked_at, last_used_at "
+    "FROM api_tokens"
+)
+TOKENS = f"{_TOKENS} ORDER BY created_at, id"
+TOKEN_BY_HASH = f"{_TOKENS} WHERE token_sha256 = ?"
+TOKEN_BY_ID = f"{_TOKENS} WHERE id = ?"
+REVOKE_TOKEN = "UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"

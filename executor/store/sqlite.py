@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import sqlite3
 import uuid
 import weakref
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -40,11 +42,14 @@ from executor.store.changes import (
     RawStatement,
 )
 from executor.store.connection import connect, migrate, store_error
-from executor.store.reads import Reader
-from executor.store.rows import UNSET, CreatedBuild, Unset, format_time
+from executor.store.reads import Reader, token_hash
+from executor.store.rows import UNSET, CreatedBuild, TokenRow, Unset, format_time
 from executor.store.writer import Writer
 
-__all__ = ["Store"]
+__all__ = ["TOKEN_PREFIX", "Store"]
+
+TOKEN_PREFIX = "hm_"
+"""Every API token starts with this (Harmont's format: ``hm_`` + 43 url-safe characters)."""
 
 _STREAMS = frozenset({"stdout", "stderr"})
 _NEW_JOB = (JobState.PENDING.value, None, 0, None, None, 0, None, None)  # sql.JOB_COLUMNS
@@ -207,6 +212,45 @@ class Store(Reader):
             self._log_seq[job_id] = 0
             self._job_columns[job_id] = list(_NEW_JOB)
         return CreatedBuild(build_id, number, org, pipeline, job_ids)
+
+    # --- API tokens (synchronous) ------------------------------------------------------------
+
+    def create_token(
+        self,
+        *,
+        description: str | None,
+        organizations: Sequence[str] | None,
+        expires_at: datetime | None,
+        now: datetime,
+    ) -> tuple[TokenRow, str]:
+        """Record a new API token; return its row and its secret (``hm_`` + 43 url-safe
+        characters), which is not stored and cannot be shown again. ``organizations`` limits
+        what it sees (None: every organization)."""
+        self._check_open()
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        token_id = str(uuid.uuid4())
+        orgs = None if organizations is None else json.dumps(sorted(set(organizations)))
+        expires = None if expires_at is None else format_time(expires_at)
+        args = (token_id, token_hash(secret), description, orgs, format_time(now), expires)
+        try:
+            with self._lock:
+                self._db.execute(sql.INSERT_TOKEN, args)
+                row = self._db.execute(sql.TOKEN_BY_ID, (token_id,)).fetchone()
+        except sqlite3.Error as exc:
+            raise store_error("record a new API token", exc, self._path) from None
+        return TokenRow.from_db(row), secret
+
+    def revoke_token(self, token_id: str, *, now: datetime) -> TokenRow | None:
+        """Revoke a token (at once: the next request with it gets 401). Returns its row, or
+        None if there is no such token; revoking twice keeps the first time."""
+        self._check_open()
+        try:
+            with self._lock:
+                self._db.execute(sql.REVOKE_TOKEN, (format_time(now), token_id))
+                row = self._db.execute(sql.TOKEN_BY_ID, (token_id,)).fetchone()
+        except sqlite3.Error as exc:
+            raise store_error(f"revoke API token {token_id}", exc, self._path) from None
+        return None if row is None else TokenRow.from_db(row)
 
     # --- queued writes -------------------------------------------------------------------------
 

@@ -1,0 +1,362 @@
+"""The read API: ``create_app(db)`` serves a store in Harmont's wire format (SPEC §6).
+
+Every handler is async and reads the store in a worker thread (``anyio.to_thread``), so a slow
+read never blocks the event loop; the store's reads see only committed data, so a build that
+``harmont-exec run`` is recording shows its live state. Auth is a Bearer token (see
+``harmont-exec token``); a token limited to some organizations gets, for every other one, the
+same 404 as for something that does not exist. Every error is Harmont's envelope with the
+request id (``errors``); ``RequestIdMiddleware`` sets that id first and turns a crash into a
+500 envelope too.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import anyio
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from executor import __version__
+from executor.api import wire
+from executor.api.errors import ApiError, envelope, not_found, unauthorized
+from executor.store import BuildRow, JobRow, Store, TokenRow, open_store
+from executor.store.reads import LOG_PAGE_ROWS
+
+__all__ = ["API_PREFIX", "create_app"]
+
+API_PREFIX = "/api/v0"
+log = logging.getLogger("executor.api")
+T = TypeVar("T")
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (``x-request-id`` on every response, and in error bodies)
+    and answers an unexpected exception with the 500 envelope instead of a bare page."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = "req_" + uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("internal error answering %s %s", scope["method"], scope["path"])
+            if started:
+                raise
+            response = _error_response(
+                ApiError(
+                    500,
+                    "server_error",
+                    "internal_error",
+                    f"harmont-exec failed to answer this request; report it with request id "
+                    f"{request_id} and the server's log",
+                ),
+                request_id,
+            )
+            await response(scope, receive, send_with_id)
+
+
+def _request_id(request: Request) -> str:
+    return str(getattr(request.state, "request_id", "req_unknown"))
+
+
+def _error_response(error: ApiError, request_id: str) -> JSONResponse:
+    headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
+    body = envelope(error.type, error.code, error.message, request_id)
+    return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+def create_app(db: str | Path | None = None, *, store: Store | None = None) -> FastAPI:
+    """The ASGI app over the store at ``db`` (path or URL, default as for ``run``), or over an
+    already open ``store``. The app opens its own store and closes it on shutdown."""
+    app = FastAPI(
+        title="harmont-exec read API",
+        version=__version__,
+        description="Harmont's v0 read API over a harmont-exec record. Paths marked "
+        "x-harmont-extension are not in Harmont's API.",
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
+    state: dict[str, Store] = {}
+    if store is not None:
+        state["store"] = store
+
+    def the_store() -> Store:
+        if "store" not in state:
+            state["store"] = open_store(db)
+        return state["store"]
+
+    async def read(fn: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(partial(fn, *args))
+
+    # --- errors ------------------------------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc, _request_id(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 405:
+            error = ApiError(
+                405,
+                "invalid_request",
+                "method_not_allowed",
+                f"{request.method} is not allowed on {request.url.path}; this API only reads "
+                "(use GET)",
+            )
+        elif exc.status_code == 404:
+            error = not_found(
+                "not_found",
+                f"no route {request.url.path}; the API lives under {API_PREFIX}/ (see "
+                f"{API_PREFIX}/openapi.json)",
+            )
+        else:
+            error = ApiError(exc.status_code, "invalid_request", "invalid_request", str(exc.detail))
+        return _error_response(error, _request_id(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for item in exc.errors():
+            where = ".".join(str(p) for p in item.get("loc", ()))
+            problems.append(f"{where}={item.get('input')!r}: {item.get('msg')}")
+        message = "; ".join(problems) + "; fix the value in the URL and retry"
+        error = ApiError(422, "invalid_request", "invalid_request", message)
+        return _error_response(error, _request_id(request))
+
+    # --- auth and lookups ----------------------------------------------------------------
+
+    async def caller(request: Request) -> TokenRow:
+        header = request.headers.get("authorization")
+        if header is None:
+            raise unauthorized(
+                "no Authorization header; send 'Authorization: Bearer hm_...' with a token "
+                "from `harmont-exec token create`"
+            )
+        scheme, _, secret = header.partition(" ")
+        if scheme != "Bearer" or not secret.startswith("hm_"):
+            raise unauthorized(
+                "the Authorization header is not 'Bearer hm_...' (the scheme is "
+                "case-sensitive); send a token from `harmont-exec token create`"
+            )
+        token = await read(the_store().token_for_secret, secret)
+        if token is None:
+            raise unauthorized(
+                "this token is not known here; create one with `harmont-exec token create`"
+            )
+        if not token.usable_at(datetime.now(UTC)):
+            why = "revoked" if token.revoked_at is not None else "expired"
+            raise unauthorized(
+                f"token {token.id} is {why}; create a new one with `harmont-exec token create`"
+            )
+        return token
+
+    Caller = Annotated[TokenRow, Depends(caller)]
+
+    def org_missing(org: str) -> ApiError:
+        return not_found(
+            "organization_not_found",
+            f"no organization {org!r} that this token can see; list them with "
+            f"GET {API_PREFIX}/organizations",
+        )
+
+    async def pipeline_of(token: TokenRow, org: str, pipeline: str) -> None:
+        if not token.sees(org):
+            raise org_missing(org)
+        if await read(the_store().get_pipeline, org, pipeline) is None:
+            if not any(o.slug == org for o in await read(the_store().list_organizations)):
+                raise org_missing(org)
+            raise not_found(
+                "pipeline_not_found",
+                f"no pipeline {pipeline!r} in organization {org!r}; list them with "
+                f"GET {API_PREFIX}/organizations/{org}/pipelines",
+            )
+
+    async def build_of(token: TokenRow, org: str, pipeline: str, number: int) -> BuildRow:
+        await pipeline_of(token, org, pipeline)
+        build = await read(partial(the_store().get_build, number, org=org, pipeline=pipeline))
+        if build is None:
+            raise not_found(
+                "build_not_found",
+                f"no build #{number} in {org}/{pipeline}; list them with GET "
+                f"{API_PREFIX}/organizations/{org}/pipelines/{pipeline}/builds",
+            )
+        return build
+
+    async def job_of(token: TokenRow, org: str, pipeline: str, number: int, job_id: str) -> JobRow:
+        build = await build_of(token, org, pipeline, number)
+        job = None
+        if _is_uuid(job_id):
+            job = await read(the_store().get_job, job_id.lower())
+        if job is None or job.build_id != build.id:
+            raise not_found(
+                "job_not_found",
+                f"no job {job_id!r} in build #{number} of {org}/{pipeline}; job ids are the "
+                f"UUIDs listed by GET .../builds/{number}/jobs",
+            )
+        return job
+
+    Limit = Annotated[int, Query(description="Page size (1-100, default 50; clamped).")]
+    Cursor = Annotated[
+        str | None, Query(description="Opaque cursor from a previous page's next_cursor.")
+    ]
+
+    def clamp(limit: int) -> int:
+        return max(1, min(100, limit))
+
+    # --- routes --------------------------------------------------------------------------
+
+    prefix = API_PREFIX
+
+    @app.get(f"{prefix}/ping", tags=["meta"], summary="Liveness (no auth)")
+    async def ping() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(f"{prefix}/organizations", tags=["organizations"], summary="The caller's orgs")
+    async def organizations(token: Caller, limit: Limit = 50, cursor: Cursor = None) -> Any:
+        after = "" if cursor is None else wire.decode_cursor(cursor, "organizations", str)
+        orgs = [
+            o
+            for o in await read(the_store().list_organizations)
+            if token.sees(o.slug) and o.slug > str(after)
+        ]
+        page = orgs[: clamp(limit)]
+        more = len(orgs) > len(page)
+        return {
+            "data": [wire.organization_json(o) for o in page],
+            "next_cursor": wire.encode_cursor("organizations", page[-1].slug) if more else None,
+        }
+
+    @app.get(f"{prefix}/organizations/{{org}}/pipelines", tags=["pipelines"])
+    async def pipelines(org: str, token: Caller, limit: Limit = 50, cursor: Cursor = None) -> Any:
+        if not token.sees(org) or not any(
+            o.slug == org for o in await read(the_store().list_organizations)
+        ):
+            raise org_missing(org)
+        after = "" if cursor is None else wire.decode_cursor(cursor, "pipelines", str)
+        size = clamp(limit)
+        rows = await read(
+            partial(the_store().list_pipelines, org, after=str(after), limit=size + 1)
+        )
+        page = rows[:size]
+        return {
+            "data": [wire.pipeline_json(p) for p in page],
+            "next_cursor": wire.encode_cursor("pipelines", page[-1].slug)
+            if len(rows) > size
+            else None,
+        }
+
+    @app.get(f"{prefix}/organizations/{{org}}/pipelines/{{pipeline}}", tags=["pipelines"])
+    async def pipeline(org: str, pipeline: str, token: Caller) -> Any:
+        await pipeline_of(token, org, pipeline)
+        row = await read(the_store().get_pipeline, org, pipeline)
+        assert row is not None
+        return wire.pipeline_json(row)
+
+    builds_path = f"{prefix}/organizations/{{org}}/pipelines/{{pipeline}}/builds"
+
+    @app.get(builds_path, tags=["builds"], summary="A pipeline's builds, newest first")
+    async def builds(
+        org: str, pipeline: str, token: Caller, limit: Limit = 50, cursor: Cursor = None
+    ) -> Any:
+        await pipeline_of(token, org, pipeline)
+        before = None if cursor is None else int(wire.decode_cursor(cursor, "builds", int))
+        size = clamp(limit)
+        rows = await read(
+            partial(the_store().builds_page, org, pipeline, before=before, limit=size + 1)
+        )
+        page = rows[:size]
+        return {
+            "data": [wire.build_json(b) for b in page],
+            "next_cursor": wire.encode_cursor("builds", page[-1].number)
+            if len(rows) > size
+            else None,
+        }
+
+    @app.get(f"{builds_path}/{{number}}", tags=["builds"])
+    async def build(org: str, pipeline: str, number: int, token: Caller) -> Any:
+        return wire.build_json(await build_of(token, org, pipeline, number))
+
+    @app.get(f"{builds_path}/{{number}}/jobs", tags=["jobs"], summary="Jobs, topological order")
+    async def jobs(org: str, pipeline: str, number: int, token: Caller) -> Any:
+        row = await build_of(token, org, pipeline, number)
+        return {"data": [wire.job_json(j) for j in await read(the_store().list_jobs, row.id)]}
+
+    @app.get(f"{builds_path}/{{number}}/jobs/{{job_id}}", tags=["jobs"])
+    async def job(org: str, pipeline: str, number: int, job_id: str, token: Caller) -> Any:
+        return wire.job_json(await job_of(token, org, pipeline, number, job_id))
+
+    @app.get(
+        f"{builds_path}/{{number}}/jobs/{{job_id}}/attempts",
+        tags=["jobs"],
+        summary="A job's attempts (extension)",
+        openapi_extra={"x-harmont-extension": True},
+    )
+    async def attempts(org: str, pipeline: str, number: int, job_id: str, token: Caller) -> Any:
+        row = await job_of(token, org, pipeline, number, job_id)
+        rows = await read(the_store().list_attempts, row.id)
+        return {"data": [wire.attempt_json(a) for a in rows]}
+
+    @app.get(
+        f"{builds_path}/{{number}}/jobs/{{job_id}}/log",
+        tags=["jobs"],
+        summary="A job's raw output, every attempt (extension)",
+        openapi_extra={"x-harmont-extension": True},
+        response_class=StreamingResponse,
+    )
+    async def job_log(
+        org: str, pipeline: str, number: int, job_id: str, token: Caller
+    ) -> StreamingResponse:
+        row = await job_of(token, org, pipeline, number, job_id)
+        store = the_store()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            after = 0
+            while True:
+                page = await read(partial(store.log_page, row.id, after_seq=after))
+                for chunk in page:
+                    yield chunk.content
+                if len(page) < LOG_PAGE_ROWS:
+                    return
+                after = page[-1].seq
+
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+    return app
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return len(value) == 36

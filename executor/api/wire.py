@@ -1,0 +1,136 @@
+"""Store rows in Harmont's wire format (SPEC §6), and the opaque pagination cursor.
+
+Job and Build objects carry exactly the fields of Harmont's schemas (Job plus
+``retries_count``), timestamps as RFC 3339 UTC. Local pipelines and organizations have no
+repository, website or visibility settings: the fields Harmont requires get fixed values,
+documented in docs/api.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import datetime
+from typing import Any
+
+from executor.api.errors import ApiError
+from executor.store import AttemptRow, BuildRow, JobRow, OrganizationRow, PipelineRow
+from executor.store.rows import format_time
+
+__all__ = [
+    "attempt_json",
+    "build_json",
+    "decode_cursor",
+    "encode_cursor",
+    "job_json",
+    "organization_json",
+    "pipeline_json",
+]
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else format_time(value)
+
+
+def organization_json(org: OrganizationRow) -> dict[str, Any]:
+    return {"slug": org.slug, "name": org.slug, "created_at": _time(org.created_at), "url": None}
+
+
+def pipeline_json(pipeline: PipelineRow) -> dict[str, Any]:
+    return {
+        "slug": pipeline.slug,
+        "name": pipeline.slug,
+        "description": None,
+        "repository": "local",
+        "repo_name": None,
+        "default_branch": "main",
+        "visibility": "private",
+        "allow_manual": True,
+        "created_at": _time(pipeline.created_at),
+    }
+
+
+def build_json(build: BuildRow) -> dict[str, Any]:
+    return {
+        "number": build.number,
+        "state": build.state.value,
+        "pipeline_slug": build.pipeline,
+        "source": build.source,
+        "branch": build.branch,
+        "commit": build.commit,
+        "message": build.message,
+        "error_code": build.error_code,
+        "error_message": build.error_message,
+        "created_at": _time(build.created_at),
+        "scheduled_at": _time(build.scheduled_at),
+        "started_at": _time(build.started_at),
+        "finished_at": _time(build.finished_at),
+    }
+
+
+def job_json(job: JobRow) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "step_key": job.step_key,
+        "name": job.name,
+        "command": job.command,
+        "state": job.state.value,
+        "exit_code": job.exit_code,
+        "soft_failed": job.soft_failed,
+        "error_code": job.error_code,
+        "error_message": job.error_message,
+        "retry_policy": job.retry_policy,
+        "soft_fail_policy": job.soft_fail_policy,
+        "retries_count": job.retries_count,
+        "depends_on": list(job.depends_on),
+        "created_at": _time(job.created_at),
+        "started_at": _time(job.started_at),
+        "finished_at": _time(job.finished_at),
+    }
+
+
+def attempt_json(attempt: AttemptRow) -> dict[str, Any]:
+    return {
+        "number": attempt.number,
+        "outcome": attempt.outcome,
+        "exit_code": attempt.exit_code,
+        "signal": attempt.signal,
+        "started_at": _time(attempt.started_at),
+        "finished_at": _time(attempt.finished_at),
+    }
+
+
+# A cursor is the page's last key, as base64url JSON: opaque to clients, checked on the way in.
+_CURSOR_VERSION = 1
+
+
+def encode_cursor(kind: str, after: str | int) -> str:
+    raw = json.dumps({"v": _CURSOR_VERSION, "k": kind, "a": after}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, kind: str, key_type: type[str] | type[int]) -> str | int:
+    """The key a cursor of ``kind`` stands for; ApiError 400 for anything this server did not
+    hand out (garbage, truncated, edited, or a cursor of another list)."""
+    try:
+        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        after = data["a"]
+        valid = (
+            isinstance(data, dict)
+            and data.get("v") == _CURSOR_VERSION
+            and data.get("k") == kind
+            and type(after) is key_type
+        )
+    except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError):
+        valid = False
+    if not valid:
+        shown = cursor if len(cursor) <= 60 else cursor[:57] + "..."
+        raise ApiError(
+            400,
+            "invalid_request",
+            "invalid_cursor",
+            f"cursor {shown!r} is not a cursor of this list; pass the next_cursor of the "
+            "previous page unchanged, or leave cursor out to start from the first page",
+        )
+    return after  # type: ignore[no-any-return]
