@@ -9,8 +9,8 @@ request id (``errors``); ``RequestIdMiddleware`` sets that id first and turns a 
 500 envelope too.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations at
+# runtime, and the dependency aliases (Caller, Limit, Cursor) are local to create_app.
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -105,6 +105,7 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
         docs_url=None,
         redoc_url=None,
     )
+    app.add_middleware(RequestIdMiddleware)
     state: dict[str, Store] = {}
     if store is not None:
         state["store"] = store
