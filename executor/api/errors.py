@@ -34,7 +34,7 @@ def envelope(type_: str, code: str, message: str, request_id: str) -> dict[str, 
             "type": type_,
             "code": code,
             "message": message,
-            "doc_url": DOC_BASE + code.replace("_", "-"),
+            "doc_url": DOC_BASE + code,
             "request_id": request_id,
         }
     }
