@@ -23,10 +23,11 @@ import anyio
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from executor import __version__
-from executor.api import wire
+from executor.api import models, wire
 from executor.api.errors import ApiError, envelope, not_found, unauthorized
 from executor.store import BuildRow, JobRow, Store, TokenRow, open_store
 from executor.store.reads import LOG_PAGE_ROWS
@@ -81,6 +82,14 @@ class RequestIdMiddleware:
                 request_id,
             )
             await response(scope, receive, send_with_id)
+
+
+_STATUS = {
+    400: "An invalid cursor",
+    401: "No token, or not a usable one",
+    404: "Not found, or not visible to this token",
+    422: "A path or query value of the wrong type",
+}
 
 
 def _request_id(request: Request) -> str:
@@ -156,7 +165,14 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
 
     # --- auth and lookups ----------------------------------------------------------------
 
-    async def caller(request: Request) -> TokenRow:
+    bearer = HTTPBearer(auto_error=False, description="A token from `harmont-exec token create`.")
+
+    async def caller(
+        request: Request,
+        _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> TokenRow:
+        # Parsed here, not by HTTPBearer (which only documents it): the scheme must be exactly
+        # "Bearer", and every failure must be the envelope.
         header = request.headers.get("authorization")
         if header is None:
             raise unauthorized(
@@ -234,16 +250,35 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
     def clamp(limit: int) -> int:
         return max(1, min(100, limit))
 
+    def documented(model: type[Any], *errors: int, **extra: Any) -> dict[str, Any]:
+        """Route options: the 200 body's model and the error statuses, as the envelope."""
+        responses: dict[int | str, Any] = {200: {"model": model}}
+        for status in (401, 404, 422, *errors):
+            responses[status] = {"model": models.ErrorEnvelope, "description": _STATUS[status]}
+        return {"responses": responses, **extra}
+
     # --- routes --------------------------------------------------------------------------
 
     prefix = API_PREFIX
 
-    @app.get(f"{prefix}/ping", tags=["meta"], summary="Liveness (no auth)")
-    async def ping() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get(
+        f"{prefix}/ping",
+        tags=["meta"],
+        summary="Liveness (no auth)",
+        responses={200: {"model": models.Ping}},
+    )
+    async def ping() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
 
-    @app.get(f"{prefix}/organizations", tags=["organizations"], summary="The caller's orgs")
-    async def organizations(token: Caller, limit: Limit = 50, cursor: Cursor = None) -> Any:
+    @app.get(
+        f"{prefix}/organizations",
+        tags=["organizations"],
+        summary="The organizations the token may see",
+        **documented(models.OrganizationList, 400),
+    )
+    async def organizations(
+        token: Caller, limit: Limit = 50, cursor: Cursor = None
+    ) -> JSONResponse:
         after = "" if cursor is None else wire.decode_cursor(cursor, "organizations", str)
         orgs = [
             o
@@ -252,13 +287,22 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
         ]
         page = orgs[: clamp(limit)]
         more = len(orgs) > len(page)
-        return {
-            "data": [wire.organization_json(o) for o in page],
-            "next_cursor": wire.encode_cursor("organizations", page[-1].slug) if more else None,
-        }
+        return JSONResponse(
+            {
+                "data": [wire.organization_json(o) for o in page],
+                "next_cursor": wire.encode_cursor("organizations", page[-1].slug) if more else None,
+            }
+        )
 
-    @app.get(f"{prefix}/organizations/{{org}}/pipelines", tags=["pipelines"])
-    async def pipelines(org: str, token: Caller, limit: Limit = 50, cursor: Cursor = None) -> Any:
+    @app.get(
+        f"{prefix}/organizations/{{org}}/pipelines",
+        tags=["pipelines"],
+        summary="An organization's pipelines",
+        **documented(models.PipelineList, 400),
+    )
+    async def pipelines(
+        org: str, token: Caller, limit: Limit = 50, cursor: Cursor = None
+    ) -> JSONResponse:
         if not token.sees(org) or not any(
             o.slug == org for o in await read(the_store().list_organizations)
         ):
@@ -269,26 +313,37 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
             partial(the_store().list_pipelines, org, after=str(after), limit=size + 1)
         )
         page = rows[:size]
-        return {
-            "data": [wire.pipeline_json(p) for p in page],
-            "next_cursor": wire.encode_cursor("pipelines", page[-1].slug)
-            if len(rows) > size
-            else None,
-        }
+        more = len(rows) > size
+        return JSONResponse(
+            {
+                "data": [wire.pipeline_json(p) for p in page],
+                "next_cursor": wire.encode_cursor("pipelines", page[-1].slug) if more else None,
+            }
+        )
 
-    @app.get(f"{prefix}/organizations/{{org}}/pipelines/{{pipeline}}", tags=["pipelines"])
-    async def pipeline(org: str, pipeline: str, token: Caller) -> Any:
+    @app.get(
+        f"{prefix}/organizations/{{org}}/pipelines/{{pipeline}}",
+        tags=["pipelines"],
+        summary="A pipeline",
+        **documented(models.Pipeline),
+    )
+    async def pipeline(org: str, pipeline: str, token: Caller) -> JSONResponse:
         await pipeline_of(token, org, pipeline)
         row = await read(the_store().get_pipeline, org, pipeline)
         assert row is not None
-        return wire.pipeline_json(row)
+        return JSONResponse(wire.pipeline_json(row))
 
     builds_path = f"{prefix}/organizations/{{org}}/pipelines/{{pipeline}}/builds"
 
-    @app.get(builds_path, tags=["builds"], summary="A pipeline's builds, newest first")
+    @app.get(
+        builds_path,
+        tags=["builds"],
+        summary="A pipeline's builds, newest first",
+        **documented(models.BuildList, 400),
+    )
     async def builds(
         org: str, pipeline: str, token: Caller, limit: Limit = 50, cursor: Cursor = None
-    ) -> Any:
+    ) -> JSONResponse:
         await pipeline_of(token, org, pipeline)
         before = None if cursor is None else int(wire.decode_cursor(cursor, "builds", int))
         size = clamp(limit)
@@ -296,36 +351,52 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
             partial(the_store().builds_page, org, pipeline, before=before, limit=size + 1)
         )
         page = rows[:size]
-        return {
-            "data": [wire.build_json(b) for b in page],
-            "next_cursor": wire.encode_cursor("builds", page[-1].number)
-            if len(rows) > size
-            else None,
-        }
+        more = len(rows) > size
+        return JSONResponse(
+            {
+                "data": [wire.build_json(b) for b in page],
+                "next_cursor": wire.encode_cursor("builds", page[-1].number) if more else None,
+            }
+        )
 
-    @app.get(f"{builds_path}/{{number}}", tags=["builds"])
-    async def build(org: str, pipeline: str, number: int, token: Caller) -> Any:
-        return wire.build_json(await build_of(token, org, pipeline, number))
+    @app.get(
+        f"{builds_path}/{{number}}", tags=["builds"], summary="A build", **documented(models.Build)
+    )
+    async def build(org: str, pipeline: str, number: int, token: Caller) -> JSONResponse:
+        return JSONResponse(wire.build_json(await build_of(token, org, pipeline, number)))
 
-    @app.get(f"{builds_path}/{{number}}/jobs", tags=["jobs"], summary="Jobs, topological order")
-    async def jobs(org: str, pipeline: str, number: int, token: Caller) -> Any:
+    @app.get(
+        f"{builds_path}/{{number}}/jobs",
+        tags=["jobs"],
+        summary="A build's jobs, in topological order",
+        **documented(models.JobList),
+    )
+    async def jobs(org: str, pipeline: str, number: int, token: Caller) -> JSONResponse:
         row = await build_of(token, org, pipeline, number)
-        return {"data": [wire.job_json(j) for j in await read(the_store().list_jobs, row.id)]}
+        rows = await read(the_store().list_jobs, row.id)
+        return JSONResponse({"data": [wire.job_json(j) for j in rows]})
 
-    @app.get(f"{builds_path}/{{number}}/jobs/{{job_id}}", tags=["jobs"])
-    async def job(org: str, pipeline: str, number: int, job_id: str, token: Caller) -> Any:
-        return wire.job_json(await job_of(token, org, pipeline, number, job_id))
+    @app.get(
+        f"{builds_path}/{{number}}/jobs/{{job_id}}",
+        tags=["jobs"],
+        summary="A job",
+        **documented(models.Job),
+    )
+    async def job(org: str, pipeline: str, number: int, job_id: str, token: Caller) -> JSONResponse:
+        return JSONResponse(wire.job_json(await job_of(token, org, pipeline, number, job_id)))
 
     @app.get(
         f"{builds_path}/{{number}}/jobs/{{job_id}}/attempts",
         tags=["jobs"],
         summary="A job's attempts (extension)",
-        openapi_extra={"x-harmont-extension": True},
+        **documented(models.AttemptList, openapi_extra={"x-harmont-extension": True}),
     )
-    async def attempts(org: str, pipeline: str, number: int, job_id: str, token: Caller) -> Any:
+    async def attempts(
+        org: str, pipeline: str, number: int, job_id: str, token: Caller
+    ) -> JSONResponse:
         row = await job_of(token, org, pipeline, number, job_id)
         rows = await read(the_store().list_attempts, row.id)
-        return {"data": [wire.attempt_json(a) for a in rows]}
+        return JSONResponse({"data": [wire.attempt_json(a) for a in rows]})
 
     @app.get(
         f"{builds_path}/{{number}}/jobs/{{job_id}}/log",
@@ -333,6 +404,13 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
         summary="A job's raw output, every attempt (extension)",
         openapi_extra={"x-harmont-extension": True},
         response_class=StreamingResponse,
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+            **{
+                status: {"model": models.ErrorEnvelope, "description": _STATUS[status]}
+                for status in (401, 404, 422)
+            },
+        },
     )
     async def job_log(
         org: str, pipeline: str, number: int, job_id: str, token: Caller
