@@ -14,6 +14,7 @@ request id (``errors``); ``RequestIdMiddleware`` sets that id first and turns a 
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -103,9 +104,22 @@ def _error_response(error: ApiError, request_id: str) -> JSONResponse:
 
 
 def create_app(db: str | Path | None = None, *, store: Store | None = None) -> FastAPI:
-    """The ASGI app over the store at ``db`` (path or URL, default as for ``run``), or over an
-    already open ``store``. The app opens its own store and closes it on shutdown."""
+    """The ASGI app over the store at ``db`` (path or URL, default as for ``run``; opened now,
+    so a bad path fails here, and closed when the app shuts down), or over an already open
+    ``store`` (left open: its owner closes it)."""
+    own = store is None
+    opened = open_store(db) if store is None else store
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if own:
+                opened.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="harmont-exec read API",
         version=__version__,
         description="Harmont's v0 read API over a harmont-exec record. Paths marked "
@@ -115,14 +129,9 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
         redoc_url=None,
     )
     app.add_middleware(RequestIdMiddleware)
-    state: dict[str, Store] = {}
-    if store is not None:
-        state["store"] = store
 
     def the_store() -> Store:
-        if "store" not in state:
-            state["store"] = open_store(db)
-        return state["store"]
+        return opened
 
     async def read(fn: Callable[..., T], *args: Any) -> T:
         return await anyio.to_thread.run_sync(partial(fn, *args))
