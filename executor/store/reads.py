@@ -1,9 +1,9 @@
 """The store's read side: builds, jobs, histories, attempts and logs, as typed rows.
 
-``Reader`` owns one connection used for reads (and, in ``Store``, for the few synchronous
-writes). It is safe to share between threads (a lock serializes its use) and, because the file
-is in WAL mode, it reads committed data while another connection or process is writing. Reads
-never see a write the writer has not committed. This module must not write.
+``Reader`` reads through one connection per thread (so concurrent readers, such as the API's
+worker threads, do not wait for one another) and, because the file is in WAL mode, reads
+committed data while another connection or process is writing. Reads never see a write the
+writer has not committed. This module must not write.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from executor.errors import StoreError
 from executor.store import sql
-from executor.store.connection import store_error
+from executor.store.connection import connect, store_error
 from executor.store.rows import (
     AttemptRow,
     BuildRow,
@@ -49,8 +49,14 @@ def token_hash(secret: str) -> str:
 class Reader:
     def __init__(self, path: Path, db: sqlite3.Connection) -> None:
         self._path = path
-        self._db = db
+        self._db = db  # the synchronous writes' connection (in Store), behind _lock
         self._lock = threading.Lock()
+        # Reads use one connection per thread, so that concurrent readers (the API's worker
+        # threads) do not queue behind one another; WAL lets them all read while a writer
+        # commits. Store.close closes them all.
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._reads_closed = False
 
     @property
     def path(self) -> Path:
@@ -62,12 +68,29 @@ class Reader:
         """The store as a URL (``sqlite:////abs/path``), accepted by ``open_store``."""
         return f"sqlite:///{self._path}"
 
+    def _reader(self) -> sqlite3.Connection:
+        reader: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if reader is None:
+            if self._reads_closed:
+                raise StoreError(f"the store {self._path} is closed; open it again")
+            reader = connect(self._path)
+            with self._lock:
+                self._readers.append(reader)
+            self._local.db = reader
+        return reader
+
     def _rows(self, query: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         try:
-            with self._lock:
-                return self._db.execute(query, args).fetchall()
+            return self._reader().execute(query, args).fetchall()
         except sqlite3.Error as exc:
             raise store_error("read the record", exc, self._path) from None
+
+    def _close_readers(self) -> None:
+        with self._lock:
+            self._reads_closed = True
+            readers, self._readers = self._readers, []
+        for reader in readers:
+            reader.close()
 
     # --- organizations and pipelines -------------------------------------------------------
 

@@ -438,6 +438,7 @@ class Store(Reader):
             error = self._writer.error
         with self._lock:
             self._db.close()
+        self._close_readers()
         if error is not None and error is not self._reported:
             self._reported = error
             raise error
