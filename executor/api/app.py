@@ -11,6 +11,7 @@ request id (``errors``); ``RequestIdMiddleware`` sets that id first and turns a 
 
 # No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations at
 # runtime, and the dependency aliases (Caller, Limit, Cursor) are local to create_app.
+import importlib.metadata
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -27,7 +28,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from executor import __version__
 from executor.api import models, wire
 from executor.api.errors import ApiError, envelope, not_found, unauthorized
 from executor.store import BuildRow, JobRow, Store, TokenRow, open_store
@@ -121,7 +121,7 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
     app = FastAPI(
         lifespan=lifespan,
         title="harmont-exec read API",
-        version=__version__,
+        version=importlib.metadata.version("harmont-exec"),
         description="Harmont's v0 read API over a harmont-exec record. Paths marked "
         "x-harmont-extension are not in Harmont's API.",
         openapi_url=f"{API_PREFIX}/openapi.json",
