@@ -229,7 +229,9 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
 
     async def build_of(token: TokenRow, org: str, pipeline: str, number: int) -> BuildRow:
         await pipeline_of(token, org, pipeline)
-        build = await read(partial(the_store().get_build, number, org=org, pipeline=pipeline))
+        build = None
+        if 0 < number < 1 << 63:  # beyond, SQLite cannot even compare it: surely no such build
+            build = await read(partial(the_store().get_build, number, org=org, pipeline=pipeline))
         if build is None:
             raise not_found(
                 "build_not_found",

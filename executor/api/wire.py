@@ -110,6 +110,18 @@ def encode_cursor(kind: str, after: str | int) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
+def _storable(key: object) -> bool:
+    """A key SQLite can compare: a positive 64-bit integer or a UTF-8-encodable string (an
+    edited cursor can hold anything JSON can)."""
+    if isinstance(key, int):
+        return 0 < key < 1 << 63
+    try:
+        str(key).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def decode_cursor(cursor: str, kind: str, key_type: type[str] | type[int]) -> str | int:
     """The key a cursor of ``kind`` stands for; ApiError 400 for anything this server did not
     hand out (garbage, truncated, edited, or a cursor of another list)."""
@@ -121,6 +133,7 @@ def decode_cursor(cursor: str, kind: str, key_type: type[str] | type[int]) -> st
             and data.get("v") == _CURSOR_VERSION
             and data.get("k") == kind
             and type(after) is key_type
+            and _storable(after)
         )
     except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError):
         valid = False
