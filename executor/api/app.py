@@ -30,7 +30,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from executor.api import models, wire
 from executor.api.errors import ApiError, envelope, not_found, unauthorized
-from executor.store import BuildRow, JobRow, Store, TokenRow, open_store
+from executor.store import (
+    AttemptRow,
+    BuildRow,
+    JobRow,
+    PipelineRow,
+    Store,
+    TokenRow,
+    open_store,
+)
 from executor.store.reads import LOG_PAGE_ROWS
 
 __all__ = ["API_PREFIX", "create_app"]
@@ -215,11 +223,15 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
             f"GET {API_PREFIX}/organizations",
         )
 
-    async def pipeline_of(token: TokenRow, org: str, pipeline: str) -> None:
+    # The lookups below run in a worker thread, each handler's reads in ONE hop: a hop to a
+    # thread costs more than a read of a row.
+
+    def pipeline_of(token: TokenRow, org: str, pipeline: str) -> None:
+        store = the_store()
         if not token.sees(org):
             raise org_missing(org)
-        if await read(the_store().get_pipeline, org, pipeline) is None:
-            if not any(o.slug == org for o in await read(the_store().list_organizations)):
+        if store.get_pipeline(org, pipeline) is None:
+            if not any(o.slug == org for o in store.list_organizations()):
                 raise org_missing(org)
             raise not_found(
                 "pipeline_not_found",
@@ -227,11 +239,11 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
                 f"GET {API_PREFIX}/organizations/{org}/pipelines",
             )
 
-    async def build_of(token: TokenRow, org: str, pipeline: str, number: int) -> BuildRow:
-        await pipeline_of(token, org, pipeline)
+    def build_of(token: TokenRow, org: str, pipeline: str, number: int) -> BuildRow:
+        pipeline_of(token, org, pipeline)
         build = None
         if 0 < number < 1 << 63:  # beyond, SQLite cannot even compare it: surely no such build
-            build = await read(partial(the_store().get_build, number, org=org, pipeline=pipeline))
+            build = the_store().get_build(number, org=org, pipeline=pipeline)
         if build is None:
             raise not_found(
                 "build_not_found",
@@ -240,11 +252,9 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
             )
         return build
 
-    async def job_of(token: TokenRow, org: str, pipeline: str, number: int, job_id: str) -> JobRow:
-        build = await build_of(token, org, pipeline, number)
-        job = None
-        if _is_uuid(job_id):
-            job = await read(the_store().get_job, job_id.lower())
+    def job_of(token: TokenRow, org: str, pipeline: str, number: int, job_id: str) -> JobRow:
+        build = build_of(token, org, pipeline, number)
+        job = the_store().get_job(job_id.lower()) if _is_uuid(job_id) else None
         if job is None or job.build_id != build.id:
             raise not_found(
                 "job_not_found",
@@ -314,15 +324,16 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
     async def pipelines(
         org: str, token: Caller, limit: Limit = 50, cursor: Cursor = None
     ) -> JSONResponse:
-        if not token.sees(org) or not any(
-            o.slug == org for o in await read(the_store().list_organizations)
-        ):
-            raise org_missing(org)
         after = "" if cursor is None else wire.decode_cursor(cursor, "pipelines", str)
         size = clamp(limit)
-        rows = await read(
-            partial(the_store().list_pipelines, org, after=str(after), limit=size + 1)
-        )
+
+        def lookup() -> list[PipelineRow]:
+            store = the_store()
+            if not token.sees(org) or not any(o.slug == org for o in store.list_organizations()):
+                raise org_missing(org)
+            return store.list_pipelines(org, after=str(after), limit=size + 1)
+
+        rows = await read(lookup)
         page = rows[:size]
         more = len(rows) > size
         return JSONResponse(
@@ -339,10 +350,11 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
         **documented(models.Pipeline),
     )
     async def pipeline(org: str, pipeline: str, token: Caller) -> JSONResponse:
-        await pipeline_of(token, org, pipeline)
-        row = await read(the_store().get_pipeline, org, pipeline)
-        assert row is not None
-        return JSONResponse(wire.pipeline_json(row))
+        def lookup() -> Any:
+            pipeline_of(token, org, pipeline)
+            return the_store().get_pipeline(org, pipeline)
+
+        return JSONResponse(wire.pipeline_json(await read(lookup)))
 
     builds_path = f"{prefix}/organizations/{{org}}/pipelines/{{pipeline}}/builds"
 
@@ -355,12 +367,14 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
     async def builds(
         org: str, pipeline: str, token: Caller, limit: Limit = 50, cursor: Cursor = None
     ) -> JSONResponse:
-        await pipeline_of(token, org, pipeline)
         before = None if cursor is None else int(wire.decode_cursor(cursor, "builds", int))
         size = clamp(limit)
-        rows = await read(
-            partial(the_store().builds_page, org, pipeline, before=before, limit=size + 1)
-        )
+
+        def lookup() -> list[BuildRow]:
+            pipeline_of(token, org, pipeline)
+            return the_store().builds_page(org, pipeline, before=before, limit=size + 1)
+
+        rows = await read(lookup)
         page = rows[:size]
         more = len(rows) > size
         return JSONResponse(
@@ -374,7 +388,7 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
         f"{builds_path}/{{number}}", tags=["builds"], summary="A build", **documented(models.Build)
     )
     async def build(org: str, pipeline: str, number: int, token: Caller) -> JSONResponse:
-        return JSONResponse(wire.build_json(await build_of(token, org, pipeline, number)))
+        return JSONResponse(wire.build_json(await read(build_of, token, org, pipeline, number)))
 
     @app.get(
         f"{builds_path}/{{number}}/jobs",
@@ -383,9 +397,10 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
         **documented(models.JobList),
     )
     async def jobs(org: str, pipeline: str, number: int, token: Caller) -> JSONResponse:
-        row = await build_of(token, org, pipeline, number)
-        rows = await read(the_store().list_jobs, row.id)
-        return JSONResponse({"data": [wire.job_json(j) for j in rows]})
+        def lookup() -> list[JobRow]:
+            return the_store().list_jobs(build_of(token, org, pipeline, number).id)
+
+        return JSONResponse({"data": [wire.job_json(j) for j in await read(lookup)]})
 
     @app.get(
         f"{builds_path}/{{number}}/jobs/{{job_id}}",
@@ -394,7 +409,8 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
         **documented(models.Job),
     )
     async def job(org: str, pipeline: str, number: int, job_id: str, token: Caller) -> JSONResponse:
-        return JSONResponse(wire.job_json(await job_of(token, org, pipeline, number, job_id)))
+        job = await read(job_of, token, org, pipeline, number, job_id)
+        return JSONResponse(wire.job_json(job))
 
     @app.get(
         f"{builds_path}/{{number}}/jobs/{{job_id}}/attempts",
@@ -405,9 +421,10 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
     async def attempts(
         org: str, pipeline: str, number: int, job_id: str, token: Caller
     ) -> JSONResponse:
-        row = await job_of(token, org, pipeline, number, job_id)
-        rows = await read(the_store().list_attempts, row.id)
-        return JSONResponse({"data": [wire.attempt_json(a) for a in rows]})
+        def lookup() -> list[AttemptRow]:
+            return the_store().list_attempts(job_of(token, org, pipeline, number, job_id).id)
+
+        return JSONResponse({"data": [wire.attempt_json(a) for a in await read(lookup)]})
 
     @app.get(
         f"{builds_path}/{{number}}/jobs/{{job_id}}/log",
@@ -426,7 +443,7 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
     async def job_log(
         org: str, pipeline: str, number: int, job_id: str, token: Caller
     ) -> StreamingResponse:
-        row = await job_of(token, org, pipeline, number, job_id)
+        row = await read(job_of, token, org, pipeline, number, job_id)
         store = the_store()
 
         async def chunks() -> AsyncIterator[bytes]:
