@@ -14,7 +14,7 @@ request id (``errors``); ``RequestIdMiddleware`` sets that id first and turns a 
 import importlib.metadata
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
@@ -105,10 +105,16 @@ def _request_id(request: Request) -> str:
     return str(getattr(request.state, "request_id", "req_unknown"))
 
 
-def _error_response(error: ApiError, request_id: str) -> JSONResponse:
-    headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
+def _error_response(
+    error: ApiError, request_id: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """The envelope; 401 says how to authenticate, and ``headers`` (e.g. a 405's ``Allow``)
+    are kept."""
+    extra = dict(headers or {})
+    if error.status == 401:
+        extra["www-authenticate"] = "Bearer"
     body = envelope(error.type, error.code, error.message, request_id)
-    return JSONResponse(body, status_code=error.status, headers=headers)
+    return JSONResponse(body, status_code=error.status, headers=extra or None)
 
 
 def create_app(db: str | Path | None = None, *, store: Store | None = None) -> FastAPI:
@@ -168,7 +174,7 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
             )
         else:
             error = ApiError(exc.status_code, "invalid_request", "invalid_request", str(exc.detail))
-        return _error_response(error, _request_id(request))
+        return _error_response(error, _request_id(request), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
