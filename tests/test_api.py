@@ -83,6 +83,7 @@ ERROR_TYPES = {
     404: "not_found",
     405: "invalid_request",
     422: "invalid_request",
+    500: "server_error",
 }
 
 
@@ -873,3 +874,27 @@ def test_cli_token_store_keeps_only_the_sha256(tmp_path: Path) -> None:
     assert files
     for path in files:
         assert secret.encode() not in path.read_bytes(), path
+
+
+def test_api_a_failing_store_is_a_500_envelope_with_the_request_id(tmp_path: Path) -> None:
+    """A real failure under the app (the record lost a table behind its back): the client gets
+    the envelope, never a bare page, and the request id to report; other routes still work."""
+    build = tmp_path / "b.json"
+    build.write_text(json.dumps(TINY))
+    db = tmp_path / "harmont.db"
+    _run(build, db, "acme", "tiny", 0)
+    with open_store(db) as store:
+        _, token = store.create_token(
+            description=None, organizations=None, expires_at=None, now=NOW
+        )
+        with sqlite3.connect(db) as raw:
+            raw.execute("DROP TABLE job_dependencies")
+
+        async def check() -> None:
+            async with _client(create_app(store=store), token) as client:
+                base = "/api/v0/organizations/acme/pipelines/tiny/builds/1"
+                error = _assert_error(await client.get(f"{base}/jobs"), 500, "internal_error")
+                assert error["request_id"] in error["message"]  # what to report
+                assert (await client.get(base)).status_code == 200
+
+        anyio.run(check)
