@@ -71,7 +71,7 @@ READY_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 30.0
 HARMONT = (sys.executable, "-m", "executor")
 
-# The baseline server: the same uvicorn.run call as `harmont-exec serve` (executor/cli.py),
+# The baseline server: the same uvicorn.run call as `harmont-exec serve` (executor/cli/serve.py),
 # over an app with one endpoint that answers a constant JSON, built the way the API's handlers
 # answer (an async handler returning a JSONResponse).
 BASELINE_APP = """

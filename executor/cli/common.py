@@ -1,0 +1,114 @@
+"""The command group, its shared options and helpers, and `harmont-exec plan`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+import structlog
+from rich.console import Console
+
+from executor import __version__
+from executor.errors import ExecutorError
+from executor.load import load_plan
+from executor.render import plan_to_data, plan_to_dot, plan_to_mermaid, plan_to_text
+
+EXIT_INVALID = 2
+
+
+def configure_logging(log_format: str, level: int = logging.INFO) -> None:
+    """structlog to stderr: a console renderer on a terminal, JSON lines otherwise."""
+    if log_format == "auto":
+        log_format = "console" if sys.stderr.isatty() else "json"
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        if log_format == "console"
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="harmont-exec")
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "console", "json"]),
+    default="auto",
+    show_default=True,
+    help="How log lines on stderr look: console on a terminal, JSON otherwise.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Also log every attempt and state change.")
+@click.pass_context
+def cli(ctx: click.Context, log_format: str, verbose: bool) -> None:
+    """Plan and run CI builds as DAGs of shell jobs."""
+    ctx.obj = {"log_format": log_format, "verbose": verbose}
+    configure_logging(log_format, logging.INFO if verbose else logging.WARNING)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=True, exists=False))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "dot", "mermaid"]),
+    default="text",
+    show_default=True,
+    help="text: levels for people; json: the normalized plan; dot / mermaid: a drawing.",
+)
+def plan(file: Path, fmt: str) -> None:
+    """Validate FILE and show its jobs in the order they would run."""
+    try:
+        result = load_plan(file)
+    except ExecutorError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_INVALID)
+    if fmt == "json":
+        click.echo(json.dumps(plan_to_data(result), indent=2, ensure_ascii=False))
+    elif fmt == "dot":
+        click.echo(plan_to_dot(result), nl=False)
+    elif fmt == "mermaid":
+        click.echo(plan_to_mermaid(result), nl=False)
+    else:
+        click.echo(plan_to_text(result, name=str(file)), nl=False)
+
+
+def make_console() -> Console:
+    """Rich output on stdout; piped, lines are not wrapped at 80 columns (scripts grep them)."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 240)
+
+
+STATE_STYLE = {
+    "passed": "green",
+    "failed": "red",
+    "timed_out": "red",
+    "skipped": "yellow",
+    "canceled": "magenta",
+    "canceling": "magenta",
+    "timing_out": "red",
+    "running": "cyan",
+}
+
+
+def duration_text(start: datetime | None, end: datetime | None) -> str:
+    if start is None:
+        return ""
+    seconds = ((end or datetime.now(UTC)) - start).total_seconds()
+    return f"{seconds:.1f}s" if seconds < 60 else f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
+
+
+db_option = click.option(
+    "--db", envvar="HARMONT_DB", help="Store [default: .harmont/harmont.db; env HARMONT_DB]."
+)

@@ -1,0 +1,132 @@
+"""Serving the record: `harmont-exec serve` and the API tokens it accepts (`token ...`)."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime, timedelta
+
+import click
+from rich.table import Table
+
+from executor.cli.common import EXIT_INVALID, cli, db_option, make_console
+from executor.errors import ExecutorError
+from executor.store import open_store
+
+
+@cli.command()
+@db_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+def serve(db: str | None, host: str, port: int) -> None:
+    """Serve the record over HTTP in Harmont's wire format (GET /api/v0/...; needs a token)."""
+    import uvicorn  # here: only serve needs the web stack
+
+    from executor.api import API_PREFIX, create_app
+
+    try:
+        store = open_store(db)
+    except ExecutorError as exc:
+        click.echo(f"harmont-exec: {exc}", err=True)
+        sys.exit(1)
+    click.echo(
+        f"serving {store.path} on http://{host}:{port}{API_PREFIX}/ "
+        "(Authorization: Bearer <token from `harmont-exec token create`>)",
+        err=True,
+    )
+    try:
+        uvicorn.run(create_app(store=store), host=host, port=port, log_level="warning")
+    finally:
+        store.close()
+
+
+@cli.group()
+def token() -> None:
+    """Create, list and revoke the API tokens `serve` accepts."""
+
+
+@token.command("create")
+@db_option
+@click.option("--description", help="What the token is for (shown by `token list`).")
+@click.option(
+    "--org",
+    "orgs",
+    multiple=True,
+    help="Limit the token to this organization (repeat for several) [default: all].",
+)
+@click.option(
+    "--expires-in",
+    "expires_in",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Days until the token stops working [default: never].",
+)
+def token_create(
+    db: str | None, description: str | None, orgs: tuple[str, ...], expires_in: float | None
+) -> None:
+    """Create a token and print it (only this once: the store keeps its SHA-256)."""
+    now = datetime.now(UTC)
+    expires = None if expires_in is None else now + timedelta(days=expires_in)
+    try:
+        with open_store(db) as store:
+            row, secret = store.create_token(
+                description=description,
+                organizations=list(orgs) or None,
+                expires_at=expires,
+                now=now,
+            )
+    except ExecutorError as exc:
+        click.echo(f"harmont-exec: {exc}", err=True)
+        sys.exit(1)
+    click.echo(secret)
+    scope = ", ".join(row.organizations) if row.organizations else "every organization"
+    until = f"until {row.expires_at:%Y-%m-%d %H:%M} UTC" if row.expires_at else "with no expiry"
+    click.echo(
+        f"token {row.id}: sees {scope}, {until}; it is shown only now, store it safely",
+        err=True,
+    )
+
+
+@token.command("list")
+@db_option
+def token_list(db: str | None) -> None:
+    """List tokens (never their secrets)."""
+    try:
+        with open_store(db) as store:
+            rows = store.list_tokens()
+    except ExecutorError as exc:
+        click.echo(f"harmont-exec: {exc}", err=True)
+        sys.exit(1)
+    now = datetime.now(UTC)
+    table = Table()
+    for column in ("id", "description", "organizations", "created", "expires", "status"):
+        table.add_column(column)
+    for t in rows:
+        status = "revoked" if t.revoked_at else ("expired" if not t.usable_at(now) else "active")
+        table.add_row(
+            t.id,
+            t.description or "",
+            ", ".join(t.organizations) if t.organizations else "all",
+            f"{t.created_at:%Y-%m-%d %H:%M}",
+            f"{t.expires_at:%Y-%m-%d %H:%M}" if t.expires_at else "never",
+            status,
+        )
+    make_console().print(table)
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@db_option
+def token_revoke(token_id: str, db: str | None) -> None:
+    """Revoke the token with id TOKEN_ID (from `token list`); it stops working at once."""
+    try:
+        with open_store(db) as store:
+            row = store.revoke_token(token_id, now=datetime.now(UTC))
+    except ExecutorError as exc:
+        click.echo(f"harmont-exec: {exc}", err=True)
+        sys.exit(1)
+    if row is None:
+        click.echo(
+            f"harmont-exec: no token {token_id!r}; `harmont-exec token list` shows the ids",
+            err=True,
+        )
+        sys.exit(EXIT_INVALID)
+    click.echo(f"token {row.id} revoked")
