@@ -27,6 +27,7 @@ import structlog
 
 from executor.model import StepSpec
 from executor.plan import Plan, Settled
+from executor.run.artifacts import Collected, collect_artifacts, match_artifacts
 from executor.run.process import (
     AttemptResult,
     AttemptSpec,
@@ -372,8 +373,8 @@ class Scheduler:
                     error_code=BUILD_CANCELED,
                     error_message=reason,
                 )
-                assert job.stop is not None
-                job.stop.stop(Reason.CANCELED)
+                if job.stop is not None:  # None: the process is gone, artifacts are collected
+                    job.stop.stop(Reason.CANCELED)
         if self._cancel_requested:
             self._roll_up(at)
         self._check_done()
@@ -457,11 +458,51 @@ class Scheduler:
             result = await self.runner.run(spec, on_start=on_start, on_output=on_output, stop=stop)
             if timer is not None:
                 timer.cancel()
+            job.stop = None  # the process is gone: nothing left to time out or stop
+            if job.step.artifact_paths and not self._retry_wanted(job, attempt, result):
+                await self._collect_artifacts(job, attempt)
             self._attempt_finished(job, attempt, result)
         finally:
             self._count.running -= 1  # the slot is held until the attempt's task ends
             self._count.tasks -= 1
             self._advance()
+
+    async def _collect_artifacts(self, job: _Job, attempt: int) -> None:
+        """After the final attempt, before the job's terminal state is recorded (so whatever
+        runs next, e.g. a dependent job or a client polling the state, finds them): copy the
+        step's artifacts into the store and record them; notes go to the job's log."""
+
+        def collect() -> tuple[list[str], list[Collected]]:
+            paths, notes = match_artifacts(self.working_dir, job.step.artifact_paths)
+            collection = collect_artifacts(self.working_dir, paths, self.store.blobs)
+            return notes + collection.notes, collection.artifacts
+
+        notes, collected = await anyio.to_thread.run_sync(collect)
+        at = _now()
+        for item in collected:
+            self.store.record_artifact(
+                job.id, path=item.path, mime_type=item.mime_type, blob=item.blob, at=at
+            )
+        for note in notes:
+            self.store.append_log(
+                job.id, attempt, "stderr", f"[harmont-exec] {note}\n".encode(), at=at
+            )
+        self._log.info("artifacts_collected", job=job.key, count=len(collected), notes=len(notes))
+
+    def _retry_wanted(self, job: _Job, attempt: int, result: AttemptResult) -> bool:
+        """Whether this attempt's end sends the job back to ``scheduled`` (THE retry rule)."""
+        retry = job.step.retry_policy
+        if retry is None or attempt > retry.limit or self._stopping or job.state.is_terminal:
+            return False
+        if result.reason is Reason.SPAWN_FAILED or result.reason is Reason.EXECUTOR_LOST:
+            return False
+        if job.state is JobState.CANCELING:
+            return False
+        if job.state is JobState.TIMING_OUT:
+            return retry.on_timeout
+        if result.exit_code == 0:
+            return False
+        return retry.retries_exit_code(result.exit_code if result.exit_code is not None else 255)
 
     def _attempt_finished(self, job: _Job, attempt: int, result: AttemptResult) -> None:
         at = result.finished_at
@@ -483,8 +524,7 @@ class Scheduler:
         if job.state.is_terminal:  # canceled or timed out with the build; the process is gone
             return
         step = job.step
-        retry = step.retry_policy
-        retries_left = retry is not None and attempt <= retry.limit and not self._stopping
+        retry_wanted = self._retry_wanted(job, attempt, result)
         if result.reason is Reason.SPAWN_FAILED or result.reason is Reason.EXECUTOR_LOST:
             lost = SPAWN_FAILED if result.reason is Reason.SPAWN_FAILED else "executor_lost"
             self._transition(
@@ -498,7 +538,7 @@ class Scheduler:
         elif job.state is JobState.CANCELING:
             self._transition(job, Event.PROCESS_GONE, at=at, exit_code=result.exit_code)
         elif job.state is JobState.TIMING_OUT:
-            if retries_left and retry is not None and retry.on_timeout:
+            if retry_wanted:
                 self._retry(job, attempt, at, result.exit_code)
                 return
             self._transition(job, Event.PROCESS_GONE, at=at, exit_code=result.exit_code)
@@ -508,7 +548,7 @@ class Scheduler:
             )
         else:
             code = result.exit_code if result.exit_code is not None else 255
-            if retries_left and retry is not None and retry.retries_exit_code(code):
+            if retry_wanted:
                 self._retry(job, attempt, at, code)
                 return
             soft = step.soft_fail_policy is not None and step.soft_fail_policy.matches(code)

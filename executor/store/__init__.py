@@ -8,9 +8,11 @@ This package re-exports the public names and holds no logic.
 
 from __future__ import annotations
 
+from executor.store.blobs import Blob, BlobStore
 from executor.store.reads import token_hash
 from executor.store.rows import (
     UNSET,
+    ArtifactRow,
     AttemptRow,
     BuildRow,
     CreatedBuild,
@@ -32,7 +34,10 @@ __all__ = [
     "SCHEMA_VERSION",
     "TOKEN_PREFIX",
     "UNSET",
+    "ArtifactRow",
     "AttemptRow",
+    "Blob",
+    "BlobStore",
     "BuildRow",
     "CreatedBuild",
     "JobRow",

@@ -16,8 +16,8 @@ event loop). The writer applies a batch of them in one transaction, in one of tw
   only when the fast path finds a job or build that is not in the state the change expects (a
   bug), so that exactly the changes before the bad one are kept.
 
-Build changes and test-hook statements are few: the fast path applies them with ``apply_one``,
-in queue order, before the job, attempt and log rows of their batch.
+Build changes, artifacts and test-hook statements are few: the fast path applies them with
+``apply_one``, in queue order, before the job, attempt and log rows of their batch.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 from executor.store import sql
 
 __all__ = [
+    "ArtifactRecorded",
     "AttemptFinished",
     "AttemptStarted",
     "BuildChanged",
@@ -79,6 +80,21 @@ class LogAppended(NamedTuple):
     at: str
 
 
+class ArtifactRecorded(NamedTuple):
+    """A new artifact row (the columns of ``sql.INSERT_ARTIFACT``)."""
+
+    id: str
+    job_id: str
+    path: str
+    filename: str
+    mime_type: str
+    file_size: int
+    sha1_sum: str
+    sha256: str
+    state: str
+    created_at: str
+
+
 class BuildChanged(NamedTuple):
     """Set ``names`` to ``values`` in the build's row; the build must exist."""
 
@@ -93,7 +109,15 @@ class RawStatement(NamedTuple):
     statement: str
 
 
-Change = JobChanged | AttemptStarted | AttemptFinished | LogAppended | BuildChanged | RawStatement
+Change = (
+    JobChanged
+    | AttemptStarted
+    | AttemptFinished
+    | LogAppended
+    | ArtifactRecorded
+    | BuildChanged
+    | RawStatement
+)
 
 
 def apply_batch(cursor: sqlite3.Cursor, changes: Sequence[Change]) -> bool:
@@ -157,6 +181,8 @@ def apply_one(cursor: sqlite3.Cursor, change: Change) -> str | None:
         cursor.execute(sql.FINISH_ATTEMPT, (job_id, number, outcome, code, signal, at, at))
     elif isinstance(change, LogAppended):
         cursor.execute(sql.INSERT_LOG_CHUNK, change)
+    elif isinstance(change, ArtifactRecorded):
+        cursor.execute(sql.INSERT_ARTIFACT, change)
     elif isinstance(change, BuildChanged):
         cursor.execute(sql.update_build(change.names), (*change.values, change.build_id))
         if cursor.rowcount != 1:

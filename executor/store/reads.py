@@ -18,8 +18,10 @@ from typing import Any
 
 from executor.errors import StoreError
 from executor.store import sql
+from executor.store.blobs import BlobStore
 from executor.store.connection import connect, store_error
 from executor.store.rows import (
+    ArtifactRow,
     AttemptRow,
     BuildRow,
     JobRow,
@@ -57,6 +59,11 @@ class Reader:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._reads_closed = False
+
+    @property
+    def blobs(self) -> BlobStore:
+        """The artifact files: ``artifacts/`` beside the database file."""
+        return BlobStore(self._path.parent / "artifacts")
 
     @property
     def path(self) -> Path:
@@ -197,6 +204,49 @@ class Reader:
         """Up to ``LOG_PAGE_ROWS`` of the job's chunks with ``seq > after_seq``, in order."""
         rows = self._rows(sql.LOG_PAGE, (job_id, after_seq, LOG_PAGE_ROWS))
         return [LogChunk.from_db(r) for r in rows]
+
+    # --- artifacts -------------------------------------------------------------------------
+
+    def get_artifact(self, artifact_id: str) -> ArtifactRow | None:
+        rows = self._rows(sql.ARTIFACT_BY_ID, (artifact_id,))
+        return ArtifactRow.from_db(rows[0]) if rows else None
+
+    def list_artifacts(
+        self,
+        *,
+        build_id: str | None = None,
+        job_id: str | None = None,
+        after: str | None = None,
+        limit: int = 50,
+    ) -> list[ArtifactRow]:
+        """A build's artifacts (its jobs in plan order, then by path) or one job's (by path),
+        those after the artifact with id ``after`` (a page; give one of build_id, job_id)."""
+        limit = max(limit, 0)
+        if (build_id is None) == (job_id is None):
+            raise StoreError("list_artifacts needs exactly one of build_id and job_id")
+        if build_id is not None:
+            rows = (
+                self._rows(sql.ARTIFACTS_OF_BUILD_FIRST, (build_id, limit))
+                if after is None
+                else self._rows(sql.ARTIFACTS_OF_BUILD_PAGE, (build_id, after, limit))
+            )
+        else:
+            rows = (
+                self._rows(sql.ARTIFACTS_OF_JOB_FIRST, (job_id, limit))
+                if after is None
+                else self._rows(sql.ARTIFACTS_OF_JOB_PAGE, (job_id, after, limit))
+            )
+        return [ArtifactRow.from_db(r) for r in rows]
+
+    def artifact_file(self, artifact: ArtifactRow) -> Path:
+        """Where the artifact's content is (StoreError if it is missing from the directory)."""
+        path = self.blobs.path_of(artifact.sha256)
+        if not path.is_file():
+            raise StoreError(
+                f"the content of artifact {artifact.id} ({artifact.path}) is missing from "
+                f"{self.blobs.root}; the artifact directory must stay beside the database"
+            )
+        return path
 
     # --- API tokens ------------------------------------------------------------------------
 

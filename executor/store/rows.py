@@ -19,6 +19,7 @@ from executor.states import BuildState, JobState
 
 __all__ = [
     "UNSET",
+    "ArtifactRow",
     "AttemptRow",
     "BuildRow",
     "CreatedBuild",
@@ -311,4 +312,37 @@ class LogChunk:
             stream=r["stream"],
             content=bytes(r["content"]),
             at=_time(r["at"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactRow:
+    """A file a job produced, kept in the store's artifact directory by its SHA-256."""
+
+    id: str
+    job_id: str
+    build_id: str
+    path: str  # relative to the build's working directory, "/"-separated
+    filename: str
+    mime_type: str
+    file_size: int
+    sha1_sum: str
+    sha256: str
+    state: str  # "uploaded" (Harmont's word: the file is in the store)
+    created_at: datetime
+
+    @classmethod
+    def from_db(cls, r: Record) -> ArtifactRow:
+        return cls(
+            id=r["id"],
+            job_id=r["job_id"],
+            build_id=r["build_id"],
+            path=r["path"],
+            filename=r["filename"],
+            mime_type=r["mime_type"] or "application/octet-stream",
+            file_size=int(r["file_size"]),
+            sha1_sum=r["sha1_sum"],
+            sha256=r["sha256"],
+            state=r["state"],
+            created_at=_time(r["created_at"]),
         )

@@ -165,7 +165,18 @@ _V1: tuple[str, ...] = (
     "CREATE INDEX artifacts_by_job ON artifacts (job_id)",
 )
 
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+_V2: tuple[str, ...] = (
+    # Keys the store generates for itself (the live-log tokens' HMAC key): shared by every
+    # process that serves this record, so a token minted by one is accepted by another.
+    """CREATE TABLE store_keys (
+    name TEXT PRIMARY KEY,
+    secret TEXT NOT NULL,
+    created_at TEXT NOT NULL
+)""",
+    "CREATE INDEX artifacts_by_job_path ON artifacts (job_id, path, id)",
+)
+
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version this code writes and understands."""
@@ -299,6 +310,10 @@ INSERT_LOG_CHUNK = (
 )
 LAST_TRANSITION_SEQ = "SELECT MAX(seq) FROM job_transitions WHERE job_id = ?"
 LAST_LOG_SEQ = "SELECT MAX(seq) FROM log_chunks WHERE job_id = ?"
+INSERT_ARTIFACT = (
+    "INSERT INTO artifacts (id, job_id, path, filename, mime_type, file_size, sha1_sum, sha256, "
+    "state, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 JOB_COLUMNS_NOW = f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE id = ?"
 
 # --- reads ---------------------------------------------------------------------------------------
@@ -358,6 +373,26 @@ LOG_PAGE = (
     "SELECT job_id, seq, attempt, stream, content, at FROM log_chunks "
     "WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?"
 )
+_ARTIFACTS = (
+    "SELECT a.id, a.job_id, j.build_id, a.path, a.filename, a.mime_type, a.file_size, "
+    "a.sha1_sum, a.sha256, a.state, a.created_at FROM artifacts a JOIN jobs j ON j.id = a.job_id"
+)
+ARTIFACT_BY_ID = f"{_ARTIFACTS} WHERE a.id = ?"
+# Pages are keyed by the last artifact of the previous page (a row-value comparison: SQLite
+# >= 3.15 and PostgreSQL). A build's artifacts come in plan order of their jobs, then by path.
+ARTIFACTS_OF_BUILD_PAGE = (
+    f"{_ARTIFACTS} WHERE j.build_id = ? AND (j.position, a.path, a.id) > "
+    "(SELECT j2.position, a2.path, a2.id FROM artifacts a2 JOIN jobs j2 ON j2.id = a2.job_id "
+    "WHERE a2.id = ?) ORDER BY j.position, a.path, a.id LIMIT ?"
+)
+ARTIFACTS_OF_BUILD_FIRST = (
+    f"{_ARTIFACTS} WHERE j.build_id = ? ORDER BY j.position, a.path, a.id LIMIT ?"
+)
+ARTIFACTS_OF_JOB_PAGE = (
+    f"{_ARTIFACTS} WHERE a.job_id = ? AND (a.path, a.id) > "
+    "(SELECT a2.path, a2.id FROM artifacts a2 WHERE a2.id = ?) ORDER BY a.path, a.id LIMIT ?"
+)
+ARTIFACTS_OF_JOB_FIRST = f"{_ARTIFACTS} WHERE a.job_id = ? ORDER BY a.path, a.id LIMIT ?"
 ORGANIZATIONS = "SELECT slug, created_at FROM organizations ORDER BY slug"
 _PIPELINES = (
     "SELECT p.slug, p.created_at, o.slug AS org FROM pipelines p "
@@ -382,4 +417,11 @@ _TOKENS = (
 TOKENS = f"{_TOKENS} ORDER BY created_at, id"
 TOKEN_BY_HASH = f"{_TOKENS} WHERE token_sha256 = ?"
 TOKEN_BY_ID = f"{_TOKENS} WHERE id = ?"
+# --- the store's own keys (get or create: the first process to need one makes it) ----------
+
+ENSURE_STORE_KEY = (
+    "INSERT INTO store_keys (name, secret, created_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (name) DO NOTHING"
+)
+STORE_KEY = "SELECT secret FROM store_keys WHERE name = ?"
 REVOKE_TOKEN = "UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"

@@ -32,7 +32,9 @@ from executor.errors import StoreError
 from executor.plan import Plan
 from executor.states import BuildState, Event, JobState
 from executor.store import sql
+from executor.store.blobs import Blob
 from executor.store.changes import (
+    ArtifactRecorded,
     AttemptFinished,
     AttemptStarted,
     BuildChanged,
@@ -252,6 +254,22 @@ class Store(Reader):
             raise store_error(f"revoke API token {token_id}", exc, self._path) from None
         return None if row is None else TokenRow.from_db(row)
 
+    # --- the store's own keys (synchronous) -------------------------------------------------
+
+    def store_key(self, name: str) -> bytes:
+        """A 32-byte secret kept in the store under ``name``, made by the first process that
+        asks; every process sharing the store gets the same one (e.g. the live-log tokens'
+        HMAC key, so a token minted by one server is good at another)."""
+        self._check_open()
+        try:
+            with self._lock:
+                now = format_time(datetime.now(UTC))
+                self._db.execute(sql.ENSURE_STORE_KEY, (name, secrets.token_hex(32), now))
+                secret = self._db.execute(sql.STORE_KEY, (name,)).fetchone()[0]
+        except sqlite3.Error as exc:
+            raise store_error(f"read or create the key {name!r}", exc, self._path) from None
+        return bytes.fromhex(secret)
+
     # --- queued writes -------------------------------------------------------------------------
 
     def record_job_transition(
@@ -368,6 +386,29 @@ class Store(Reader):
         seq = last + 1
         self._put(LogAppended(job_id, seq, attempt, stream, data, when))
         self._log_seq[job_id] = seq
+
+    def record_artifact(
+        self, job_id: str, *, path: str, mime_type: str, blob: Blob, at: datetime
+    ) -> str:
+        """Queue the record of an artifact of a job whose content is already in ``blobs``
+        (``blobs.put``); return its id. ``path`` is relative to the working directory."""
+        artifact_id = str(uuid.uuid4())
+        filename = path.rsplit("/", 1)[-1]
+        self._put(
+            ArtifactRecorded(
+                artifact_id,
+                job_id,
+                path,
+                filename,
+                mime_type,
+                blob.size,
+                blob.sha1,
+                blob.sha256,
+                "uploaded",
+                format_time(at),
+            )
+        )
+        return artifact_id
 
     def _last_seq(self, query: str, job_id: str) -> int | None:
         """The last seq in the file, for a job this process did not create (a resumed build):
