@@ -16,20 +16,18 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import anyio
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from executor.api import models, wire
-from executor.api.errors import ApiError, envelope, not_found, unauthorized
+from executor.api.errors import ApiError, envelope, not_found
+from executor.api.lookup import API_PREFIX, STATUS_TEXT, Lookups, clamp, documented
 from executor.store import (
     AttemptRow,
     BuildRow,
@@ -43,7 +41,6 @@ from executor.store.reads import LOG_PAGE_ROWS
 
 __all__ = ["API_PREFIX", "create_app"]
 
-API_PREFIX = "/api/v0"
 log = logging.getLogger("executor.api")
 T = TypeVar("T")
 Scope = MutableMapping[str, Any]
@@ -93,14 +90,6 @@ class RequestIdMiddleware:
             await response(scope, receive, send_with_id)
 
 
-_STATUS = {
-    400: "An invalid cursor",
-    401: "No token, or not a usable one",
-    404: "Not found, or not visible to this token",
-    422: "A path or query value of the wrong type",
-}
-
-
 def _request_id(request: Request) -> str:
     return str(getattr(request.state, "request_id", "req_unknown"))
 
@@ -144,11 +133,11 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
     )
     app.add_middleware(RequestIdMiddleware)
 
+    lookups = Lookups(opened)
+    read = lookups.read
+
     def the_store() -> Store:
         return opened
-
-    async def read(fn: Callable[..., T], *args: Any) -> T:
-        return await anyio.to_thread.run_sync(partial(fn, *args))
 
     # --- errors ------------------------------------------------------------------------
 
@@ -186,103 +175,16 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
         error = ApiError(422, "invalid_request", "invalid_request", message)
         return _error_response(error, _request_id(request))
 
-    # --- auth and lookups ----------------------------------------------------------------
-
-    bearer = HTTPBearer(auto_error=False, description="A token from `harmont-exec token create`.")
-
-    async def caller(
-        request: Request,
-        _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> TokenRow:
-        # Parsed here, not by HTTPBearer (which only documents it): the scheme must be exactly
-        # "Bearer", and every failure must be the envelope.
-        header = request.headers.get("authorization")
-        if header is None:
-            raise unauthorized(
-                "no Authorization header; send 'Authorization: Bearer hm_...' with a token "
-                "from `harmont-exec token create`"
-            )
-        scheme, _, secret = header.partition(" ")
-        if scheme != "Bearer" or not secret.startswith("hm_"):
-            raise unauthorized(
-                "the Authorization header is not 'Bearer hm_...' (the scheme is "
-                "case-sensitive); send a token from `harmont-exec token create`"
-            )
-        token = await read(the_store().token_for_secret, secret)
-        if token is None:
-            raise unauthorized(
-                "this token is not known here; create one with `harmont-exec token create`"
-            )
-        if not token.usable_at(datetime.now(UTC)):
-            why = "revoked" if token.revoked_at is not None else "expired"
-            raise unauthorized(
-                f"token {token.id} is {why}; create a new one with `harmont-exec token create`"
-            )
-        return token
-
-    Caller = Annotated[TokenRow, Depends(caller)]
-
-    def org_missing(org: str) -> ApiError:
-        return not_found(
-            "organization_not_found",
-            f"no organization {org!r} that this token can see; list them with "
-            f"GET {API_PREFIX}/organizations",
-        )
-
-    # The lookups below run in a worker thread, each handler's reads in ONE hop: a hop to a
-    # thread costs more than a read of a row.
-
-    def pipeline_of(token: TokenRow, org: str, pipeline: str) -> None:
-        store = the_store()
-        if not token.sees(org):
-            raise org_missing(org)
-        if store.get_pipeline(org, pipeline) is None:
-            if not any(o.slug == org for o in store.list_organizations()):
-                raise org_missing(org)
-            raise not_found(
-                "pipeline_not_found",
-                f"no pipeline {pipeline!r} in organization {org!r}; list them with "
-                f"GET {API_PREFIX}/organizations/{org}/pipelines",
-            )
-
-    def build_of(token: TokenRow, org: str, pipeline: str, number: int) -> BuildRow:
-        pipeline_of(token, org, pipeline)
-        build = None
-        if 0 < number < 1 << 63:  # beyond, SQLite cannot even compare it: surely no such build
-            build = the_store().get_build(number, org=org, pipeline=pipeline)
-        if build is None:
-            raise not_found(
-                "build_not_found",
-                f"no build #{number} in {org}/{pipeline}; list them with GET "
-                f"{API_PREFIX}/organizations/{org}/pipelines/{pipeline}/builds",
-            )
-        return build
-
-    def job_of(token: TokenRow, org: str, pipeline: str, number: int, job_id: str) -> JobRow:
-        build = build_of(token, org, pipeline, number)
-        job = the_store().get_job(job_id.lower()) if _is_uuid(job_id) else None
-        if job is None or job.build_id != build.id:
-            raise not_found(
-                "job_not_found",
-                f"no job {job_id!r} in build #{number} of {org}/{pipeline}; job ids are the "
-                f"UUIDs listed by GET .../builds/{number}/jobs",
-            )
-        return job
+    Caller = Annotated[TokenRow, Depends(lookups.caller)]
+    org_missing = lookups.org_missing
+    pipeline_of = lookups.pipeline_of
+    build_of = lookups.build_of
+    job_of = lookups.job_of
 
     Limit = Annotated[int, Query(description="Page size (1-100, default 50; clamped).")]
     Cursor = Annotated[
         str | None, Query(description="Opaque cursor from a previous page's next_cursor.")
     ]
-
-    def clamp(limit: int) -> int:
-        return max(1, min(100, limit))
-
-    def documented(model: type[Any], *errors: int, **extra: Any) -> dict[str, Any]:
-        """Route options: the 200 body's model and the error statuses, as the envelope."""
-        responses: dict[int | str, Any] = {200: {"model": model}}
-        for status in (401, 404, 422, *errors):
-            responses[status] = {"model": models.ErrorEnvelope, "description": _STATUS[status]}
-        return {"responses": responses, **extra}
 
     # --- routes --------------------------------------------------------------------------
 
@@ -441,7 +343,7 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
         responses={
             200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
             **{
-                status: {"model": models.ErrorEnvelope, "description": _STATUS[status]}
+                status: {"model": models.ErrorEnvelope, "description": STATUS_TEXT[status]}
                 for status in (401, 404, 422)
             },
         },
@@ -465,11 +367,3 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
         return StreamingResponse(chunks(), media_type="text/plain")
 
     return app
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return len(value) == 36
