@@ -26,7 +26,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from executor.api import models, wire
+from executor.api.artifacts import add_artifact_routes
 from executor.api.errors import ApiError, envelope, not_found
+from executor.api.live import add_live_log_routes
 from executor.api.lookup import API_PREFIX, STATUS_TEXT, Lookups, clamp, documented
 from executor.store import (
     AttemptRow,
@@ -106,10 +108,18 @@ def _error_response(
     return JSONResponse(body, status_code=error.status, headers=extra or None)
 
 
-def create_app(db: str | Path | None = None, *, store: Store | None = None) -> FastAPI:
+def create_app(
+    db: str | Path | None = None,
+    *,
+    store: Store | None = None,
+    heartbeat_s: float = 15.0,
+    poll_s: float = 0.1,
+) -> FastAPI:
     """The ASGI app over the store at ``db`` (path or URL, default as for ``run``; opened now,
     so a bad path fails here, and closed when the app shuts down), or over an already open
-    ``store`` (left open: its owner closes it)."""
+    ``store`` (left open: its owner closes it). ``heartbeat_s`` and ``poll_s`` tune the live
+    log stream (``live``): a comment after that long without an event, and how often it reads
+    the store for new chunks."""
     own = store is None
     opened = open_store(db) if store is None else store
 
@@ -366,4 +376,6 @@ def create_app(db: str | Path | None = None, *, store: Store | None = None) -> F
 
         return StreamingResponse(chunks(), media_type="text/plain")
 
+    add_artifact_routes(app, lookups)
+    add_live_log_routes(app, lookups, heartbeat_s=heartbeat_s, poll_s=poll_s)
     return app

@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 __all__ = [
+    "Artifact",
+    "ArtifactList",
     "Attempt",
     "AttemptList",
     "Build",
@@ -151,3 +153,20 @@ class ErrorBody(_Model):
 
 class ErrorEnvelope(_Model):
     error: ErrorBody
+
+
+class Artifact(_Model):
+    id: str
+    job_id: str
+    path: str
+    filename: str
+    mime_type: str
+    file_size: int
+    sha1_sum: str
+    sha256: str
+    state: Literal["uploaded"]
+
+
+class ArtifactList(_Model):
+    data: list[Artifact]
+    next_cursor: str | None

@@ -15,14 +15,16 @@ from datetime import datetime
 from typing import Any
 
 from executor.api.errors import ApiError
-from executor.store import AttemptRow, BuildRow, JobRow, OrganizationRow, PipelineRow
+from executor.store import ArtifactRow, AttemptRow, BuildRow, JobRow, OrganizationRow, PipelineRow
 from executor.store.rows import format_time
 
 __all__ = [
+    "artifact_json",
     "attempt_json",
     "build_json",
     "decode_cursor",
     "encode_cursor",
+    "invalid_cursor",
     "job_json",
     "organization_json",
     "pipeline_json",
@@ -122,6 +124,18 @@ def _storable(key: object) -> bool:
     return True
 
 
+def invalid_cursor(cursor: str) -> ApiError:
+    """The 400 for a cursor this server did not hand out for this list."""
+    shown = cursor if len(cursor) <= 60 else cursor[:57] + "..."
+    return ApiError(
+        400,
+        "invalid_request",
+        "invalid_cursor",
+        f"cursor {shown!r} is not a cursor of this list; pass the next_cursor of the "
+        "previous page unchanged, or leave cursor out to start from the first page",
+    )
+
+
 def decode_cursor(cursor: str, kind: str, key_type: type[str] | type[int]) -> str | int:
     """The key a cursor of ``kind`` stands for; ApiError 400 for anything this server did not
     hand out (garbage, truncated, edited, or a cursor of another list)."""
@@ -138,12 +152,20 @@ def decode_cursor(cursor: str, kind: str, key_type: type[str] | type[int]) -> st
     except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError):
         valid = False
     if not valid:
-        shown = cursor if len(cursor) <= 60 else cursor[:57] + "..."
-        raise ApiError(
-            400,
-            "invalid_request",
-            "invalid_cursor",
-            f"cursor {shown!r} is not a cursor of this list; pass the next_cursor of the "
-            "previous page unchanged, or leave cursor out to start from the first page",
-        )
+        raise invalid_cursor(cursor)
     return after  # type: ignore[no-any-return]
+
+
+def artifact_json(artifact: ArtifactRow) -> dict[str, Any]:
+    """Harmont's artifact columns, plus ``sha256`` (the content's address in the store)."""
+    return {
+        "id": artifact.id,
+        "job_id": artifact.job_id,
+        "path": artifact.path,
+        "filename": artifact.filename,
+        "mime_type": artifact.mime_type,
+        "file_size": artifact.file_size,
+        "sha1_sum": artifact.sha1_sum,
+        "sha256": artifact.sha256,
+        "state": artifact.state,
+    }

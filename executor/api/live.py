@@ -1,0 +1,240 @@
+"""Live logs, Harmont's way (SPEC §6): a build-scoped log token, then a Server-Sent Events
+stream of one job's output.
+
+``GET …/builds/{number}/log-token`` (Bearer auth) answers ``{"token", "expires_at"}``: an HMAC
+(SHA-256) over the build's id and an expiry an hour out, keyed by a secret kept in the store
+(``Store.store_key``), so every server of one record accepts it. ``GET /v0/jobs/{job_id}/logs
+?token=…`` (no Bearer: browsers' EventSource cannot send headers) then streams:
+
+- ``event: history``: ``{"chunks": [chunk, ...]}``, the chunks after ``Last-Event-ID`` (all of
+  them on a first connection); its ``id`` is the last chunk's seq;
+- ``event: chunk`` per new chunk, ``id: <seq>``, data ``{seq, stream_kind, content, ts,
+  attempt}``;
+- ``event: done`` with ``{"state", "exit_code"}`` once the job is terminal and every chunk was
+  sent, then the stream ends;
+- a ``: heartbeat`` comment after ``heartbeat_s`` (15 s) without an event.
+
+Chunks are the store's, byte for byte. ``content`` is the chunk decoded as UTF-8 when it is
+valid UTF-8; otherwise it is the chunk in base64 and the chunk carries ``"encoding": "base64"``
+(a chunk can also end inside a multi-byte character: it is then base64 too). Nothing is lost or
+replaced. The stream polls the store (``poll_s``): the writer commits at most every 50 ms.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the handlers' annotations at runtime.
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import anyio
+from fastapi import Depends, FastAPI, Header, Query
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from executor.api import models
+from executor.api.errors import ApiError, not_found, unauthorized
+from executor.api.lookup import API_PREFIX, STATUS_TEXT, Lookups, is_uuid
+from executor.store import JobRow, LogChunk, TokenRow
+from executor.store.reads import LOG_PAGE_ROWS
+from executor.store.rows import format_time
+
+__all__ = ["LOG_TOKEN_TTL", "add_live_log_routes", "chunk_json", "mint_log_token"]
+
+LOG_TOKEN_TTL = timedelta(hours=1)
+_KEY_NAME = "log_token_hmac"
+
+
+class LogToken(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: str
+    expires_at: str
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def mint_log_token(key: bytes, build_id: str, expires_at: datetime) -> str:
+    """``<payload>.<mac>``, both base64url: the payload names the build and the expiry."""
+    payload = json.dumps(
+        {"b": build_id, "e": int(expires_at.timestamp())}, separators=(",", ":")
+    ).encode()
+    mac = hmac.new(key, payload, hashlib.sha256).digest()
+    return f"{_b64(payload)}.{_b64(mac)}"
+
+
+def _bad_token(why: str) -> ApiError:
+    return unauthorized(
+        f"{why}; mint a log token with GET {API_PREFIX}/organizations/{{org}}/pipelines/"
+        "{pipeline}/builds/{number}/log-token and pass it as ?token="
+    )
+
+
+def verify_log_token(key: bytes, token: str, now: datetime) -> str:
+    """The build id a token is good for; ApiError 401 if it is not one of ours or expired."""
+    payload_text, _, mac_text = token.partition(".")
+    try:
+        payload, mac = _unb64(payload_text), _unb64(mac_text)
+    except (ValueError, binascii.Error):
+        raise _bad_token("the log token is not one this server minted") from None
+    expected = hmac.new(key, payload, hashlib.sha256).digest()
+    if not hmac.compare_digest(mac, expected):
+        raise _bad_token("the log token is not one this server minted (or it was altered)")
+    data = json.loads(payload)
+    expires = datetime.fromtimestamp(int(data["e"]), UTC)
+    if expires <= now:
+        raise _bad_token(f"the log token expired at {format_time(expires)}")
+    return str(data["b"])
+
+
+def chunk_json(chunk: LogChunk) -> dict[str, Any]:
+    """A log chunk on the wire (see the module docstring for ``encoding``)."""
+    body: dict[str, Any] = {
+        "seq": chunk.seq,
+        "stream_kind": chunk.stream,
+        "ts": format_time(chunk.at),
+        "attempt": chunk.attempt,
+    }
+    try:
+        body["content"] = chunk.content.decode("utf-8")
+    except UnicodeDecodeError:
+        body["content"] = base64.b64encode(chunk.content).decode("ascii")
+        body["encoding"] = "base64"
+    return body
+
+
+def _event(name: str, data: Any, event_id: int | None = None) -> bytes:
+    head = "" if event_id is None else f"id: {event_id}\n"
+    return f"{head}event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def add_live_log_routes(
+    app: FastAPI, lookups: Lookups, *, heartbeat_s: float, poll_s: float
+) -> None:
+    store = lookups.store
+    Caller = Annotated[TokenRow, Depends(lookups.caller)]
+    keys: list[bytes] = []
+
+    def hmac_key() -> bytes:
+        # Made once per store (a write), then the same forever: read once per process.
+        if not keys:
+            keys.append(store.store_key(_KEY_NAME))
+        return keys[0]
+
+    builds_path = f"{API_PREFIX}/organizations/{{org}}/pipelines/{{pipeline}}/builds"
+
+    @app.get(
+        f"{builds_path}/{{number}}/log-token",
+        tags=["builds"],
+        summary="Mint a build-scoped log token for the SSE log stream",
+        responses={
+            200: {"model": LogToken},
+            **{
+                status: {"model": models.ErrorEnvelope, "description": STATUS_TEXT[status]}
+                for status in (401, 404, 422)
+            },
+        },
+    )
+    async def log_token(org: str, pipeline: str, number: int, token: Caller) -> JSONResponse:
+        def lookup() -> tuple[str, bytes]:
+            build = lookups.build_of(token, org, pipeline, number)
+            return build.id, hmac_key()
+
+        build_id, key = await lookups.read(lookup)
+        expires_at = datetime.now(UTC).replace(microsecond=0) + LOG_TOKEN_TTL
+        return JSONResponse(
+            {
+                "token": mint_log_token(key, build_id, expires_at),
+                "expires_at": format_time(expires_at),
+            }
+        )
+
+    @app.get(
+        "/v0/jobs/{job_id}/logs",
+        tags=["jobs"],
+        summary="A job's log as Server-Sent Events (history, chunk, done)",
+        response_class=StreamingResponse,
+        responses={
+            200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            **{
+                status: {"model": models.ErrorEnvelope, "description": STATUS_TEXT[status]}
+                for status in (401, 404, 422)
+            },
+        },
+    )
+    async def job_log_stream(
+        job_id: str,
+        token: Annotated[
+            str | None, Query(description="A token from …/builds/{number}/log-token.")
+        ] = None,
+        last_event_id: Annotated[
+            int | None,
+            Header(ge=0, description="Resume after this chunk seq (set by EventSource)."),
+        ] = None,
+    ) -> StreamingResponse:
+        def lookup() -> JobRow:
+            if token is None:
+                raise _bad_token("no ?token= on the log stream's URL")
+            build_id = verify_log_token(hmac_key(), token, datetime.now(UTC))
+            job = store.get_job(job_id.lower()) if is_uuid(job_id) else None
+            if job is None or job.build_id != build_id:
+                raise not_found(
+                    "job_not_found",
+                    f"no job {job_id!r} in the build this log token is for; log tokens are "
+                    "build-scoped: mint one for the job's build",
+                )
+            return job
+
+        job = await lookups.read(lookup)
+
+        def poll(after: int) -> tuple[bool, JobRow | None, list[LogChunk]]:
+            # The state first, then the chunks: a job seen terminal has all its chunks in.
+            now = store.get_job(job.id)
+            chunks: list[LogChunk] = []
+            while True:
+                page = store.log_page(job.id, after_seq=after)
+                chunks.extend(page)
+                if len(page) < LOG_PAGE_ROWS:
+                    break
+                after = page[-1].seq
+            return (now is not None and now.state.is_terminal), now, chunks
+
+        async def events() -> AsyncIterator[bytes]:
+            after = last_event_id or 0
+            done, now, chunks = await lookups.read(poll, after)
+            if chunks:
+                after = chunks[-1].seq
+            yield _event(
+                "history",
+                {"chunks": [chunk_json(c) for c in chunks]},
+                after if after else None,
+            )
+            quiet_since = time.monotonic()
+            while not done:
+                await anyio.sleep(poll_s)
+                done, now, chunks = await lookups.read(poll, after)
+                for chunk in chunks:
+                    yield _event("chunk", chunk_json(chunk), chunk.seq)
+                    after = chunk.seq
+                if chunks:
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since >= heartbeat_s:
+                    yield b": heartbeat\n\n"
+                    quiet_since = time.monotonic()
+            assert now is not None
+            yield _event("done", {"state": now.state.value, "exit_code": now.exit_code})
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
