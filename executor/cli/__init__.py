@@ -8,7 +8,7 @@ importing them registers them on the group.
 
 from __future__ import annotations
 
-from executor.cli import record, run, serve  # noqa: F401  (registers the commands)
+from executor.cli import artifacts, record, run, serve  # noqa: F401  (registers the commands)
 from executor.cli.common import EXIT_INVALID, cli
 
 __all__ = ["EXIT_INVALID", "cli", "main"]

@@ -1,8 +1,9 @@
-"""Reading the record from the terminal: `builds`, `jobs`, `logs`."""
+"""Reading the record from the terminal: `builds`, `jobs`, `logs` (and `logs --follow`)."""
 
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 from rich.table import Table
@@ -12,7 +13,7 @@ from executor.errors import ExecutorError
 from executor.store import BuildRow, Store, open_store
 
 
-def _build_or_exit(store: Store, number: int, org: str | None, pipeline: str | None) -> BuildRow:
+def build_or_exit(store: Store, number: int, org: str | None, pipeline: str | None) -> BuildRow:
     build = store.get_build(number, org=org, pipeline=pipeline)
     if build is None:
         where = f" in pipeline {pipeline!r}" if pipeline else ""
@@ -61,7 +62,7 @@ def jobs(number: int, db: str | None, org: str | None, pipeline: str | None) -> 
     """Show the jobs of build NUMBER in plan order."""
     try:
         with open_store(db) as store:
-            build = _build_or_exit(store, number, org, pipeline)
+            build = build_or_exit(store, number, org, pipeline)
             rows = store.list_jobs(build.id)
     except ExecutorError as exc:
         click.echo(f"harmont-exec: {exc}", err=True)
@@ -82,11 +83,26 @@ def jobs(number: int, db: str | None, org: str | None, pipeline: str | None) -> 
     make_console().print(table)
 
 
+FOLLOW_POLL_S = 0.1
+"""How often ``logs --follow`` reads the store (the writer commits at most every 50 ms)."""
+
+
 @cli.command()
 @click.argument("job_id")
 @db_option
-def logs(job_id: str, db: str | None) -> None:
-    """Print a job's log (every attempt, stdout and stderr as recorded, bytes unchanged)."""
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="Keep printing the job's output as it is recorded, until the job ends.",
+)
+def logs(job_id: str, db: str | None, follow: bool) -> None:
+    """Print a job's log (every attempt, stdout and stderr as recorded, bytes unchanged).
+
+    JOB_ID is a job's id, or a prefix of at least 8 characters (`harmont-exec jobs NUMBER`
+    lists them). With --follow, waits for new output until the job is finished (Ctrl-C stops
+    following; the job goes on)."""
+    out = sys.stdout.buffer
     try:
         with open_store(db) as store:
             job = store.get_job(job_id)
@@ -96,10 +112,22 @@ def logs(job_id: str, db: str | None) -> None:
                     err=True,
                 )
                 sys.exit(EXIT_INVALID)
-            out = sys.stdout.buffer
-            for chunk in store.read_log(job.id):
-                out.write(chunk.content)
-            out.flush()
+            after = 0
+            while True:
+                # The state first, then the output: a job seen finished has all its output in.
+                now = store.get_job(job.id) if follow else None
+                for chunk in store.read_log(job.id, after_seq=after):
+                    out.write(chunk.content)
+                    after = chunk.seq
+                out.flush()
+                if now is None or now.state.is_terminal:
+                    break
+                time.sleep(FOLLOW_POLL_S)
     except ExecutorError as exc:
         click.echo(f"harmont-exec: {exc}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:  # `logs ... | head`: the reader is gone, so are we
+        sys.stderr.close()
+        sys.exit(0)
