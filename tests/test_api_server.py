@@ -4,17 +4,12 @@ against the OpenAPI document it serves itself (SPEC §6)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import httpx
@@ -23,130 +18,22 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.config import SchemathesisConfig
+from serving import (
+    TIMEOUT_S,
+    Server,
+    create_token,
+    output,
+    poll,
+    server,
+    start,
+    stop,
+)
 
 from executor.api import API_PREFIX, create_app
+from executor.api.live import LOG_TOKEN_TTL, mint_log_token
 from executor.store import open_store
 
-T = TypeVar("T")
-TIMEOUT_S = 120.0
-"""Bound on every wait for another process: generous, so a slow CI machine does not fail; only
-a hang reaches it."""
-
-
-# --- processes -------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _start(args: list[str], cwd: Path, out: Path) -> subprocess.Popen[bytes]:
-    """`python -m executor ARGS` in its own session (so its whole process group can be
-    signalled), output to files (a pipe nobody reads could fill up and block it)."""
-    with out.with_suffix(".out").open("wb") as stdout, out.with_suffix(".err").open("wb") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "executor", *args],
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=err,
-            start_new_session=True,
-        )
-
-
-def _output(out: Path) -> str:
-    return "".join(
-        f"\n--- {p.name}:\n{p.read_text(errors='replace')}"
-        for p in (out.with_suffix(".out"), out.with_suffix(".err"))
-        if p.exists()
-    )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, then SIGKILL it if it is still there; always reap."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # anything left of its group
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait(timeout=30)
-
-
-def _poll(
-    check: Callable[[], T | None], what: str, *alive: tuple[subprocess.Popen[bytes], Path]
-) -> T:
-    """Call ``check`` until it returns something other than None, bounded by TIMEOUT_S; fail
-    at once if one of the ``alive`` processes exits meanwhile."""
-    deadline = time.monotonic() + TIMEOUT_S
-    while True:
-        result = check()
-        if result is not None:
-            return result
-        for proc, out in alive:
-            assert proc.poll() is None, f"exited {proc.returncode} while waiting for {what}" + (
-                _output(out)
-            )
-        assert time.monotonic() < deadline, f"{what}: not within {TIMEOUT_S}s"
-        time.sleep(0.02)
-
-
-@dataclass(frozen=True)
-class Server:
-    url: str
-    db: Path
-    proc: subprocess.Popen[bytes]
-    out: Path
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    """`harmont-exec serve --db DB --port P` on a free loopback port, answering /ping."""
-    db = tmp_path / "store" / "harmont.db"
-    port = _free_port()
-    out = tmp_path / "serve"
-    proc = _start(["serve", "--db", str(db), "--port", str(port)], tmp_path, out)
-    url = f"http://127.0.0.1:{port}{API_PREFIX}"
-    try:
-
-        def pong() -> bool | None:
-            try:
-                response = httpx.get(f"{url}/ping", timeout=10)
-            except httpx.TransportError:
-                return None  # not listening yet
-            assert response.status_code == 200, response.text
-            assert response.json() == {"status": "ok"}
-            return True
-
-        _poll(pong, "the server to answer /ping", (proc, out))
-        yield Server(url, db, proc, out)
-    finally:
-        _stop(proc)
-
-
-def _create_token(db: Path, cwd: Path) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "executor", "token", "create", "--db", str(db)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    secret = result.stdout.strip()
-    assert result.stdout == secret + "\n"  # the secret alone on stdout
-    assert secret.startswith("hm_") and len(secret) == 3 + 43, secret
-    return secret
-
+__all__ = ["server"]  # a fixture, used here
 
 # --- end to end: serve while another process runs a build -------------------------------------
 
@@ -163,10 +50,10 @@ steps:
 def test_api_server_shows_a_build_live_while_another_process_runs_it(
     server: Server, tmp_path: Path
 ) -> None:
-    secret = _create_token(server.db, tmp_path)  # after the server started: it must see it
+    secret = create_token(server.db, tmp_path)  # after the server started: it must see it
     (tmp_path / "build.yaml").write_text(BLOCKING_BUILD)
     out = tmp_path / "run"
-    run = _start(["run", "build.yaml", "--db", str(server.db)], tmp_path, out)
+    run = start(["run", "build.yaml", "--db", str(server.db)], tmp_path, out)
     builds = f"{server.url}/organizations/local/pipelines/build/builds"
     try:
         with httpx.Client(headers={"Authorization": f"Bearer {secret}"}, timeout=30) as client:
@@ -189,7 +76,7 @@ def test_api_server_shows_a_build_live_while_another_process_runs_it(
                 states = {j["step_key"]: j["state"] for j in jobs}
                 return jobs if states.get("middle") == "running" else None
 
-            jobs = _poll(
+            jobs = poll(
                 middle_running, "job 'middle' running", (run, out), (server.proc, server.out)
             )
             first, middle, last = jobs  # topological order
@@ -209,11 +96,11 @@ def test_api_server_shows_a_build_live_while_another_process_runs_it(
                 exited = run.poll() is not None  # before the read: an exited run committed all
                 build: dict[str, Any] = get(f"{builds}/1")
                 if build["state"] in ("scheduled", "running"):
-                    assert not exited, f"the run exited, the build is {build}" + _output(out)
+                    assert not exited, f"the run exited, the build is {build}" + output(out)
                     return None
                 return build
 
-            build = _poll(finished, "the build to finish", (server.proc, server.out))
+            build = poll(finished, "the build to finish", (server.proc, server.out))
             assert build["state"] == "passed", build
             assert build["finished_at"] is not None
             jobs = get(f"{builds}/1/jobs")["data"]
@@ -224,10 +111,10 @@ def test_api_server_shows_a_build_live_while_another_process_runs_it(
             ]
             log = client.get(f"{builds}/1/jobs/{first['id']}/log")
             assert log.status_code == 200 and log.text == "first-output\n"
-            assert run.wait(timeout=TIMEOUT_S) == 0, _output(out)
+            assert run.wait(timeout=TIMEOUT_S) == 0, output(out)
     finally:
         (tmp_path / "go").touch()  # lets the job end even if the test failed before
-        _stop(run)
+        stop(run)
 
 
 def test_api_server_answers_a_request_without_token_with_the_401_envelope(
@@ -259,7 +146,7 @@ def test_api_server_answers_an_unsupported_method_with_405_and_allow(server: Ser
 
 PASSING = """\
 steps:
-  - {key: compile, command: echo compiled}
+  - {key: compile, command: 'echo compiled > compiled.txt', artifact_paths: ['*.txt']}
   - key: flaky
     command: 'echo "attempt $HARMONT_ATTEMPT"; test "$HARMONT_ATTEMPT" -ge 2'
     retry_policy: {limit: 2, exit_codes: [1], backoff: {initial_seconds: 0}}
@@ -285,8 +172,12 @@ OPERATIONS = [
         "/organizations/{org}/pipelines/{pipeline}/builds/{number}/jobs/{job_id}",
         "/organizations/{org}/pipelines/{pipeline}/builds/{number}/jobs/{job_id}/attempts",
         "/organizations/{org}/pipelines/{pipeline}/builds/{number}/jobs/{job_id}/log",
+        "/organizations/{org}/pipelines/{pipeline}/builds/{number}/jobs/{job_id}/artifacts",
+        "/organizations/{org}/pipelines/{pipeline}/builds/{number}/artifacts",
+        "/organizations/{org}/pipelines/{pipeline}/builds/{number}/artifacts/{artifact_id}/download",
+        "/organizations/{org}/pipelines/{pipeline}/builds/{number}/log-token",
     )
-]
+] + ["/v0/jobs/{job_id}/logs"]  # Harmont's live log stream is outside /api
 # /ping has no parameter to make invalid: no negative case exists for it.
 CASES = [(path, GenerationMode.POSITIVE) for path in OPERATIONS] + [
     (path, GenerationMode.NEGATIVE) for path in OPERATIONS[1:]
@@ -337,6 +228,14 @@ def record(tmp_path_factory: pytest.TempPathFactory) -> Record:
             for pipeline in ("ci", "broken")
             for job in store.list_jobs(store.get_build(1, org="local", pipeline=pipeline).id)  # type: ignore[union-attr]
         ]
+        ci = store.get_build(1, org="local", pipeline="ci")
+        assert ci is not None
+        artifact_ids = [a.id for a in store.list_artifacts(build_id=ci.id)]
+        assert artifact_ids, "the ci build collects an artifact"
+        # A log token for build ci #1: streams of its (finished) jobs end with `done`.
+        log_token = mint_log_token(
+            store.store_key("log_token_hmac"), ci.id, datetime.now(UTC) + LOG_TOKEN_TTL
+        )
     first = anyio.run(_first_page_of_pipelines, db, secret)
     cursor = first.json()["next_cursor"]
     assert cursor is not None, first.text  # a real cursor, so that some pages are not the first
@@ -353,6 +252,8 @@ def record(tmp_path_factory: pytest.TempPathFactory) -> Record:
                 "number": {"values": [1]},
                 "job_id": {"values": job_ids},
                 "cursor": {"values": [cursor]},
+                "artifact_id": {"values": artifact_ids},
+                "log_token": {"values": [log_token]},
             },
             "parameters": {
                 "path.org": drawn("org", 0.8),
@@ -360,6 +261,8 @@ def record(tmp_path_factory: pytest.TempPathFactory) -> Record:
                 "path.number": drawn("number", 0.8),
                 "path.job_id": drawn("job_id", 0.8),
                 "query.cursor": drawn("cursor", 0.3),
+                "path.artifact_id": drawn("artifact_id", 0.8),
+                "query.token": drawn("log_token", 1.0),
             },
             "checks": {
                 # A cursor is opaque: the schema can only say "string", so a schema-valid but

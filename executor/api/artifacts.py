@@ -123,7 +123,10 @@ def add_artifact_routes(app: FastAPI, lookups: Lookups) -> None:
         response_class=FileResponse,
         openapi_extra=extension,
         responses={
-            200: {"content": {"application/octet-stream": {"schema": {"type": "string"}}}},
+            200: {
+                "description": "The file's bytes, with its recorded content type",
+                "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+            },
             **{
                 status: {"model": models.ErrorEnvelope, "description": STATUS_TEXT[status]}
                 for status in (401, 404, 422)
@@ -146,7 +149,13 @@ def add_artifact_routes(app: FastAPI, lookups: Lookups) -> None:
             path,
             media_type=artifact.mime_type,
             filename=artifact.filename,
-            headers={"repr-digest": f"sha-256=:{digest}:", "x-content-type-options": "nosniff"},
+            headers={
+                # Exactly the recorded type: Starlette would add "; charset=utf-8" to text/*,
+                # a guess about bytes the job wrote.
+                "content-type": artifact.mime_type,
+                "repr-digest": f"sha-256=:{digest}:",
+                "x-content-type-options": "nosniff",
+            },
         )
         response.chunk_size = CHUNK_BYTES
         return response

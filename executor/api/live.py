@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import anyio
-from fastapi import Depends, FastAPI, Header, Query
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
@@ -53,6 +53,18 @@ class LogToken(BaseModel):
     model_config = ConfigDict(extra="forbid")
     token: str
     expires_at: str
+
+
+# One event of the stream, as OpenAPI 3.2 describes Server-Sent Events (the data is JSON text).
+_EVENT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["history", "chunk", "done"]},
+        "data": {"type": "string"},
+        "id": {"type": "string"},
+    },
+    "required": ["event", "data"],
+}
 
 
 def _b64(data: bytes) -> str:
@@ -162,9 +174,23 @@ def add_live_log_routes(
         "/v0/jobs/{job_id}/logs",
         tags=["jobs"],
         summary="A job's log as Server-Sent Events (history, chunk, done)",
+        openapi_extra={
+            "parameters": [
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "description": "Resume after this chunk seq (EventSource sends it).",
+                    "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1},
+                }
+            ]
+        },
         response_class=StreamingResponse,
         responses={
-            200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            200: {
+                "description": "history, then chunk events, then done (module docstring)",
+                "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}},
+            },
             **{
                 status: {"model": models.ErrorEnvelope, "description": STATUS_TEXT[status]}
                 for status in (401, 404, 422)
@@ -173,14 +199,26 @@ def add_live_log_routes(
     )
     async def job_log_stream(
         job_id: str,
+        request: Request,
         token: Annotated[
             str | None, Query(description="A token from …/builds/{number}/log-token.")
         ] = None,
-        last_event_id: Annotated[
-            int | None,
-            Header(ge=0, description="Resume after this chunk seq (set by EventSource)."),
-        ] = None,
     ) -> StreamingResponse:
+        # Read here rather than declared: FastAPI would document an optional header as
+        # nullable, and "null" is no seq. Documented in openapi_extra.
+        raw_last = request.headers.get("last-event-id")
+        last_event_id = None
+        if raw_last is not None:
+            if not raw_last.strip().isdigit() or len(raw_last.strip()) > 18:
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    "invalid_request",
+                    f"Last-Event-ID {raw_last[:40]!r} is not a chunk seq; send the id of the "
+                    "last event received (EventSource does), or no header to start over",
+                )
+            last_event_id = int(raw_last)
+
         def lookup() -> JobRow:
             if token is None:
                 raise _bad_token("no ?token= on the log stream's URL")

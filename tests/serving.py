@@ -1,0 +1,140 @@
+"""Running harmont-exec as real processes in tests: `python -m executor ...` in its own
+session, a `serve` fixture on a free loopback port, and bounded polling for a condition."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+import pytest
+
+from executor.api import API_PREFIX
+
+T = TypeVar("T")
+TIMEOUT_S = 120.0
+"""Bound on every wait for another process: generous, so a slow CI machine does not fail; only
+a hang reaches it."""
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(args: list[str], cwd: Path, out: Path) -> subprocess.Popen[bytes]:
+    """`python -m executor ARGS` in its own session (so its whole process group can be
+    signalled), output to files (a pipe nobody reads could fill up and block it)."""
+    with out.with_suffix(".out").open("wb") as stdout, out.with_suffix(".err").open("wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "executor", *args],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=err,
+            start_new_session=True,
+        )
+
+
+def output(out: Path) -> str:
+    return "".join(
+        f"\n--- {p.name}:\n{p.read_text(errors='replace')}"
+        for p in (out.with_suffix(".out"), out.with_suffix(".err"))
+        if p.exists()
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group, then SIGKILL it if it is still there; always reap."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # anything left of its group
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait(timeout=30)
+
+
+def poll(
+    check: Callable[[], T | None], what: str, *alive: tuple[subprocess.Popen[bytes], Path]
+) -> T:
+    """Call ``check`` until it returns something other than None, bounded by TIMEOUT_S; fail
+    at once if one of the ``alive`` processes exits meanwhile."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        result = check()
+        if result is not None:
+            return result
+        for proc, out in alive:
+            assert proc.poll() is None, f"exited {proc.returncode} while waiting for {what}" + (
+                output(out)
+            )
+        assert time.monotonic() < deadline, f"{what}: not within {TIMEOUT_S}s"
+        time.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    db: Path
+    proc: subprocess.Popen[bytes]
+    out: Path
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """`harmont-exec serve --db DB --port P` on a free loopback port, answering /ping."""
+    db = tmp_path / "store" / "harmont.db"
+    port = free_port()
+    out = tmp_path / "serve"
+    proc = start(["serve", "--db", str(db), "--port", str(port)], tmp_path, out)
+    url = f"http://127.0.0.1:{port}{API_PREFIX}"
+    try:
+
+        def pong() -> bool | None:
+            try:
+                response = httpx.get(f"{url}/ping", timeout=10)
+            except httpx.TransportError:
+                return None  # not listening yet
+            assert response.status_code == 200, response.text
+            assert response.json() == {"status": "ok"}
+            return True
+
+        poll(pong, "the server to answer /ping", (proc, out))
+        yield Server(url, db, proc, out)
+    finally:
+        stop(proc)
+
+
+def create_token(db: Path, cwd: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "executor", "token", "create", "--db", str(db)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    secret = result.stdout.strip()
+    assert result.stdout == secret + "\n"  # the secret alone on stdout
+    assert secret.startswith("hm_") and len(secret) == 3 + 43, secret
+    return secret
