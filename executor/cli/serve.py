@@ -13,6 +13,10 @@ from executor.errors import ExecutorError
 from executor.store import open_store
 
 
+SHUTDOWN_GRACE_S = 3
+"""How long `serve` waits for open requests (live-log streams) after SIGINT/SIGTERM."""
+
+
 @cli.command()
 @db_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -34,7 +38,16 @@ def serve(db: str | None, host: str, port: int) -> None:
         err=True,
     )
     try:
-        uvicorn.run(create_app(store=store), host=host, port=port, log_level="warning")
+        # Live-log streams stay open until their job ends: at shutdown, give requests
+        # SHUTDOWN_GRACE_S to finish, then cut the streams (EventSource clients reconnect
+        # with Last-Event-ID and lose nothing).
+        uvicorn.run(
+            create_app(store=store),
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        )
     finally:
         store.close()
 

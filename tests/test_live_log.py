@@ -1,0 +1,467 @@
+"""Live logs (SPEC §6): the SSE stream of a job that a real `harmont-exec run` process is
+running, read by an httpx streaming client from the real `harmont-exec serve`; resume with
+Last-Event-ID; the log tokens' refusals; lossless bytes; heartbeats; `logs --follow`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from serving import TIMEOUT_S, Server, create_token, output, poll, server, start, stop
+
+import executor
+from executor.api import create_app
+from executor.api.live import LOG_TOKEN_TTL, mint_log_token
+from executor.store import JobRow, open_store
+
+__all__ = ["server"]  # a fixture, used here
+
+API = "/api/v0/organizations"
+# The job talks, then waits for the test to create `go`, talks again (including bytes that
+# are not UTF-8), waits for `go2`, and ends.
+TALKER = """\
+steps:
+  - key: talk
+    command: >-
+      echo first;
+      while [ ! -e go ]; do sleep 0.05; done;
+      echo second; printf '\\377\\376 not utf-8\\n';
+      while [ ! -e go2 ]; do sleep 0.05; done;
+      echo third
+"""
+
+
+@dataclass
+class Event:
+    name: str = "message"
+    data: str = ""
+    id: str | None = None
+
+
+@dataclass
+class Stream:
+    events: list[Event] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+
+
+def _events(lines: Iterator[str], stream: Stream) -> Iterator[Event]:
+    """SSE parsing (the WHATWG rules this server uses): fields until a blank line."""
+    current = Event()
+    for line in lines:
+        if line == "":
+            if current.data or current.name != "message":
+                stream.events.append(current)
+                yield current
+            current = Event()
+        elif line.startswith(":"):
+            stream.comments.append(line)
+        else:
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                current.name = value
+            elif name == "data":
+                current.data += value
+            elif name == "id":
+                current.id = value
+
+
+def _chunks(event: Event) -> list[dict[str, Any]]:
+    body = json.loads(event.data)
+    return list(body["chunks"]) if event.name == "history" else [body]
+
+
+def _content(chunk: dict[str, Any]) -> bytes:
+    if chunk.get("encoding") == "base64":
+        return base64.b64decode(chunk["content"])
+    return str(chunk["content"]).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Live:
+    server: Server
+    work: Path
+    run: subprocess.Popen[bytes]
+    headers: dict[str, str]
+    job: dict[str, Any]
+    stream_url: str
+
+
+@pytest.fixture
+def live(server: Server, tmp_path: Path) -> Iterator[Live]:
+    """A real `run` process running TALKER into the server's store, its job running."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "talker.yaml").write_text(TALKER)
+    out = tmp_path / "run"
+    run = start(["run", "talker.yaml", "--db", str(server.db)], work, out)
+    try:
+        headers = {"Authorization": f"Bearer {create_token(server.db, tmp_path)}"}
+        build = f"{server.url.removesuffix('/api/v0')}{API}/local/pipelines/talker/builds/1"
+
+        def running() -> dict[str, Any] | None:
+            response = httpx.get(f"{build}/jobs", headers=headers, timeout=TIMEOUT_S)
+            if response.status_code == 404:
+                return None  # not recorded yet
+            (job,) = response.json()["data"]
+            return job if job["state"] == "running" else None  # type: ignore[no-any-return]
+
+        job = poll(running, "the job to run", (run, out))
+        token = httpx.get(f"{build}/log-token", headers=headers, timeout=TIMEOUT_S).json()
+        expires = datetime.fromisoformat(token["expires_at"])
+        assert timedelta(minutes=55) < expires - datetime.now(UTC) <= timedelta(hours=1)
+        base = server.url.removesuffix("/api/v0")
+        url = f"{base}/v0/jobs/{job['id']}/logs?token={token['token']}"
+        yield Live(server, work, run, headers, job, url)
+        (work / "go").touch()
+        (work / "go2").touch()
+        assert run.wait(timeout=TIMEOUT_S) == 0, output(out)
+    finally:
+        stop(run)
+
+
+def _job_state(live: Live) -> str:
+    base = live.server.url
+    url = f"{base}/organizations/local/pipelines/talker/builds/1/jobs/{live.job['id']}"
+    return str(httpx.get(url, headers=live.headers, timeout=TIMEOUT_S).json()["state"])
+
+
+def _recorded_log(live: Live) -> bytes:
+    with open_store(live.server.db) as store:
+        return b"".join(c.content for c in store.read_log(live.job["id"]))
+
+
+def test_live_log_streams_chunks_while_the_job_runs_then_done(live: Live) -> None:
+    stream = Stream()
+    received: list[dict[str, Any]] = []
+    with httpx.stream("GET", live.stream_url, timeout=TIMEOUT_S) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for event in _events(response.iter_lines(), stream):
+            if event.name == "done":
+                assert json.loads(event.data) == {"state": "passed", "exit_code": 0}
+                break
+            received.extend(_chunks(event))
+            text = b"".join(_content(c) for c in received)
+            if b"first" in text and not (live.work / "go").exists():
+                # Received while the command is still running: it waits for this file.
+                assert _job_state(live) == "running"
+                (live.work / "go").touch()
+            if b"second" in text and not (live.work / "go2").exists():
+                assert _job_state(live) == "running"
+                (live.work / "go2").touch()
+    assert stream.events[0].name == "history"
+    assert [e.name for e in stream.events[1:-1]] == ["chunk"] * (len(stream.events) - 2)
+    assert [c["seq"] for c in received] == list(range(1, len(received) + 1))
+    for event in stream.events[1:-1]:
+        assert event.id == str(json.loads(event.data)["seq"])
+    assert b"".join(_content(c) for c in received) == _recorded_log(live)
+    assert set(received[0]) >= {"seq", "stream_kind", "content", "ts"}
+
+
+def test_live_log_resumes_from_last_event_id_without_gaps_or_duplicates(live: Live) -> None:
+    first: list[dict[str, Any]] = []
+    last_id = None
+    with httpx.stream("GET", live.stream_url, timeout=TIMEOUT_S) as response:
+        for event in _events(response.iter_lines(), Stream()):
+            first.extend(_chunks(event))
+            last_id = event.id
+            if b"first" in b"".join(_content(c) for c in first):
+                break  # the client goes away mid-job
+    assert last_id is not None
+    (live.work / "go").touch()
+
+    def has_second() -> bool | None:
+        return True if b"second" in _recorded_log(live) else None
+
+    poll(has_second, "the job's second line to be recorded")
+    rest: list[dict[str, Any]] = []
+    stream = Stream()
+    headers = {"Last-Event-ID": last_id}
+    with httpx.stream("GET", live.stream_url, headers=headers, timeout=TIMEOUT_S) as response:
+        for event in _events(response.iter_lines(), stream):
+            if event.name == "done":
+                break
+            rest.extend(_chunks(event))
+            if b"second" in b"".join(_content(c) for c in rest):
+                (live.work / "go2").touch()
+    assert stream.events[0].name == "history"
+    assert rest and rest[0]["seq"] == int(last_id) + 1  # the history starts after the id
+    seqs = [c["seq"] for c in first + rest]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert b"".join(_content(c) for c in first + rest) == _recorded_log(live)
+
+
+# --- the ASGI app over a finished build: tokens, content, heartbeats --------------------------
+
+
+@dataclass(frozen=True)
+class Finished:
+    db: Path
+    token: str
+    job: JobRow  # of build 1: prints bytes that are not UTF-8
+    other_build_id: str
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
+    work = tmp_path_factory.mktemp("finished")
+    (work / "b.json").write_text(
+        json.dumps(
+            {
+                "steps": [
+                    # Two pipes, so two chunks: text on stdout, other bytes on stderr.
+                    {
+                        "key": "bytes",
+                        "command": "printf 'h\\303\\251llo\\n'; printf '\\377\\376' >&2",
+                    }
+                ]
+            }
+        )
+    )
+    db = work / "harmont.db"
+    first = executor.run_build_sync(work / "b.json", db=db)
+    second = executor.run_build_sync(work / "b.json", db=db)
+    with open_store(db) as store:
+        _, token = store.create_token(
+            description=None, organizations=None, expires_at=None, now=datetime.now(UTC)
+        )
+        job = store.get_job(first.jobs["bytes"].job_id)
+    assert job is not None
+    return Finished(db, token, job, second.build_id)
+
+
+async def _get(
+    db: Path, path: str, headers: dict[str, str] | None = None, **app_options: Any
+) -> httpx.Response:
+    with anyio.fail_after(TIMEOUT_S):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(db=db, **app_options)),
+            base_url="http://test",
+        ) as client:
+            return await client.get(path, headers=headers)
+
+
+def _log_token(db: Path, build_id: str, expires_at: datetime) -> str:
+    with open_store(db) as store:
+        return mint_log_token(store.store_key("log_token_hmac"), build_id, expires_at)
+
+
+def _stream_path(finished: Finished, token: str) -> str:
+    return f"/v0/jobs/{finished.job.id}/logs?token={token}"
+
+
+def _refused(response: httpx.Response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["request_id"] == response.headers["x-request-id"]
+    return str(error["message"])
+
+
+@pytest.mark.anyio
+async def test_live_log_of_a_finished_job_is_history_then_done_and_lossless(
+    finished: Finished,
+) -> None:
+    token = _log_token(finished.db, finished.job.build_id, datetime.now(UTC) + LOG_TOKEN_TTL)
+    response = await _get(finished.db, _stream_path(finished, token))
+    assert response.status_code == 200, response.text
+    stream = Stream()
+    events = list(_events(iter(response.text.split("\n")), stream))
+    assert [e.name for e in events] == ["history", "done"]
+    chunks = _chunks(events[0])
+    by_stream = {c["stream_kind"]: _content(c) for c in chunks}
+    assert by_stream == {"stdout": b"h\xc3\xa9llo\n", "stderr": b"\xff\xfe"}
+    assert any(c.get("encoding") == "base64" for c in chunks)  # the bytes that are not UTF-8
+    assert any(c["content"] == "h\u00e9llo\n" for c in chunks)  # UTF-8 stays text
+    assert events[0].id == str(chunks[-1]["seq"])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", ["expired", "tampered", "garbage", "missing"])
+async def test_live_log_unusable_token_is_401(finished: Finished, case: str) -> None:
+    good = _log_token(finished.db, finished.job.build_id, datetime.now(UTC) + LOG_TOKEN_TTL)
+    token = {
+        "expired": _log_token(
+            finished.db, finished.job.build_id, datetime.now(UTC) - timedelta(seconds=1)
+        ),
+        "tampered": good[:-2] + ("AA" if not good.endswith("AA") else "BB"),
+        "garbage": "not-a-token",
+        "missing": None,
+    }[case]
+    path = f"/v0/jobs/{finished.job.id}/logs" + ("" if token is None else f"?token={token}")
+    message = _refused(await _get(finished.db, path), 401, "unauthorized")
+    assert "log-token" in message  # says how to get a good one
+    if case == "expired":
+        assert "expired" in message
+
+
+@pytest.mark.anyio
+async def test_live_log_token_of_another_build_is_job_not_found(finished: Finished) -> None:
+    other = _log_token(finished.db, finished.other_build_id, datetime.now(UTC) + LOG_TOKEN_TTL)
+    _refused(await _get(finished.db, _stream_path(finished, other)), 404, "job_not_found")
+
+
+@pytest.mark.anyio
+async def test_live_log_token_needs_a_bearer_token_and_a_visible_build(
+    finished: Finished,
+) -> None:
+    path = f"{API}/local/pipelines/b/builds/1/log-token"
+    _refused(await _get(finished.db, path), 401, "unauthorized")
+    bearer = {"Authorization": f"Bearer {finished.token}"}
+    missing = path.replace("/builds/1/", "/builds/99/")
+    _refused(await _get(finished.db, missing, bearer), 404, "build_not_found")
+    response = await _get(finished.db, path, bearer)
+    assert response.status_code == 200, response.text
+    assert set(response.json()) == {"token", "expires_at"}
+
+
+@pytest.mark.anyio
+async def test_live_log_garbage_last_event_id_is_422(finished: Finished) -> None:
+    token = _log_token(finished.db, finished.job.build_id, datetime.now(UTC) + LOG_TOKEN_TTL)
+    response = await _get(
+        finished.db, _stream_path(finished, token), headers={"Last-Event-ID": "abc"}
+    )
+    assert "Last-Event-ID 'abc'" in _refused(response, 422, "invalid_request")
+
+
+@pytest.mark.anyio
+async def test_live_log_sends_heartbeats_while_a_job_is_quiet(tmp_path: Path) -> None:
+    """The app's ASGI interface driven directly (httpx's ASGI transport buffers a whole
+    response): a heartbeat comment arrives while the job is silent, `done` after it ends."""
+    (tmp_path / "quiet.yaml").write_text(
+        "steps:\n  - {key: quiet, command: 'while [ ! -e go ]; do sleep 0.05; done'}\n"
+    )
+    db = tmp_path / "harmont.db"
+    with anyio.fail_after(TIMEOUT_S):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_run_in_background, tmp_path / "quiet.yaml", db)
+            job = await _wait_running(db)
+            token = _log_token(db, job.build_id, datetime.now(UTC) + LOG_TOKEN_TTL)
+            app = create_app(db=db, heartbeat_s=0.2, poll_s=0.05)
+            body = b""
+            async for part in _asgi_body(app, f"/v0/jobs/{job.id}", f"token={token}"):
+                body += part
+                if b": heartbeat" in body and not (tmp_path / "go").exists():
+                    assert b"event: done" not in body
+                    (tmp_path / "go").touch()
+            assert body.index(b": heartbeat") < body.index(b"event: done")
+            assert b'"state":"passed"' in body
+
+
+async def _run_in_background(path: Path, db: Path) -> None:
+    await executor.run_build(path, db=db)
+
+
+async def _wait_running(db: Path) -> JobRow:
+    with open_store(db) as store:
+        while True:
+            builds = store.list_builds()
+            if builds:
+                (job,) = store.list_jobs(builds[0].id)
+                if job.state.value == "running":
+                    return job
+            await anyio.sleep(0.02)
+
+
+async def _asgi_body(app: Any, path: str, query: str) -> AsyncIterator[bytes]:
+    """Call the ASGI app once for GET ``path/logs?query``; yield body parts as they are sent."""
+    send_to, receive_from = anyio.create_memory_object_stream[dict[str, Any]](100)
+    disconnected = anyio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        await send_to.send(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": f"{path}/logs",
+        "raw_path": f"{path}/logs".encode(),
+        "query_string": query.encode(),
+        "headers": [(b"host", b"test")],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+        "root_path": "",
+    }
+    async with anyio.create_task_group() as tg:
+
+        async def call() -> None:
+            async with send_to:
+                await app(scope, receive, send)
+
+        tg.start_soon(call)
+        async with receive_from:
+            async for message in receive_from:
+                if message["type"] == "http.response.start":
+                    assert message["status"] == 200
+                elif message["type"] == "http.response.body":
+                    yield message.get("body", b"")
+                    if not message.get("more_body", False):
+                        break
+        disconnected.set()
+
+
+# --- logs --follow ----------------------------------------------------------------------------
+
+
+def test_cli_logs_follow_prints_output_as_it_comes_and_ends_with_the_job(
+    live: Live, tmp_path: Path
+) -> None:
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "executor", "logs", live.job["id"], "--follow", "--db"]
+        + [str(live.server.db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert follow.stdout is not None
+        seen = b""
+        while b"first\n" not in seen:
+            line = follow.stdout.readline()
+            assert line, follow.stderr.read() if follow.stderr else b""
+            seen += line
+        assert _job_state(live) == "running"  # printed while the job still runs
+        (live.work / "go").touch()
+        (live.work / "go2").touch()
+        rest, err = follow.communicate(timeout=TIMEOUT_S)
+        assert follow.returncode == 0, err
+        assert seen + rest == _recorded_log(live)
+        assert rest.endswith(b"third\n")
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+
+
+def test_serve_stops_on_sigterm_while_a_stream_is_open(live: Live) -> None:
+    """An open stream of a job that never ends (it waits for a file) must not keep `serve`
+    from exiting: it cuts streams after a grace period."""
+    with httpx.stream("GET", live.stream_url, timeout=TIMEOUT_S) as response:
+        lines = response.iter_lines()
+        assert next(_events(lines, Stream())).name == "history"
+        live.server.proc.send_signal(signal.SIGTERM)
+        assert live.server.proc.wait(timeout=TIMEOUT_S) in (0, -signal.SIGTERM)
+        rest = Stream()
+        try:
+            list(_events(lines, rest))  # the server is gone: the stream ends...
+        except httpx.HTTPError:
+            pass  # (or is cut mid-event)
+        assert [e.name for e in rest.events if e.name == "done"] == []  # ...without `done`
