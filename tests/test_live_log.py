@@ -426,8 +426,12 @@ def test_cli_logs_follow_prints_output_as_it_comes_and_ends_with_the_job(
     live: Live, tmp_path: Path
 ) -> None:
     follow = subprocess.Popen(
-        [sys.executable, "-m", "executor", "logs", live.job["id"], "--follow", "--db"]
-        + [str(live.server.db)],
+        [
+            *(sys.executable, "-m", "executor", "logs", live.job["id"]),
+            "--follow",
+            "--db",
+            live.server.db,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -12,7 +12,6 @@ from executor.cli.common import EXIT_INVALID, cli, db_option, make_console
 from executor.errors import ExecutorError
 from executor.store import open_store
 
-
 SHUTDOWN_GRACE_S = 3
 """How long `serve` waits for open requests (live-log streams) after SIGINT/SIGTERM."""
 
