@@ -67,6 +67,25 @@ def test_artifacts_glob_matching_nothing_is_a_note_not_an_error(tmp_path: Path) 
     assert "'reports/*.xml' matched no file" in note
 
 
+@pytest.mark.parametrize(
+    ("name", "mime_type"),
+    [
+        ("report.xml", "application/xml"),
+        ("dist/pkg-1.0.tar.gz", "application/gzip"),
+        ("notes.txt", "text/plain"),
+        ("blob.unknownext", "application/octet-stream"),
+        ("Makefile", "application/octet-stream"),
+    ],
+)
+def test_artifacts_content_type_is_guessed_from_the_name(
+    tmp_path: Path, name: str, mime_type: str
+) -> None:
+    work = tmp_path / "work"
+    _tree(work, {name: b"x"})
+    (artifact,) = collect_artifacts(work, [name], BlobStore(tmp_path / "a")).artifacts
+    assert artifact.mime_type == mime_type
+
+
 def test_artifacts_equal_files_are_stored_once(tmp_path: Path) -> None:
     work = tmp_path / "work"
     _tree(work, {"a.txt": b"same", "b.txt": b"same", "c.txt": b"other"})

@@ -64,6 +64,24 @@ def match_artifacts(working_dir: Path, patterns: Sequence[str]) -> tuple[list[st
     return sorted(found), notes
 
 
+# A compressed file is its compression's type (a .tar.gz is gzip bytes, not a tar).
+_COMPRESSED = {
+    "gzip": "application/gzip",
+    "bzip2": "application/x-bzip2",
+    "xz": "application/x-xz",
+    "compress": "application/x-compress",
+    "br": "application/x-brotli",
+}
+
+
+def _mime_type(path: str) -> str:
+    """The content type a download says, guessed from the name."""
+    guessed, encoding = mimetypes.guess_type(path, strict=False)
+    if encoding is not None:
+        return _COMPRESSED.get(encoding, "application/octet-stream")
+    return guessed or "application/octet-stream"
+
+
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
@@ -125,6 +143,5 @@ def collect_artifacts(working_dir: Path, paths: Sequence[str], blobs: BlobStore)
             except OSError as exc:  # reading the job's file
                 result.notes.append(f"artifact {rel}: cannot read it: {exc.strerror}")
                 continue
-        mime_type = mimetypes.guess_type(rel)[0] or "application/octet-stream"
-        result.artifacts.append(Collected(rel, mime_type, blob))
+        result.artifacts.append(Collected(rel, _mime_type(rel), blob))
     return result
