@@ -53,6 +53,7 @@ def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
         "python-ci.yaml",
         "flaky-retry.yaml",
         "soft-fail-lint.yaml",
+        "live-log.yaml",
         "harmont-flat-ir.json",
         "harmont-graph-ir.json",
     ],
