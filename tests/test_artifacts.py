@@ -432,6 +432,13 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[bytes]:
     )
 
 
+def test_cli_run_summary_says_how_many_artifacts_were_kept(tmp_path: Path) -> None:
+    (tmp_path / "b.json").write_text(json.dumps({"steps": [BUILD["steps"][0]]}))  # type: ignore[index]
+    result = _cli("run", "b.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert b"3 artifacts kept (harmont-exec artifacts 1 --pipeline b)" in result.stdout
+
+
 def test_cli_artifacts_lists_a_builds_artifacts(record: Record) -> None:
     result = _cli("artifacts", "1", "--org", "acme", "--pipeline", "ci", cwd=record.work)
     assert result.returncode == 0, result.stderr

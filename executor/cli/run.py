@@ -194,6 +194,13 @@ def _summary(console: Console, store: Store, result: BuildResult, tail_lines: in
             console.rule(f"{job.key}: last {len(lines)} log lines (harmont-exec logs {job.job_id})")
             for line in lines:
                 console.out(line, highlight=False)
+    kept = len(store.list_artifacts(build_id=result.build_id, limit=1000))
+    if kept:
+        console.print(
+            f"{kept}{'+' if kept == 1000 else ''} artifact{'s' if kept > 1 else ''} kept "
+            f"(harmont-exec artifacts {result.number} --pipeline {result.pipeline})",
+            highlight=False,
+        )
     build = store.get_build_by_id(result.build_id)
     if build is not None and build.error_message:  # e.g. the build's timeout
         console.print(f"[red]{build.error_message}[/]")
