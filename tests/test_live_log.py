@@ -289,6 +289,31 @@ async def test_live_log_of_a_finished_job_is_history_then_done_and_lossless(
 
 
 @pytest.mark.anyio
+async def test_live_log_of_a_long_log_is_a_bounded_history_then_chunks(tmp_path: Path) -> None:
+    (tmp_path / "long.yaml").write_text(
+        "steps:\n  - {key: long, command: 'head -c 9000000 /dev/urandom | base64'}\n"
+    )
+    db = tmp_path / "harmont.db"
+    result = await executor.run_build(tmp_path / "long.yaml", db=db)
+    job_id = result.jobs["long"].job_id
+    token = _log_token(db, result.build_id, datetime.now(UTC) + LOG_TOKEN_TTL)
+    response = await _get(db, f"/v0/jobs/{job_id}/logs?token={token}")
+    assert response.status_code == 200, response.text[:500]
+    events = list(_events(iter(response.text.split("\n")), Stream()))
+    names = [e.name for e in events]
+    assert names[0] == "history" and names[-1] == "done"
+    assert set(names[1:-1]) == {"chunk"}  # the rest of the log, after a bounded history
+    history = _chunks(events[0])
+    assert sum(len(_content(c)) for c in history) < 8 * 1024 * 1024
+    chunks = [c for e in events[:-1] for c in _chunks(e)]
+    assert [c["seq"] for c in chunks] == list(range(1, len(chunks) + 1))
+    with open_store(db) as store:
+        assert b"".join(_content(c) for c in chunks) == b"".join(
+            c.content for c in store.read_log(job_id)
+        )
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("case", ["expired", "tampered", "garbage", "missing"])
 async def test_live_log_unusable_token_is_401(finished: Finished, case: str) -> None:
     good = _log_token(finished.db, finished.job.build_id, datetime.now(UTC) + LOG_TOKEN_TTL)

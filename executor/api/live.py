@@ -7,7 +7,8 @@ stream of one job's output.
 ?token=…`` (no Bearer: browsers' EventSource cannot send headers) then streams:
 
 - ``event: history``: ``{"chunks": [chunk, ...]}``, the chunks after ``Last-Event-ID`` (all of
-  them on a first connection); its ``id`` is the last chunk's seq;
+  them on a first connection, up to about a megabyte: the rest of a long log follows as
+  ``chunk`` events); its ``id`` is the last chunk's seq;
 - ``event: chunk`` per new chunk, ``id: <seq>``, data ``{seq, stream_kind, content, ts,
   attempt}``;
 - ``event: done`` with ``{"state", "exit_code"}`` once the job is terminal and every chunk was
@@ -46,6 +47,9 @@ from executor.store.rows import format_time
 __all__ = ["LOG_TOKEN_TTL", "add_live_log_routes", "chunk_json", "mint_log_token"]
 
 LOG_TOKEN_TTL = timedelta(hours=1)
+READ_BUDGET_BYTES = 1 << 20
+"""Output read from the store per hop: a long log goes out as a bounded ``history`` and then
+``chunk`` events, never as one event the size of the log."""
 _KEY_NAME = "log_token_hmac"
 
 
@@ -235,20 +239,27 @@ def add_live_log_routes(
         job = await lookups.read(lookup)
 
         def poll(after: int) -> tuple[bool, JobRow | None, list[LogChunk]]:
+            """(the job is over and this is the last of its output, the job, the chunks after
+            ``after``, at most about READ_BUDGET_BYTES of them)."""
             # The state first, then the chunks: a job seen terminal has all its chunks in.
             now = store.get_job(job.id)
             chunks: list[LogChunk] = []
+            size = 0
             while True:
                 page = store.log_page(job.id, after_seq=after)
                 chunks.extend(page)
+                size += sum(len(c.content) for c in page)
                 if len(page) < LOG_PAGE_ROWS:
-                    break
+                    over = now is not None and now.state.is_terminal
+                    return over, now, chunks
                 after = page[-1].seq
-            return (now is not None and now.state.is_terminal), now, chunks
+                if size >= READ_BUDGET_BYTES:
+                    return False, now, chunks  # more to read: the caller comes back at once
 
         async def events() -> AsyncIterator[bytes]:
             after = last_event_id or 0
             done, now, chunks = await lookups.read(poll, after)
+            more = not done and len(chunks) > 0
             if chunks:
                 after = chunks[-1].seq
             yield _event(
@@ -258,8 +269,10 @@ def add_live_log_routes(
             )
             quiet_since = time.monotonic()
             while not done:
-                await anyio.sleep(poll_s)
+                if not more:
+                    await anyio.sleep(poll_s)
                 done, now, chunks = await lookups.read(poll, after)
+                more = not done and len(chunks) > 0
                 for chunk in chunks:
                     yield _event("chunk", chunk_json(chunk), chunk.seq)
                     after = chunk.seq
