@@ -59,6 +59,65 @@ def test_artifacts_double_star_matches_every_depth_and_each_file_once(tmp_path: 
     assert notes == []
 
 
+def test_artifacts_double_star_never_enters_a_symlink(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    _tree(work, {"out/a.txt": b"a"})
+    _tree(tmp_path, {"outside/secret.txt": b"s"})
+    (work / "out" / "self").symlink_to(work / "out", target_is_directory=True)  # a loop
+    (work / "out" / "away").symlink_to(tmp_path / "outside", target_is_directory=True)
+    paths, notes = match_artifacts(work, ["out/**/*.txt", "out/**"])
+    assert paths == ["out/a.txt"]
+    assert notes == []
+
+
+def test_artifacts_trailing_double_star_is_every_file_below(tmp_path: Path) -> None:
+    _tree(tmp_path, {"out/a": b"a", "out/x/b": b"b", "out/.hidden/c": b"c", "top": b"t"})
+    paths, _ = match_artifacts(tmp_path, ["out/**"])
+    assert paths == ["out/a", "out/x/b"]
+
+
+def test_artifacts_hidden_names_match_only_a_pattern_with_the_dot(tmp_path: Path) -> None:
+    _tree(tmp_path, {"a.txt": b"a", ".env.txt": b"e", ".cache/b.txt": b"b"})
+    assert match_artifacts(tmp_path, ["*.txt"])[0] == ["a.txt"]
+    assert match_artifacts(tmp_path, [".*.txt"])[0] == [".env.txt"]
+    assert match_artifacts(tmp_path, ["**/*.txt"])[0] == ["a.txt"]
+    assert match_artifacts(tmp_path, [".cache/*.txt"])[0] == [".cache/b.txt"]
+
+
+def test_artifacts_pattern_naming_a_directory_says_so(tmp_path: Path) -> None:
+    _tree(tmp_path, {"out/dir/a.txt": b"a"})
+    paths, (note,) = match_artifacts(tmp_path, ["out/dir"])
+    assert paths == []
+    assert "'out/dir' matched only directories" in note and "'out/dir/**'" in note
+
+
+def test_artifacts_name_that_is_not_utf8_is_skipped_with_a_note(tmp_path: Path) -> None:
+    _tree(tmp_path, {"good.txt": b"g"})
+    (tmp_path / os.fsdecode(b"bad\xff.txt")).write_bytes(b"b")
+    paths, (note,) = match_artifacts(tmp_path, ["*.txt"])
+    assert paths == ["good.txt"]
+    assert "not valid UTF-8" in note
+
+
+def test_artifacts_name_that_is_not_utf8_leaves_a_complete_record(tmp_path: Path) -> None:
+    (tmp_path / "b.yaml").write_text(
+        "steps:\n"
+        "  - key: make\n"
+        "    command: printf x > \"$(printf 'bad\\377.txt')\"; printf y > good.txt\n"
+        "    artifact_paths: ['*.txt']\n"
+    )
+    db = tmp_path / "harmont.db"
+    result = executor.run_build_sync(tmp_path / "b.yaml", db=db)
+    assert result.exit_status == 0
+    with open_store(db) as store:
+        build = store.get_build_by_id(result.build_id)
+        assert build is not None and build.state.value == "passed"
+        (artifact,) = store.list_artifacts(build_id=result.build_id)
+        assert artifact.path == "good.txt"
+        log = b"".join(c.content for c in store.read_log(result.jobs["make"].job_id))
+    assert b"artifact bad\xff.txt: skipped, its name is not valid UTF-8" in log  # its bytes
+
+
 def test_artifacts_glob_matching_nothing_is_a_note_not_an_error(tmp_path: Path) -> None:
     _tree(tmp_path, {"a.txt": b"a"})
     paths, notes = match_artifacts(tmp_path, ["*.txt", "reports/*.xml"])

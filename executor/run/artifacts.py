@@ -1,7 +1,8 @@
 """Collecting a job's artifacts (SPEC §7) after its final attempt.
 
-``match_artifacts`` expands the step's ``artifact_paths`` globs (``**`` recursive, hidden files
-only when a pattern names them) in the working directory; ``collect_artifacts`` copies each
+``match_artifacts`` expands the step's ``artifact_paths`` globs (``**`` for any depth, never
+through a symbolic link; hidden files only when a pattern names the dot) in the working
+directory; ``collect_artifacts`` copies each
 match into the store's blob directory. Both run in a worker thread (they read and write files)
 and return values: the scheduler records them on its own thread.
 
@@ -16,11 +17,11 @@ copy into the store (a full disk), which names the store's directory and what to
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import mimetypes
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,24 +44,75 @@ class Collection:
     notes: list[str] = field(default_factory=list)  # lines for the job's log
 
 
+_MAGIC = frozenset("*?[")
+
+
+def _hidden_ok(name: str, segment: str) -> bool:
+    """The shell's rule: a wildcard matches a name starting with '.' only if it says so."""
+    return not name.startswith(".") or segment.startswith(".")
+
+
+def _expand(root: Path, rel: tuple[str, ...], segments: tuple[str, ...]) -> Iterator[str]:
+    """Relative paths under ``root`` that match ``segments`` from ``rel`` on. ``**`` is any
+    number of directories, but never enters a symbolic link (a link to ``.`` or ``/`` would
+    make it loop or walk the disk) nor a hidden directory; other segments are matched one
+    level at a time, so they are bounded by the pattern's length."""
+    if not segments:
+        yield "/".join(rel)
+        return
+    segment, rest = segments[0], segments[1:]
+    here = root.joinpath(*rel)
+    if segment == "**":
+        yield from _expand(root, rel, rest)  # zero directories
+        for entry in _entries(here):
+            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+                yield from _expand(root, (*rel, entry.name), segments)
+    elif _MAGIC.isdisjoint(segment):
+        if os.path.lexists(here / segment):
+            yield from _expand(root, (*rel, segment), rest)
+    else:
+        for entry in _entries(here):
+            if fnmatch.fnmatchcase(entry.name, segment) and _hidden_ok(entry.name, segment):
+                yield from _expand(root, (*rel, entry.name), rest)
+
+
+def _entries(directory: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as entries:
+            return list(entries)
+    except OSError:  # not a directory, gone, or not readable: nothing matches below it
+        return []
+
+
 def match_artifacts(working_dir: Path, patterns: Sequence[str]) -> tuple[list[str], list[str]]:
     """The relative paths (sorted, each once) that ``patterns`` match and that are not
-    directories, and a note per pattern that matched none."""
+    directories, and a note per pattern that matched no file. A name that is not valid UTF-8
+    cannot be recorded: it is left out with a note."""
     found: set[str] = set()
     notes: list[str] = []
     for pattern in patterns:
-        try:
-            hits = glob.glob(pattern, root_dir=working_dir, recursive=True)
-        except (OSError, ValueError) as exc:
-            notes.append(f"artifact_paths: cannot expand {pattern!r}: {exc}")
-            continue
+        segments = tuple(part for part in pattern.split("/") if part not in ("", "."))
+        if segments and segments[-1] == "**":  # "dir/**": every file below dir
+            segments = (*segments, "*")
+        hits = sorted(set(_expand(working_dir, (), segments)))
         files = [h for h in hits if not os.path.isdir(working_dir / h)]
+        for name in files:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                notes.append(  # the name's own bytes in the log (see Scheduler's notes)
+                    f"artifact {name}: skipped, its name is not valid UTF-8 (rename it, or "
+                    "put it in an archive with a UTF-8 name)"
+                )
+                continue
+            found.add(name)
         if not files:
+            what = "only directories" if hits else "no file"
+            hint = f"; use '{pattern.rstrip('/')}/**' for the files in them" if hits else ""
             notes.append(
-                f"artifact_paths: {pattern!r} matched no file in {working_dir} (warning: "
-                "nothing collected for it)"
+                f"artifact_paths: {pattern!r} matched {what} in {working_dir} (warning: "
+                f"nothing collected for it{hint})"
             )
-        found.update(Path(h).as_posix() for h in files)
     return sorted(found), notes
 
 

@@ -50,6 +50,7 @@ PIPELINE_TIMEOUT = "pipeline_timeout"
 JOB_TIMEOUT = "job_timeout"
 BUILD_CANCELED = "build_canceled"
 SPAWN_FAILED = "spawn_failed"
+_MAX_NOTES = 50  # artifact notes per job in its log (a glob over a big tree could make many)
 
 
 def _now() -> datetime:
@@ -483,10 +484,12 @@ class Scheduler:
             self.store.record_artifact(
                 job.id, path=item.path, mime_type=item.mime_type, blob=item.blob, at=at
             )
+        if len(notes) > _MAX_NOTES:
+            notes = [*notes[:_MAX_NOTES], f"... and {len(notes) - _MAX_NOTES} more like these"]
         for note in notes:
-            self.store.append_log(
-                job.id, attempt, "stderr", f"[harmont-exec] {note}\n".encode(), at=at
-            )
+            # surrogateescape: a file name that is not UTF-8 goes to the log as its bytes
+            line = f"[harmont-exec] {note}\n".encode("utf-8", "surrogateescape")
+            self.store.append_log(job.id, attempt, "stderr", line, at=at)
         self._log.info("artifacts_collected", job=job.key, count=len(collected), notes=len(notes))
 
     def _retry_wanted(self, job: _Job, attempt: int, result: AttemptResult) -> bool:

@@ -392,6 +392,13 @@ class Store(Reader):
     ) -> str:
         """Queue the record of an artifact of a job whose content is already in ``blobs``
         (``blobs.put``); return its id. ``path`` is relative to the working directory."""
+        try:
+            path.encode("utf-8")  # checked now: a bad value must never reach the writer
+        except UnicodeEncodeError:
+            raise StoreError(
+                f"artifact path {path!r} of job {job_id} is not valid UTF-8; the store keeps "
+                "text paths (the collector skips such names: this is a bug)"
+            ) from None
         artifact_id = str(uuid.uuid4())
         filename = path.rsplit("/", 1)[-1]
         self._put(
