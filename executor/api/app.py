@@ -13,6 +13,7 @@ request id (``errors``); ``RequestIdMiddleware`` sets that id first and turns a 
 # runtime, and the dependency aliases (Caller, Limit, Cursor) are local to create_app.
 import importlib.metadata
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
@@ -114,12 +115,14 @@ def create_app(
     store: Store | None = None,
     heartbeat_s: float = 15.0,
     poll_s: float = 0.1,
+    closing: threading.Event | None = None,
 ) -> FastAPI:
     """The ASGI app over the store at ``db`` (path or URL, default as for ``run``; opened now,
     so a bad path fails here, and closed when the app shuts down), or over an already open
     ``store`` (left open: its owner closes it). ``heartbeat_s`` and ``poll_s`` tune the live
     log stream (``live``): a comment after that long without an event, and how often it reads
-    the store for new chunks."""
+    the store for new chunks; once ``closing`` is set (the server is stopping), open streams
+    end."""
     own = store is None
     opened = open_store(db) if store is None else store
 
@@ -377,5 +380,7 @@ def create_app(
         return StreamingResponse(chunks(), media_type="text/plain")
 
     add_artifact_routes(app, lookups)
-    add_live_log_routes(app, lookups, heartbeat_s=heartbeat_s, poll_s=poll_s)
+    add_live_log_routes(
+        app, lookups, heartbeat_s=heartbeat_s, poll_s=poll_s, closing=closing or threading.Event()
+    )
     return app

@@ -15,6 +15,8 @@ stream of one job's output.
   sent, then the stream ends;
 - a ``: heartbeat`` comment after ``heartbeat_s`` (15 s) without an event.
 
+When the server stops (``closing``), open streams end without ``done``.
+
 Chunks are the store's, byte for byte. ``content`` is the chunk decoded as UTF-8 when it is
 valid UTF-8; otherwise it is the chunk in base64 and the chunk carries ``"encoding": "base64"``
 (a chunk can also end inside a multi-byte character: it is then base64 too). Nothing is lost or
@@ -27,6 +29,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -134,7 +137,7 @@ def _event(name: str, data: Any, event_id: int | None = None) -> bytes:
 
 
 def add_live_log_routes(
-    app: FastAPI, lookups: Lookups, *, heartbeat_s: float, poll_s: float
+    app: FastAPI, lookups: Lookups, *, heartbeat_s: float, poll_s: float, closing: threading.Event
 ) -> None:
     store = lookups.store
     Caller = Annotated[TokenRow, Depends(lookups.caller)]
@@ -271,6 +274,8 @@ def add_live_log_routes(
             while not done:
                 if not more:
                     await anyio.sleep(poll_s)
+                if closing.is_set():
+                    return  # the server is stopping: the client reconnects elsewhere
                 done, now, chunks = await lookups.read(poll, after)
                 more = not done and len(chunks) > 0
                 for chunk in chunks:

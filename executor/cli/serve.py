@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
+from types import FrameType
 
 import click
 from rich.table import Table
@@ -13,7 +15,7 @@ from executor.errors import ExecutorError
 from executor.store import open_store
 
 SHUTDOWN_GRACE_S = 3
-"""How long `serve` waits for open requests (live-log streams) after SIGINT/SIGTERM."""
+"""How long `serve` waits for open requests after SIGINT/SIGTERM before cutting them."""
 
 
 @cli.command()
@@ -36,17 +38,27 @@ def serve(db: str | None, host: str, port: int) -> None:
         "(Authorization: Bearer <token from `harmont-exec token create`>)",
         err=True,
     )
+    # Live-log streams stay open until their job ends. At SIGINT/SIGTERM, `closing` ends them
+    # (EventSource clients reconnect with Last-Event-ID and lose nothing), so that uvicorn's
+    # graceful shutdown finds them done; SHUTDOWN_GRACE_S is the backstop for anything else.
+    closing = threading.Event()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            closing.set()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        create_app(store=store, closing=closing),
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )
     try:
-        # Live-log streams stay open until their job ends: at shutdown, give requests
-        # SHUTDOWN_GRACE_S to finish, then cut the streams (EventSource clients reconnect
-        # with Last-Event-ID and lose nothing).
-        uvicorn.run(
-            create_app(store=store),
-            host=host,
-            port=port,
-            log_level="warning",
-            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-        )
+        Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, once it has stopped
+        sys.exit(130)
     finally:
         store.close()
 
