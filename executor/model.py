@@ -76,8 +76,13 @@ def _non_blank(value: str) -> str:
 
 def _relative_glob(value: str) -> str:
     value = _non_blank(value)
-    if value.startswith("/") or ".." in value.split("/"):
+    if value.startswith("/"):
         raise ValueError(f"is {value!r}, which reaches outside the working directory")
+    if ".." in value.split("/"):
+        raise ValueError(
+            f"is {value!r}, which uses '..'; write the path from the working directory "
+            "without '..' (artifacts must stay inside it)"
+        )
     return value
 
 

@@ -478,6 +478,54 @@ async def test_artifacts_cursor_not_of_this_list_is_400(record: Record, cursor: 
     _error(response, 400, "invalid_cursor")
 
 
+async def test_artifacts_download_of_a_non_ascii_name_has_an_ascii_fallback(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "b.yaml").write_text(
+        'steps:\n  - {key: make, command: \'printf x > "r\u00e9sum\u00e9 \\"1\\".txt"\', '
+        "artifact_paths: ['*.txt']}\n"
+    )
+    db = tmp_path / "harmont.db"
+    result = await executor.run_build(tmp_path / "b.yaml", db=db)
+    assert result.exit_status == 0
+    with open_store(db) as store:
+        (artifact,) = store.list_artifacts(build_id=result.build_id)
+        _, secret = store.create_token(
+            description=None, organizations=None, expires_at=None, now=NOW
+        )
+        url = f"{API}/local/pipelines/b/builds/1/artifacts/{artifact.id}/download"
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(store=store)), base_url="http://t"
+        ) as client:
+            response = await client.get(url, headers={"Authorization": f"Bearer {secret}"})
+    assert response.status_code == 200, response.text
+    assert response.content == b"x"
+    assert response.headers["content-disposition"] == (
+        "attachment; filename=\"r_sum_ _1_.txt\"; filename*=utf-8''r%C3%A9sum%C3%A9%20%221%22.txt"
+    )
+
+
+async def test_artifacts_download_of_a_missing_file_is_artifact_content_missing(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "b.json").write_text(json.dumps({"steps": [BUILD["steps"][0]]}))  # type: ignore[index]
+    db = tmp_path / "harmont.db"
+    result = await executor.run_build(tmp_path / "b.json", db=db)
+    with open_store(db) as store:
+        artifact = store.list_artifacts(build_id=result.build_id)[0]
+        store.blobs.path_of(artifact.sha256).unlink()
+        _, secret = store.create_token(
+            description=None, organizations=None, expires_at=None, now=NOW
+        )
+        url = f"{API}/local/pipelines/b/builds/1/artifacts/{artifact.id}/download"
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(store=store)), base_url="http://t"
+        ) as client:
+            response = await client.get(url, headers={"Authorization": f"Bearer {secret}"})
+    message = _error(response, 500, "artifact_content_missing")["message"]
+    assert artifact.id in message and str(tmp_path / "artifacts") in message
+
+
 # --- the CLI ---------------------------------------------------------------------------------
 
 

@@ -499,3 +499,15 @@ def test_serve_stops_quietly_while_a_stream_is_open(live: Live, signum: signal.S
         assert live.server.proc.wait(timeout=TIMEOUT_S) == expected
     log = output(live.server.out)
     assert "Traceback" not in log and "ERROR" not in log, log
+
+
+def test_cli_logs_of_a_too_short_id_prefix_says_how_long_it_must_be(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "executor", "logs", "e77fe5b", "--db", str(tmp_path / "h.db")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "no job 'e77fe5b' (a prefix needs at least 8 characters)" in result.stderr

@@ -314,7 +314,7 @@ def test_load_env_name_errors_say_what_to_do() -> None:
 
 def test_load_artifact_globs_stay_inside_the_working_directory() -> None:
     message = _error("steps:\n  - {key: a, command: x, artifact_paths: [ok, ../x, '']}\n")
-    assert "artifact_paths[1] is '../x', which reaches outside the working directory" in message
+    assert "artifact_paths[1] is '../x', which uses '..'; write the path" in message
     assert "artifact_paths[2] is empty" in message
 
 

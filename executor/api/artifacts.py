@@ -11,6 +11,7 @@ the API's origin) with its recorded content type, its length, and its SHA-256 in
 # No ``from __future__ import annotations``: FastAPI reads the handlers' annotations at runtime.
 import base64
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Query
 from fastapi.responses import FileResponse, JSONResponse
@@ -18,10 +19,19 @@ from fastapi.responses import FileResponse, JSONResponse
 from executor.api import models, wire
 from executor.api.errors import ApiError, not_found
 from executor.api.lookup import API_PREFIX, STATUS_TEXT, Lookups, clamp, documented, is_uuid
+from executor.errors import StoreError
 from executor.store import ArtifactRow, BuildRow, TokenRow
 from executor.store.blobs import CHUNK_BYTES
 
 __all__ = ["add_artifact_routes"]
+
+
+def _attachment(filename: str) -> str:
+    """``attachment`` with the name twice (RFC 6266): an ASCII ``filename`` for every client
+    (each non-ASCII character, quote or backslash as '_'; `curl -OJ` uses it) and the exact
+    UTF-8 name in ``filename*`` for those that read it."""
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=utf-8''{quote(filename, safe='')}"
 
 
 def _page(rows: list[ArtifactRow], size: int, kind: str) -> JSONResponse:
@@ -141,15 +151,18 @@ def add_artifact_routes(app: FastAPI, lookups: Lookups) -> None:
             artifact = store.get_artifact(artifact_id.lower()) if is_uuid(artifact_id) else None
             if artifact is None or artifact.build_id != build.id:
                 raise artifact_missing(build, artifact_id)
-            return artifact, str(store.artifact_file(artifact))
+            try:
+                return artifact, str(store.artifact_file(artifact))
+            except StoreError as exc:
+                raise ApiError(500, "server_error", "artifact_content_missing", str(exc)) from None
 
         artifact, path = await lookups.read(lookup)
         digest = base64.b64encode(bytes.fromhex(artifact.sha256)).decode()
         response = FileResponse(
             path,
             media_type=artifact.mime_type,
-            filename=artifact.filename,
             headers={
+                "content-disposition": _attachment(artifact.filename),
                 # Exactly the recorded type: Starlette would add "; charset=utf-8" to text/*,
                 # a guess about bytes the job wrote.
                 "content-type": artifact.mime_type,

@@ -81,7 +81,14 @@ def list_artifacts(number: int, db: str | None, org: str | None, pipeline: str |
     make_console().print(table)
 
 
-def _copy_checked(store: Store, artifact: ArtifactRow, out: BinaryIO) -> None:
+class _Discard:
+    """A binary sink that keeps nothing (to check an artifact before writing it out)."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def _copy_checked(store: Store, artifact: ArtifactRow, out: BinaryIO | _Discard) -> None:
     digest = hashlib.sha256()
     with store.artifact_file(artifact).open("rb") as source:
         while chunk := source.read(CHUNK_BYTES):
@@ -101,8 +108,8 @@ def _copy_checked(store: Store, artifact: ArtifactRow, out: BinaryIO) -> None:
 @click.option(
     "-o",
     "--output",
-    help="Where to write it ('-' for stdout) [default: its file name, in the current "
-    "directory, if no such file exists].",
+    help="Where to write it: a file (replaced if it exists), a directory, or '-' for stdout "
+    "[default: its file name in the current directory, never replacing a file].",
 )
 def download(artifact_id: str, db: str | None, output: str | None) -> None:
     """Copy artifact ARTIFACT_ID (from `artifacts NUMBER`) out of the store."""
@@ -117,6 +124,8 @@ def download(artifact_id: str, db: str | None, output: str | None) -> None:
                 )
                 sys.exit(EXIT_INVALID)
             if output == "-":
+                # Checked before a byte goes out: what is written to a pipe cannot be taken back.
+                _copy_checked(store, artifact, _Discard())
                 _copy_checked(store, artifact, sys.stdout.buffer)
                 sys.stdout.buffer.flush()
                 return
@@ -130,6 +139,13 @@ def download(artifact_id: str, db: str | None, output: str | None) -> None:
                 sys.exit(EXIT_INVALID)
             if target.is_dir():
                 target = target / artifact.filename
+            if not target.parent.is_dir():
+                click.echo(
+                    f"harmont-exec: cannot write {target}: the directory {target.parent} does "
+                    "not exist; create it or choose another -o PATH",
+                    err=True,
+                )
+                sys.exit(EXIT_INVALID)
             # Into a temporary file beside the target, renamed at the end: a failed or
             # interrupted copy never leaves a partial file under the artifact's name.
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")

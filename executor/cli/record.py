@@ -11,6 +11,7 @@ from rich.table import Table
 from executor.cli.common import EXIT_INVALID, cli, db_option, duration_text, make_console
 from executor.errors import ExecutorError
 from executor.store import BuildRow, Store, open_store
+from executor.store.reads import JOB_ID_PREFIX_MIN
 
 
 def build_or_exit(store: Store, number: int, org: str | None, pipeline: str | None) -> BuildRow:
@@ -107,8 +108,14 @@ def logs(job_id: str, db: str | None, follow: bool) -> None:
         with open_store(db) as store:
             job = store.get_job(job_id)
             if job is None:
+                short = (
+                    f" (a prefix needs at least {JOB_ID_PREFIX_MIN} characters)"
+                    if len(job_id) < JOB_ID_PREFIX_MIN
+                    else ""
+                )
                 click.echo(
-                    f"harmont-exec: no job {job_id!r}; `harmont-exec jobs NUMBER` lists job ids",
+                    f"harmont-exec: no job {job_id!r}{short}; `harmont-exec jobs NUMBER` lists "
+                    "job ids",
                     err=True,
                 )
                 sys.exit(EXIT_INVALID)
