@@ -39,6 +39,7 @@ from executor.run.process import (
 )
 from executor.states import BuildState, Event, JobState, JobStatus, roll_up, transition
 from executor.store import CreatedBuild, Store
+from executor.store.liveness import HEARTBEAT_S
 
 __all__ = ["BuildResult", "Change", "JobResult", "RunOptions", "Scheduler", "exit_status"]
 
@@ -199,6 +200,7 @@ class Scheduler:
             self._tg = tg
             if self.plan.spec.timeout_seconds is not None:
                 tg.start_soon(self._build_timer, self.plan.spec.timeout_seconds)
+            tg.start_soon(self._heartbeat)
             for _ in range(min(self._limit, len(self._jobs))):
                 tg.start_soon(self._worker)
             self._advance()
@@ -379,6 +381,13 @@ class Scheduler:
         if self._cancel_requested:
             self._roll_up(at)
         self._check_done()
+
+    async def _heartbeat(self) -> None:
+        """Tell readers of the store this executor is alive (for a shared store, where other
+        hosts judge it by this; on this host its process identity already says so)."""
+        while True:
+            await anyio.sleep(HEARTBEAT_S)
+            self.store.record_heartbeat(self.build.id, at=_now())
 
     async def _build_timer(self, timeout_s: float) -> None:
         await anyio.sleep(timeout_s)

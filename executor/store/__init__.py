@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from executor.store.blobs import Blob, BlobStore
 from executor.store.reads import token_hash
+from executor.store.recovery import LostBuild
 from executor.store.rows import (
     UNSET,
     ArtifactRow,
@@ -42,6 +43,7 @@ __all__ = [
     "CreatedBuild",
     "JobRow",
     "LogChunk",
+    "LostBuild",
     "OrganizationRow",
     "PipelineRow",
     "Store",

@@ -176,7 +176,14 @@ _V2: tuple[str, ...] = (
     "CREATE INDEX artifacts_by_job_path ON artifacts (job_id, path, id)",
 )
 
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+_V3: tuple[str, ...] = (
+    # The executor's identity on its host (boot id, pid, start time): a reused pid cannot fake
+    # it. See store/liveness.py.
+    "ALTER TABLE builds ADD COLUMN executor_id TEXT",
+    "CREATE INDEX builds_by_state ON builds (state)",
+)
+
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version this code writes and understands."""
@@ -208,8 +215,8 @@ TAKE_BUILD_NUMBER = (
 INSERT_BUILD = (
     "INSERT INTO builds (id, pipeline_id, number, state, source, branch, commit_sha, message, "
     "created_at, scheduled_at, build_file, working_dir, plan_json, cancel_requested, "
-    "executor_host, executor_pid, executor_started_at, heartbeat_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)"
+    "executor_host, executor_pid, executor_started_at, heartbeat_at, executor_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)"
 )
 INSERT_JOB = (
     "INSERT INTO jobs (id, build_id, position, step_key, name, command, state, retry_policy, "
@@ -402,6 +409,30 @@ PIPELINES_PAGE = f"{_PIPELINES} WHERE o.slug = ? AND p.slug > ? ORDER BY p.slug 
 PIPELINE = f"{_PIPELINES} WHERE o.slug = ? AND p.slug = ?"
 BUILDS_PAGE = (  # newest first: numbers grow with creation within a pipeline
     f"{_BUILDS} WHERE o.slug = ? AND p.slug = ? AND b.number < ? ORDER BY b.number DESC LIMIT ?"
+)
+
+# --- finding and finishing builds whose executor is gone (store/liveness.py) --------------
+
+ACTIVE_BUILDS = (
+    "SELECT id, number, state, executor_host, executor_pid, executor_id, heartbeat_at "
+    "FROM builds WHERE state IN ('scheduled', 'running', 'failing', 'canceling')"
+)
+BUILD_STATE = "SELECT state FROM builds WHERE id = ?"
+UNFINISHED_JOBS_OF_BUILD = (
+    "SELECT id, state FROM jobs WHERE build_id = ? AND state NOT IN "
+    "('passed', 'failed', 'skipped', 'canceled', 'timed_out') ORDER BY position"
+)
+END_JOB = (  # a NULL error code or message keeps the job's own
+    "UPDATE jobs SET state = ?, error_code = COALESCE(?, error_code), "
+    "error_message = COALESCE(?, error_message), finished_at = ? WHERE id = ? AND state = ?"
+)
+END_OPEN_ATTEMPTS = (
+    "UPDATE attempts SET outcome = 'executor_lost', finished_at = ? WHERE finished_at IS NULL "
+    "AND job_id IN (SELECT id FROM jobs WHERE build_id = ?)"
+)
+ABANDON_BUILD = (
+    "UPDATE builds SET state = 'failed', error_code = 'build_abandoned', error_message = ?, "
+    "finished_at = ? WHERE id = ? AND state = ?"
 )
 
 # --- API tokens (written synchronously, not through the writer: they are few) -----------------

@@ -44,11 +44,18 @@ from executor.store.changes import (
     RawStatement,
 )
 from executor.store.connection import connect, migrate, store_error
+from executor.store.liveness import (
+    LOST_AFTER_S,
+    executor_alive,
+    kill_job_processes,
+    process_identity,
+)
 from executor.store.reads import Reader, token_hash
-from executor.store.rows import UNSET, CreatedBuild, TokenRow, Unset, format_time
+from executor.store.recovery import LostBuild, abandon_build
+from executor.store.rows import UNSET, CreatedBuild, TokenRow, Unset, format_time, parse_time
 from executor.store.writer import Writer
 
-__all__ = ["TOKEN_PREFIX", "Store"]
+__all__ = ["TOKEN_PREFIX", "LostBuild", "Store"]
 
 TOKEN_PREFIX = "hm_"
 """Every API token starts with this (Harmont's format: ``hm_`` + 43 url-safe characters)."""
@@ -58,6 +65,7 @@ _NEW_JOB = (JobState.PENDING.value, None, 0, None, None, 0, None, None)  # sql.J
 # When this process loaded the store: with host and pid it tells a live executor from a pid
 # that was reused after a crash.
 _PROCESS_STARTED_AT = format_time(datetime.now(UTC))
+_IDENTITY = process_identity()
 
 
 def _value(value: Any) -> Any:
@@ -197,6 +205,7 @@ class Store(Reader):
                             os.getpid(),
                             _PROCESS_STARTED_AT,
                             at,
+                            _IDENTITY,
                         ),
                     )
                     db.executemany(sql.INSERT_JOB, jobs)
@@ -253,6 +262,44 @@ class Store(Reader):
         except sqlite3.Error as exc:
             raise store_error(f"revoke API token {token_id}", exc, self._path) from None
         return None if row is None else TokenRow.from_db(row)
+
+    # --- builds whose executor is gone (synchronous) -----------------------------------------
+
+    def recover_lost_builds(self, now: datetime) -> list[LostBuild]:
+        """Finish every unfinished build whose executor is gone (SPEC §5): its running jobs
+        ``failed`` with ``executor_lost``, the others ``canceled``, the build ``failed`` with
+        ``build_abandoned``; then SIGKILL what is left of their jobs' processes on this host.
+
+        Each build is finished in one ``BEGIN IMMEDIATE`` transaction that re-reads its state,
+        so when several processes notice at once, exactly one finishes it. A build whose
+        executor runs on another host is lost only when its heartbeat is older than
+        ``LOST_AFTER_S``; one that cannot be judged is left alone."""
+        self._check_open()
+        host = socket.gethostname()
+        lost: list[LostBuild] = []
+        for row in self._rows(sql.ACTIVE_BUILDS):
+            if row["executor_host"] == host:
+                alive = executor_alive(row["executor_id"], row["executor_pid"])
+                if alive is not False:
+                    continue
+            else:
+                beat = parse_time(row["heartbeat_at"])
+                if beat is None or (now - beat).total_seconds() < LOST_AFTER_S:
+                    continue
+            executor = f"pid {row['executor_pid']} on {row['executor_host']}"
+            try:
+                with self._lock:
+                    done = abandon_build(self._db, row["id"], row["state"], executor, now)
+            except sqlite3.Error as exc:
+                raise store_error(
+                    f"finish abandoned build #{row['number']}", exc, self._path
+                ) from None
+            if done is None:
+                continue  # another process finished it first
+            job_ids, lost_jobs, canceled = done
+            killed = kill_job_processes(job_ids) if row["executor_host"] == host else 0
+            lost.append(LostBuild(row["id"], row["number"], executor, lost_jobs, canceled, killed))
+        return lost
 
     # --- the store's own keys (synchronous) -------------------------------------------------
 
@@ -347,6 +394,10 @@ class Store(Reader):
             cancel_requested=cancel_requested,
         )
         self._put(BuildChanged(build_id, names, tuple(values)))
+
+    def record_heartbeat(self, build_id: str, *, at: datetime) -> None:
+        """Queue "the executor of this build is alive at ``at``" (see store/liveness.py)."""
+        self._put(BuildChanged(build_id, ("heartbeat_at",), (format_time(at),)))
 
     def record_attempt_started(self, job_id: str, number: int, *, at: datetime) -> None:
         """Queue the start of attempt ``number`` (1, 2, ...) of a job."""

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import structlog
 
 from executor.errors import StoreError
 from executor.store.sqlite import Store
@@ -20,6 +23,8 @@ __all__ = ["DB_ENV", "DEFAULT_DB", "open_store", "resolve_db_path"]
 
 DB_ENV = "HARMONT_DB"
 DEFAULT_DB = Path(".harmont") / "harmont.db"
+
+log = structlog.get_logger("executor.store")
 
 _FORMS = "a file path, sqlite:///relative/path, sqlite:////absolute/path or postgresql://..."
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
@@ -80,7 +85,28 @@ def resolve_db_path(url: str | Path | None = None) -> Path:
     return Path(os.path.abspath(path))
 
 
-def open_store(url: str | Path | None = None) -> Store:
+def open_store(url: str | Path | None = None, *, recover: bool = True) -> Store:
     """Open the store at ``url`` (see ``resolve_db_path``), creating the file, its directory
-    and the schema as needed. The result is a context manager that closes it."""
-    return Store(resolve_db_path(url))
+    and the schema as needed. The result is a context manager that closes it.
+
+    With ``recover`` (every harmont-exec command does it), builds whose executor is gone are
+    finished first (``Store.recover_lost_builds``), each reported as a ``build_abandoned``
+    warning in the log."""
+    store = Store(resolve_db_path(url))
+    if recover:
+        try:
+            lost = store.recover_lost_builds(datetime.now(UTC))
+        except BaseException:
+            store.close()
+            raise
+        for build in lost:
+            log.warning(
+                "build_abandoned",
+                build=build.number,
+                executor=build.executor,
+                lost_jobs=build.lost_jobs,
+                canceled_jobs=build.canceled_jobs,
+                killed_processes=build.killed_processes,
+                hint=f"harmont-exec resume {build.number} runs its unfinished jobs again",
+            )
+    return store
