@@ -1,0 +1,316 @@
+"""Nothing lost when the executor dies (SPEC §5): a `harmont-exec run` process killed with
+SIGKILL mid-build is found by the next command that opens the store, its build finished once
+and correctly, its jobs' leftover processes killed; a live build is never touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from serving import TIMEOUT_S, output, poll, start, stop
+
+from executor.load import load_plan
+from executor.states import TRANSITIONS, Event, JobState
+from executor.store import Store, open_store
+from executor.store.liveness import LOST_AFTER_S, process_identity
+
+# `work` waits for a file that never comes, with a grandchild in its process group (the kind
+# of process a kill -9 of the executor leaves behind); `quick` passes first; `after` waits.
+BUILD = {
+    "steps": [
+        {"key": "quick", "command": "echo quick"},
+        {
+            "key": "work",
+            "command": "sleep 300 & echo started > started; while [ ! -e go ]; do sleep 0.05; done",
+            "depends_on": "quick",
+        },
+        {"key": "side", "command": "sleep 300", "depends_on": "quick"},
+        {"key": "after", "command": "echo after", "depends_on": ["work", "side"]},
+    ]
+}
+
+
+def job_processes(job_ids: set[str]) -> list[int]:
+    """Pids of this user's processes that carry one of the jobs' HARMONT_JOB_ID."""
+    wanted = {f"HARMONT_JOB_ID={j}".encode() for j in job_ids}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and not wanted.isdisjoint(environ.split(b"\0")):
+            found.append(int(entry.name))
+    return found
+
+
+def assert_histories_are_legal(store: Store, build_id: str) -> None:
+    """Every job's history is a path through THE transition table from `pending`, ending in
+    the job's current state, seq 0, 1, 2... without gaps."""
+    for job in store.list_jobs(build_id):
+        history = store.job_transitions(job.id)
+        assert [t.seq for t in history] == list(range(len(history))), job.step_key
+        assert history[0].event == "created" and history[0].to_state is JobState.PENDING
+        state = JobState.PENDING
+        for step in history[1:]:
+            assert step.from_state is state, (job.step_key, history)
+            assert TRANSITIONS[(state, Event(step.event))] is step.to_state, (job.step_key, step)
+            state = step.to_state
+        assert state is job.state, job.step_key
+
+
+@dataclass
+class Killed:
+    db: Path
+    work: Path
+    build_id: str
+    job_ids: dict[str, str]
+
+
+@pytest.fixture
+def killed(tmp_path: Path) -> Iterator[Killed]:
+    """A `run` process SIGKILLed while `work` and `side` run and `after` waits; reaped."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "b.json").write_text(json.dumps(BUILD))
+    db = tmp_path / "harmont.db"
+    out = tmp_path / "run"
+    run = start(["run", "b.json", "--db", str(db), "-j", "4"], work, out)
+    job_ids: dict[str, str] = {}
+    try:
+        poll(lambda: (work / "started").exists() or None, "the job to start", (run, out))
+
+        def side_running() -> bool | None:
+            with open_store(db, recover=False) as store:
+                build = store.get_build(1)
+                if build is None:
+                    return None
+                jobs = {j.step_key: j for j in store.list_jobs(build.id)}
+            job_ids.update({k: j.id for k, j in jobs.items()})
+            return True if jobs["side"].state is JobState.RUNNING else None
+
+        poll(side_running, "the side job to run", (run, out))
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait(timeout=TIMEOUT_S)  # reaped: no zombie that looks alive
+        with open_store(db, recover=False) as store:
+            build = store.get_build(1)
+            assert build is not None
+        yield Killed(db, work, build.id, job_ids)
+    finally:
+        stop(run)
+        left = job_processes(set(job_ids.values()))
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "executor", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+
+
+def test_recovery_kill_9_leaves_processes_behind_until_the_next_start(killed: Killed) -> None:
+    # The problem being solved: the jobs' processes outlive their executor...
+    assert job_processes({killed.job_ids["work"], killed.job_ids["side"]})
+    # ...until any harmont-exec command opens the store.
+    result = _cli("builds", "--db", str(killed.db), cwd=killed.work)
+    assert result.returncode == 0, result.stderr
+    assert "build_abandoned" in result.stderr and "harmont-exec resume 1" in result.stderr
+
+    def gone() -> bool | None:
+        return True if not job_processes(set(killed.job_ids.values())) else None
+
+    poll(gone, "the lost jobs' processes (sleep 300 included) to be killed")
+
+
+def test_recovery_finishes_the_lost_build_as_the_spec_says(killed: Killed) -> None:
+    with open_store(killed.db) as store:
+        build = store.get_build_by_id(killed.build_id)
+        assert build is not None
+        assert build.state.value == "failed"
+        assert build.error_code == "build_abandoned"
+        assert build.finished_at is not None
+        assert "stopped before the build ended" in (build.error_message or "")
+        jobs = {j.step_key: j for j in store.list_jobs(killed.build_id)}
+        assert jobs["quick"].state is JobState.PASSED  # finished jobs keep their results
+        for key in ("work", "side"):
+            assert jobs[key].state is JobState.FAILED
+            assert jobs[key].error_code == "executor_lost"
+            (attempt,) = store.list_attempts(jobs[key].id)
+            assert attempt.outcome == "executor_lost" and attempt.finished_at is not None
+        assert jobs["after"].state is JobState.CANCELED
+        assert jobs["after"].error_code == "build_abandoned"
+        assert_histories_are_legal(store, killed.build_id)
+        assert store.check_integrity() == "ok"
+
+
+def test_recovery_happens_once_when_several_processes_notice_at_once(killed: Killed) -> None:
+    code = (  # four processes look for lost builds at once; each prints what it finished
+        "import sys, json; from datetime import UTC, datetime; "
+        "from executor.store import open_store; "
+        "s = open_store(sys.argv[1], recover=False); "
+        "print(json.dumps([b.number for b in s.recover_lost_builds(datetime.now(UTC))])); "
+        "s.close()"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(killed.db)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    finished = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+        assert proc.returncode == 0, err
+        finished.extend(json.loads(out))
+    assert finished == [1]  # exactly one of them finished build #1
+    with open_store(killed.db) as store:
+        for job_id in (killed.job_ids["work"], killed.job_ids["side"]):
+            events = [t.event for t in store.job_transitions(job_id)]
+            assert events.count("executor_lost") == 1
+        assert_histories_are_legal(store, killed.build_id)
+
+
+def test_recovery_never_touches_a_live_build(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "b.json").write_text(json.dumps(BUILD))
+    db = tmp_path / "harmont.db"
+    out = tmp_path / "run"
+    run = start(["run", "b.json", "--db", str(db)], work, out)
+    try:
+
+        def work_running() -> bool | None:
+            with open_store(db, recover=False) as store:
+                build = store.get_build(1)
+                if build is None:
+                    return None
+                states = {j.step_key: j.state for j in store.list_jobs(build.id)}
+            return True if states["work"] is JobState.RUNNING else None
+
+        poll(work_running, "the job to run", (run, out))
+        with open_store(db) as store:  # recovery runs here, and must leave it alone
+            build = store.get_build(1)
+            assert build is not None and not build.state.is_terminal
+            jobs = {j.step_key: j.state for j in store.list_jobs(build.id)}
+        assert jobs["work"] is JobState.RUNNING
+        run.send_signal(signal.SIGTERM)  # its own end: a graceful cancel, not an abandonment
+        assert run.wait(timeout=TIMEOUT_S) == 130, output(out)
+        with open_store(db) as store:
+            build = store.get_build(1)
+            assert build is not None
+            assert (build.state.value, build.error_code) == ("canceled", None)
+    finally:
+        stop(run)
+
+
+def _recorded_build(tmp_path: Path) -> tuple[Path, str]:
+    """A build recorded by this process (its executor is this test), still `scheduled`."""
+    (tmp_path / "b.json").write_text(json.dumps(BUILD))
+    db = tmp_path / "harmont.db"
+    with open_store(db) as store:
+        created = store.create_build(
+            org="local",
+            pipeline="b",
+            plan=load_plan(tmp_path / "b.json"),
+            build_file=None,
+            working_dir=str(tmp_path),
+            now=datetime.now(UTC),
+        )
+    return db, created.id
+
+
+def _set(db: Path, build_id: str, **columns: object) -> None:
+    """Rewrite the build's executor columns, as another host or process would have them."""
+    with sqlite3.connect(db) as raw:
+        for name, value in columns.items():
+            raw.execute(f"UPDATE builds SET {name} = ? WHERE id = ?", (value, build_id))
+
+
+def _state(db: Path, build_id: str) -> str:
+    with open_store(db) as store:
+        build = store.get_build_by_id(build_id)
+        assert build is not None
+        return build.state.value
+
+
+def test_recovery_of_a_build_on_another_host_waits_for_a_stale_heartbeat(tmp_path: Path) -> None:
+    db, build_id = _recorded_build(tmp_path)
+    now = datetime.now(UTC)
+    fresh = (now - timedelta(seconds=LOST_AFTER_S / 2)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    _set(db, build_id, executor_host="elsewhere.example", executor_pid=1, heartbeat_at=fresh)
+    assert _state(db, build_id) == "scheduled"  # alive as far as anyone here can tell
+    stale = (now - timedelta(seconds=LOST_AFTER_S + 5)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    _set(db, build_id, heartbeat_at=stale)
+    assert _state(db, build_id) == "failed"
+
+
+def test_recovery_sees_through_a_reused_pid(tmp_path: Path) -> None:
+    db, build_id = _recorded_build(tmp_path)
+    assert _state(db, build_id) == "scheduled"  # its executor (this process) is alive
+    identity = process_identity()
+    assert identity is not None
+    boot, pid, _ = identity.split("/")
+    # The same pid, alive, but started at another time: another process wearing the pid.
+    _set(db, build_id, executor_id=f"{boot}/{pid}/1")
+    assert _state(db, build_id) == "failed"
+
+
+def test_recovery_after_a_reboot(tmp_path: Path) -> None:
+    db, build_id = _recorded_build(tmp_path)
+    identity = process_identity()
+    assert identity is not None
+    _, pid, start_ticks = identity.split("/")
+    _set(db, build_id, executor_id=f"00000000-0000-0000-0000-000000000000/{pid}/{start_ticks}")
+    assert _state(db, build_id) == "failed"
+
+
+def test_heartbeat_is_recorded_while_a_build_runs(tmp_path: Path) -> None:
+    (tmp_path / "b.yaml").write_text(
+        "steps:\n  - {key: w, command: 'while [ ! -e go ]; do sleep 0.05; done'}\n"
+    )
+    db = tmp_path / "harmont.db"
+    out = tmp_path / "run"
+    run = start(["run", "b.yaml", "--db", str(db)], tmp_path, out)
+    try:
+
+        def beat() -> datetime | None:
+            with open_store(db, recover=False) as store:
+                build = store.get_build(1)
+                if build is None or build.heartbeat_at is None:
+                    return None
+                return build.heartbeat_at if build.heartbeat_at > build.created_at else None
+
+        first = poll(beat, "a heartbeat after the build's creation", (run, out))
+
+        def later() -> datetime | None:
+            now = beat()
+            return now if now is not None and now > first else None
+
+        # Nothing changes state while the job waits: only the heartbeat timer can write this.
+        second = poll(later, "a later heartbeat", (run, out))
+        assert second > first
+        (tmp_path / "go").touch()
+        assert run.wait(timeout=TIMEOUT_S) == 0, output(out)
+    finally:
+        stop(run)
