@@ -73,6 +73,7 @@ class Event(StrEnum):
     DEPENDENCY_FAILED = "dependency_failed"
     BUILD_TIMEOUT = "build_timeout"
     EXECUTOR_LOST = "executor_lost"
+    RESUMED = "resumed"
 
 
 TERMINAL_JOB_STATES = frozenset(
@@ -101,6 +102,11 @@ def _table() -> dict[tuple[JobState, Event], JobState]:
         (_S.PENDING, _E.DEPENDENCY_FAILED): _S.SKIPPED,
         (_S.ASSIGNED, _E.EXECUTOR_LOST): _S.FAILED,
         (_S.RUNNING, _E.EXECUTOR_LOST): _S.FAILED,
+        # Extension: `harmont-exec resume` runs a lost job (failed, executor_lost) or one its
+        # lost build never started (canceled, build_abandoned) again. The code checks those
+        # error codes; the table only allows the move.
+        (_S.FAILED, _E.RESUMED): _S.PENDING,
+        (_S.CANCELED, _E.RESUMED): _S.PENDING,
     }
     for state in (_S.PENDING, _S.SCHEDULED, _S.ASSIGNED):
         table[(state, _E.CANCEL_REQUESTED)] = _S.CANCELED

@@ -23,8 +23,9 @@ from executor.states import TRANSITIONS, Event, JobState
 from executor.store import Store, open_store
 from executor.store.liveness import LOST_AFTER_S, process_identity
 
-# `work` waits for a file that never comes, with a grandchild in its process group (the kind
-# of process a kill -9 of the executor leaves behind); `quick` passes first; `after` waits.
+# `work` and `side` wait for a file `go`, each with a grandchild (`sleep 300`) in its process
+# group: the kind of process a kill -9 of the executor leaves behind. `quick` passes first;
+# `after` waits for both.
 BUILD = {
     "steps": [
         {"key": "quick", "command": "echo quick"},
@@ -33,7 +34,11 @@ BUILD = {
             "command": "sleep 300 & echo started > started; while [ ! -e go ]; do sleep 0.05; done",
             "depends_on": "quick",
         },
-        {"key": "side", "command": "sleep 300", "depends_on": "quick"},
+        {
+            "key": "side",
+            "command": "sleep 300 & while [ ! -e go ]; do sleep 0.05; done",
+            "depends_on": "quick",
+        },
         {"key": "after", "command": "echo after", "depends_on": ["work", "side"]},
     ]
 }
@@ -314,3 +319,46 @@ def test_heartbeat_is_recorded_while_a_build_runs(tmp_path: Path) -> None:
         assert run.wait(timeout=TIMEOUT_S) == 0, output(out)
     finally:
         stop(run)
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+
+def test_resume_runs_the_lost_jobs_again_and_keeps_the_finished_ones(killed: Killed) -> None:
+    (killed.work / "go").touch()  # this time the waiting jobs can finish
+    result = _cli("resume", "1", "--db", str(killed.db), cwd=killed.work)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "build #1 passed" in result.stdout
+    with open_store(killed.db) as store:
+        build = store.get_build_by_id(killed.build_id)
+        assert build is not None
+        assert (build.state.value, build.error_code, build.error_message) == ("passed", None, None)
+        jobs = {j.step_key: j for j in store.list_jobs(killed.build_id)}
+        assert all(j.state is JobState.PASSED for j in jobs.values())
+        attempts = {k: [a.outcome for a in store.list_attempts(j.id)] for k, j in jobs.items()}
+        assert attempts == {
+            "quick": ["exited"],  # kept, not run again
+            "work": ["executor_lost", "exited"],  # the lost attempt stays in the history
+            "side": ["executor_lost", "exited"],
+            "after": ["exited"],  # never started before
+        }
+        events = [t.event for t in store.job_transitions(jobs["after"].id)]
+        assert events[:3] == ["created", "cancel_requested", "resumed"]
+        assert_histories_are_legal(store, killed.build_id)
+        assert store.check_integrity() == "ok"
+
+
+def test_resume_is_refused_for_a_live_build(tmp_path: Path) -> None:
+    db, _ = _recorded_build(tmp_path)  # its executor, this test, is alive
+    result = _cli("resume", "1", "--db", str(db), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "is scheduled: its executor (pid" in result.stderr
+    assert "resume continues only a build whose executor is gone" in result.stderr
+
+
+def test_resume_is_refused_for_a_build_that_finished_by_itself(tmp_path: Path) -> None:
+    (tmp_path / "ok.yaml").write_text("steps:\n  - {key: a, command: 'true'}\n")
+    assert _cli("run", "ok.yaml", cwd=tmp_path).returncode == 0
+    result = _cli("resume", "1", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "finished by itself (passed)" in result.stderr and "harmont-exec run" in result.stderr

@@ -38,6 +38,9 @@ EXPECTED: dict[tuple[str, str], str] = {
     **{(state, "build_timeout"): "timed_out" for state in _NON_TERMINAL},
     ("assigned", "executor_lost"): "failed",
     ("running", "executor_lost"): "failed",
+    # Extension rows (resume of an abandoned build), documented in the README:
+    ("failed", "resumed"): "pending",
+    ("canceled", "resumed"): "pending",
 }
 
 _NOT_IN_TABLE = [
@@ -90,9 +93,14 @@ def test_transition_error_names_the_state_and_the_event() -> None:
 
 
 @pytest.mark.parametrize("state", _TERMINAL)
-def test_transition_terminal_states_have_no_way_out(state: str) -> None:
-    assert [pair for pair in TRANSITIONS if pair[0] is JobState(state)] == []
+def test_transition_terminal_states_leave_only_by_resume(state: str) -> None:
+    """Within a run a terminal state is final; only `harmont-exec resume` of an abandoned
+    build reopens a lost (failed) or never-started (canceled) job."""
+    ways_out = [e for (s, e) in TRANSITIONS if s is JobState(state)]
+    assert ways_out == ([Event.RESUMED] if state in ("failed", "canceled") else [])
     for event in Event:
+        if event in ways_out:
+            continue
         with pytest.raises(InvalidTransitionError):
             transition(JobState(state), event)
 

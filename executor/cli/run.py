@@ -25,12 +25,13 @@ from executor.cli.common import (
     STATE_STYLE,
     cli,
     configure_logging,
+    db_option,
     duration_text,
     make_console,
 )
 from executor.errors import BuildFileError, ExecutorError
 from executor.load import load_plan
-from executor.run.build import run_build
+from executor.run.build import resume_build, run_build
 from executor.run.scheduler import BuildResult, Change, RunOptions
 from executor.states import JobState
 from executor.store import Store, open_store
@@ -272,31 +273,43 @@ def run(
     # What exists now (modules, the plan) lives until exit: keep the cyclic garbage collector
     # from walking it again and again while jobs run (~10% of the CPU of 10k short jobs).
     gc.freeze()
-    console = make_console()
     options = RunOptions(concurrency=concurrency, fail_fast=fail_fast, grace_period_s=grace_seconds)
+
+    def start(store: Store, on_change: Callable[[Change], None]) -> Awaitable[BuildResult]:
+        return run_build(
+            plan,
+            store=store,
+            org=org,
+            pipeline=pipeline,
+            options=options,
+            on_change=on_change,
+            handle_signals=True,
+        )
+
+    _drive(db, tail_lines, start, lambda _: len(plan))
+
+
+def _drive(
+    db: str | None,
+    tail_lines: int,
+    start: Callable[[Store, Callable[[Change], None]], Awaitable[BuildResult]],
+    total: Callable[[Store], int],
+) -> None:
+    """Run ``start`` (a build) with the live view on a terminal or one line per change
+    otherwise, then the summary; exit with the build's status."""
+    console = make_console()
     live = console.is_terminal
 
     async def go(store: Store) -> BuildResult:
-        def start(on_change: Callable[[Change], None]) -> Awaitable[BuildResult]:
-            return run_build(
-                plan,
-                store=store,
-                org=org,
-                pipeline=pipeline,
-                options=options,
-                on_change=on_change,
-                handle_signals=True,
-            )
-
         if not live:
             lines = _PlainLines(sys.stdout)
             try:
-                return await start(lines)
+                return await start(store, lines)
             finally:
                 lines.close()
-        view = _LiveView(console, len(plan))
+        view = _LiveView(console, total(store))
         with Live(view, console=console, refresh_per_second=8, transient=True):
-            return await start(view)
+            return await start(store, view)
 
     started = time.monotonic()
     try:
@@ -311,3 +324,66 @@ def run(
         f"{time.monotonic() - started:.1f}s (exit {result.exit_status})"
     )
     sys.exit(result.exit_status)
+
+
+@cli.command()
+@click.argument("number", type=int)
+@db_option
+@click.option("--org", help="Organization of the build.")
+@click.option("--pipeline", help="Pipeline of the build (needed when the number is ambiguous).")
+@click.option(
+    "-j",
+    "--jobs",
+    "concurrency",
+    type=click.IntRange(1, 1024),
+    help="Jobs running at once [default: the file's concurrency, else CPUs].",
+)
+@click.option(
+    "--grace-seconds",
+    type=click.FloatRange(0, 3600),
+    default=10.0,
+    show_default=True,
+    help="Between SIGTERM and SIGKILL when a job is stopped.",
+)
+@click.option(
+    "--tail",
+    "tail_lines",
+    type=click.IntRange(0),
+    default=20,
+    show_default=True,
+    help="Log lines shown for each failed job at the end.",
+)
+def resume(
+    number: int,
+    db: str | None,
+    org: str | None,
+    pipeline: str | None,
+    concurrency: int | None,
+    grace_seconds: float,
+    tail_lines: int,
+) -> None:
+    """Continue build NUMBER, abandoned when its executor died, in place.
+
+    Its finished jobs keep their results; the jobs that were running (failed, executor_lost)
+    or had not started (canceled, build_abandoned) run again, their earlier attempts kept in
+    the history. Refused for a build that is still running or that finished by itself. Exits
+    like `run`."""
+    gc.freeze()
+    options = RunOptions(concurrency=concurrency, grace_period_s=grace_seconds)
+
+    def start(store: Store, on_change: Callable[[Change], None]) -> Awaitable[BuildResult]:
+        return resume_build(
+            number,
+            store=store,
+            org=org,
+            pipeline=pipeline,
+            options=options,
+            on_change=on_change,
+            handle_signals=True,
+        )
+
+    def total(store: Store) -> int:
+        build = store.get_build(number, org=org, pipeline=pipeline)
+        return len(store.list_jobs(build.id)) if build is not None else 0
+
+    _drive(db, tail_lines, start, total)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import subprocess
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -16,13 +17,14 @@ from pathlib import Path
 import anyio
 import structlog
 
-from executor.load import load_plan
+from executor.errors import ExecutorError
+from executor.load import load_plan, plan_build_text
 from executor.plan import Plan
 from executor.run.process import ProcessRunner
-from executor.run.scheduler import BuildResult, Change, RunOptions, Scheduler
-from executor.store import Store, open_store
+from executor.run.scheduler import BuildResult, Change, PriorJob, RunOptions, Scheduler
+from executor.store import CreatedBuild, Store, open_store
 
-__all__ = ["git_metadata", "run_build", "run_build_sync"]
+__all__ = ["git_metadata", "resume_build", "run_build", "run_build_sync"]
 
 log = structlog.get_logger("executor.run")
 
@@ -116,6 +118,82 @@ async def _run(
         tg.cancel_scope.cancel()
     log.info("build_finished", build=result.number, state=result.state.value)
     return result
+
+
+async def resume_build(
+    number: int,
+    *,
+    store: Store,
+    org: str | None = None,
+    pipeline: str | None = None,
+    options: RunOptions | None = None,
+    runner: ProcessRunner | None = None,
+    on_change: Callable[[Change], None] | None = None,
+    handle_signals: bool = False,
+) -> BuildResult:
+    """Continue build ``number``, abandoned by an executor that died, in place (``harmont-exec
+    resume``): its finished jobs keep their results; the jobs that were running when it died
+    (``executor_lost``) or never started (``build_abandoned``) run again, with their earlier
+    attempts kept. Raises ExecutorError, saying why, for a build that is still alive or that
+    finished by itself."""
+    build = store.get_build(number, org=org, pipeline=pipeline)
+    where = f"{org or '*'}/{pipeline or '*'}"
+    if build is None:
+        raise ExecutorError(f"no build #{number} in {where}; `harmont-exec builds` lists them")
+    name = f"build #{build.number} of {build.org}/{build.pipeline}"
+    if not build.state.is_terminal:
+        raise ExecutorError(
+            f"{name} is {build.state.value}: its executor (pid {build.executor_pid} on "
+            f"{build.executor_host}) is alive; resume continues only a build whose executor "
+            "is gone (stop that one first, or wait for it)"
+        )
+    if build.error_code != "build_abandoned":
+        raise ExecutorError(
+            f"{name} finished by itself ({build.state.value}); resume continues only a build "
+            "abandoned by a dead executor: start a new one with `harmont-exec run`"
+        )
+    recorded = store.build_plan(build.id)
+    assert recorded is not None
+    plan_json, working_dir = recorded
+    plan = plan_build_text(plan_json, name=build.build_file or "build.json", json_format=True)
+    reopened = await anyio.to_thread.run_sync(store.reopen_abandoned_build, build.id, _now())
+    if reopened is None:
+        raise ExecutorError(f"{name} was resumed by another process first; nothing to do")
+    jobs = store.list_jobs(build.id)
+    counts = store.attempt_counts(build.id)
+    prior = {
+        j.step_key: PriorJob(
+            j.state,
+            j.exit_code,
+            j.soft_failed,
+            j.error_code,
+            j.error_message,
+            counts.get(j.id, 0),
+            j.retries_count,
+            j.started_at,
+            j.finished_at,
+        )
+        for j in jobs
+    }
+    created = CreatedBuild(
+        build.id, build.number, build.org, build.pipeline, {j.step_key: j.id for j in jobs}
+    )
+    options = replace(options or RunOptions(), working_dir=Path(working_dir))
+    log.info("build_resumed", build=build.number, jobs_again=len(reopened))
+    scheduler = Scheduler(
+        plan, store, created, options=options, runner=runner, on_change=on_change, prior=prior
+    )
+    async with anyio.create_task_group() as tg:
+        if handle_signals:
+            tg.start_soon(_watch_signals, scheduler)
+        result = await scheduler.run()
+        tg.cancel_scope.cancel()
+    log.info("build_finished", build=result.number, state=result.state.value)
+    return result
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 async def _watch_signals(scheduler: Scheduler) -> None:

@@ -41,7 +41,15 @@ from executor.states import BuildState, Event, JobState, JobStatus, roll_up, tra
 from executor.store import CreatedBuild, Store
 from executor.store.liveness import HEARTBEAT_S
 
-__all__ = ["BuildResult", "Change", "JobResult", "RunOptions", "Scheduler", "exit_status"]
+__all__ = [
+    "BuildResult",
+    "Change",
+    "JobResult",
+    "PriorJob",
+    "RunOptions",
+    "Scheduler",
+    "exit_status",
+]
 
 log = structlog.get_logger("executor.run")
 
@@ -123,6 +131,21 @@ def exit_status(state: BuildState, error_code: str | None) -> int:
     return 1
 
 
+@dataclass(frozen=True, slots=True)
+class PriorJob:
+    """Where a job of a resumed build stands when it starts again (read from the store)."""
+
+    state: JobState
+    exit_code: int | None = None
+    soft_failed: bool = False
+    error_code: str | None = None
+    error_message: str | None = None
+    attempts: int = 0
+    retries_count: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
 @dataclass(slots=True)
 class _Job:
     key: str
@@ -162,7 +185,10 @@ class Scheduler:
         options: RunOptions | None = None,
         runner: ProcessRunner | None = None,
         on_change: Callable[[Change], None] | None = None,
+        prior: Mapping[str, PriorJob] | None = None,
     ) -> None:
+        """``prior``: a resumed build's jobs as they stand (``harmont-exec resume``); the
+        terminal ones keep their results, the others start from ``pending``."""
         self.plan = plan
         self.store = store
         self.build = build
@@ -173,12 +199,23 @@ class Scheduler:
         self._log = log.bind(build=build.number)
         self._jobs = {s.key: _Job(s.key, build.job_ids[s.key], s) for s in plan}
         self._cursor = plan.cursor()
+        self._prior = prior or {}
+        for key, before in self._prior.items():
+            job = self._jobs[key]
+            job.state, job.exit_code, job.soft_failed = (
+                before.state,
+                before.exit_code,
+                before.soft_failed,
+            )
+            job.error_code, job.error_message = before.error_code, before.error_message
+            job.attempts, job.retries_count = before.attempts, before.retries_count
+            job.started_at, job.finished_at = before.started_at, before.finished_at
         self._queue: list[tuple[int, str]] = []  # scheduled jobs waiting for a slot
         self._assigned: deque[_Job] = deque()  # jobs given a slot, for the next free worker
         self._idle: list[anyio.Event] = []  # workers waiting for an assigned job
         self._count = _Counters()
         self._limit = self.options.concurrency or plan.spec.concurrency or os.cpu_count() or 1
-        self._state = BuildState.SCHEDULED
+        self._state = BuildState.RUNNING if prior else BuildState.SCHEDULED
         self._cancel_requested = False  # a user's cancel (signal), not fail-fast
         self._stopping = False  # no new attempts, no retries
         self._error: tuple[str, str] | None = None
@@ -203,6 +240,8 @@ class Scheduler:
             tg.start_soon(self._heartbeat)
             for _ in range(min(self._limit, len(self._jobs))):
                 tg.start_soon(self._worker)
+            if self._prior:
+                self._seed()
             self._advance()
             await self._done.wait()
             tg.cancel_scope.cancel()  # only timers and idle workers are left
@@ -223,6 +262,25 @@ class Scheduler:
         for job in self._jobs.values():
             if job.stop is not None:
                 job.stop.kill(job.stop.reason or Reason.CANCELED)
+
+    def _seed(self) -> None:
+        """A resumed build: count the jobs that already ended, tell the cursor in plan order
+        (so their dependents become ready, or are skipped or canceled in cascade as they
+        would have been), and roll the build up from there."""
+        at = _now()
+        for job in self._jobs.values():
+            if job.state.is_terminal:
+                self._count.terminal += 1
+                if JobStatus(job.state, job.soft_failed).is_hard_failure:
+                    self._count.hard_failures += 1
+            if job.started_at is not None:
+                self._count.started = True
+        for key in self.plan.order:
+            job = self._jobs[key]
+            if job.state.is_terminal and key not in self._cursor.statuses:
+                settled = self._cursor.done(key, job.state, soft_failed=job.soft_failed)
+                self._settle(tuple(s for s in settled if not self._jobs[s.key].state.is_terminal))
+        self._roll_up(at)
 
     # --- transitions --------------------------------------------------------------------------
 

@@ -205,6 +205,16 @@ class Reader:
         rows = self._rows(sql.LOG_PAGE, (job_id, after_seq, LOG_PAGE_ROWS))
         return [LogChunk.from_db(r) for r in rows]
 
+    def build_plan(self, build_id: str) -> tuple[str, str] | None:
+        """(the build's plan as recorded: its build file's data as JSON, its working
+        directory), or None if there is no such build."""
+        rows = self._rows(sql.BUILD_PLAN, (build_id,))
+        return (rows[0]["plan_json"], rows[0]["working_dir"]) if rows else None
+
+    def attempt_counts(self, build_id: str) -> dict[str, int]:
+        """How many attempts each of the build's jobs has recorded (job id -> count)."""
+        return {r[0]: int(r[1]) for r in self._rows(sql.ATTEMPT_COUNTS_OF_BUILD, (build_id,))}
+
     # --- artifacts -------------------------------------------------------------------------
 
     def get_artifact(self, artifact_id: str) -> ArtifactRow | None:

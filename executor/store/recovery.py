@@ -11,7 +11,7 @@ from executor.states import Event, JobState, transition
 from executor.store import sql
 from executor.store.rows import format_time
 
-__all__ = ["LostBuild", "abandon_build"]
+__all__ = ["LostBuild", "abandon_build", "reopen_build"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,3 +75,39 @@ def abandon_build(
             db.execute("ROLLBACK")
         raise
     return job_ids, live, not_started
+
+
+def reopen_build(
+    db: sqlite3.Connection, build_id: str, executor: tuple[str, int, str, str | None], now: datetime
+) -> list[str] | None:
+    """Make an abandoned build (``failed``, ``build_abandoned``) ``running`` again under the
+    executor ``(host, pid, started_at, identity)``, and its lost or never-started jobs
+    ``pending`` (event ``resumed``; their attempts and history stay), in ONE transaction.
+    Returns those jobs' ids, or None if the build is not (or no longer) abandoned."""
+    at = format_time(now)
+    host, pid, started_at, identity = executor
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        claimed = db.execute(
+            sql.REOPEN_BUILD, (host, pid, started_at, identity, at, build_id)
+        ).rowcount
+        if claimed != 1:
+            db.execute("ROLLBACK")
+            return None
+        reopened: list[str] = []
+        for job_id, job_state in db.execute(sql.RESUMABLE_JOBS_OF_BUILD, (build_id,)).fetchall():
+            old = JobState(job_state)
+            new = transition(old, Event.RESUMED)
+            db.execute(sql.REOPEN_JOB, (job_id, old.value))
+            last = db.execute(sql.LAST_TRANSITION_SEQ, (job_id,)).fetchone()[0]
+            db.execute(
+                sql.INSERT_TRANSITION,
+                (job_id, (last or 0) + 1, old.value, Event.RESUMED.value, new.value, at),
+            )
+            reopened.append(job_id)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return reopened

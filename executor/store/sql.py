@@ -435,6 +435,29 @@ ABANDON_BUILD = (
     "finished_at = ? WHERE id = ? AND state = ?"
 )
 
+# --- resuming an abandoned build (store/recovery.py) -----------------------------------------
+
+BUILD_PLAN = "SELECT plan_json, working_dir, state, error_code FROM builds WHERE id = ?"
+RESUMABLE_JOBS_OF_BUILD = (
+    "SELECT id, state FROM jobs WHERE build_id = ? AND ((state = 'failed' AND error_code = "
+    "'executor_lost') OR (state = 'canceled' AND error_code = 'build_abandoned')) "
+    "ORDER BY position"
+)
+REOPEN_JOB = (
+    "UPDATE jobs SET state = 'pending', exit_code = NULL, soft_failed = 0, error_code = NULL, "
+    "error_message = NULL, finished_at = NULL WHERE id = ? AND state = ?"
+)
+REOPEN_BUILD = (
+    "UPDATE builds SET state = 'running', error_code = NULL, error_message = NULL, "
+    "finished_at = NULL, cancel_requested = 0, executor_host = ?, executor_pid = ?, "
+    "executor_started_at = ?, executor_id = ?, heartbeat_at = ? "
+    "WHERE id = ? AND state = 'failed' AND error_code = 'build_abandoned'"
+)
+ATTEMPT_COUNTS_OF_BUILD = (
+    "SELECT a.job_id, COUNT(*) FROM attempts a JOIN jobs j ON j.id = a.job_id "
+    "WHERE j.build_id = ? GROUP BY a.job_id"
+)
+
 # --- API tokens (written synchronously, not through the writer: they are few) -----------------
 
 INSERT_TOKEN = (

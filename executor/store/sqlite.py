@@ -51,7 +51,7 @@ from executor.store.liveness import (
     process_identity,
 )
 from executor.store.reads import Reader, token_hash
-from executor.store.recovery import LostBuild, abandon_build
+from executor.store.recovery import LostBuild, abandon_build, reopen_build
 from executor.store.rows import UNSET, CreatedBuild, TokenRow, Unset, format_time, parse_time
 from executor.store.writer import Writer
 
@@ -300,6 +300,24 @@ class Store(Reader):
             killed = kill_job_processes(job_ids) if row["executor_host"] == host else 0
             lost.append(LostBuild(row["id"], row["number"], executor, lost_jobs, canceled, killed))
         return lost
+
+    def reopen_abandoned_build(self, build_id: str, now: datetime) -> list[str] | None:
+        """Claim an abandoned build for this process and make its lost and never-started
+        jobs ``pending`` again (``harmont-exec resume``); their ids, or None if the build is
+        not abandoned (any more)."""
+        self._check_open()
+        executor = (socket.gethostname(), os.getpid(), _PROCESS_STARTED_AT, _IDENTITY)
+        try:
+            with self._lock:
+                reopened = reopen_build(self._db, build_id, executor, now)
+        except sqlite3.Error as exc:
+            raise store_error(f"reopen build {build_id}", exc, self._path) from None
+        if reopened is not None:
+            for job_id in reopened:  # the file has them now: counted from there
+                self._transition_seq.pop(job_id, None)
+                self._log_seq.pop(job_id, None)
+                self._job_columns.pop(job_id, None)
+        return reopened
 
     # --- the store's own keys (synchronous) -------------------------------------------------
 
