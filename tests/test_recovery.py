@@ -16,6 +16,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from serving import TIMEOUT_S, output, poll, start, stop
 
 from executor.load import load_plan
@@ -362,3 +364,84 @@ def test_resume_is_refused_for_a_build_that_finished_by_itself(tmp_path: Path) -
     result = _cli("resume", "1", cwd=tmp_path)
     assert result.returncode == 1
     assert "finished by itself (passed)" in result.stderr and "harmont-exec run" in result.stderr
+
+
+# --- kill -9 at random points, property-style -------------------------------------------------
+
+# Parallel jobs, retries (each `flaky` fails its first attempt), jobs that leave a background
+# process in their group, a wait barrier: most kill points catch something in flight.
+CHAOS = {
+    "steps": [
+        *(
+            {
+                "key": f"flaky{i}",
+                "command": 'sleep 0.1; test "$HARMONT_ATTEMPT" -ge 2',
+                "retry_policy": {"limit": 2, "exit_codes": [1], "backoff": {"initial_seconds": 0}},
+            }
+            for i in range(4)
+        ),
+        *(
+            {"key": f"bg{i}", "command": "sleep 30 & sleep 0.2; echo bg", "depends_on": "flaky0"}
+            for i in range(3)
+        ),
+        "wait",
+        {"key": "join", "command": "echo join"},
+        {"key": "last", "command": "sleep 0.1", "depends_on": "join"},
+    ]
+}
+
+
+def _transitions_recorded(db: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as raw:
+            return int(raw.execute("SELECT COUNT(*) FROM job_transitions").fetchone()[0])
+    except sqlite3.Error:
+        return 0  # not created yet
+
+
+@settings(
+    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(kill_after=st.integers(min_value=9, max_value=70), jobs=st.sampled_from(["2", "4"]))
+def test_recovery_kill_9_at_any_point_then_resume_completes_the_build(
+    tmp_path_factory: pytest.TempPathFactory, kill_after: int, jobs: str
+) -> None:
+    """Kill -9 `run` once the store holds ``kill_after`` history rows (9 are the jobs'
+    creation; a full build records about 80): the next start finishes it legally and kills
+    its leftovers, and `resume` completes it."""
+    work = tmp_path_factory.mktemp("chaos")
+    (work / "b.json").write_text(json.dumps(CHAOS))
+    db = work / "harmont.db"
+    out = work / "run"
+    run = start(["run", "b.json", "--db", str(db), "-j", jobs], work, out)
+    try:
+        poll(
+            lambda: (
+                True if _transitions_recorded(db) >= kill_after or run.poll() is not None else None
+            ),
+            f"{kill_after} history rows",
+        )
+        run.kill()
+        run.wait(timeout=TIMEOUT_S)
+        with open_store(db) as store:  # the next start: recovery
+            build = store.get_build(1)
+            assert build is not None
+            assert build.state.is_terminal
+            assert store.check_integrity() == "ok"
+            assert_histories_are_legal(store, build.id)
+            job_ids = {j.id for j in store.list_jobs(build.id)}
+            abandoned = build.error_code == "build_abandoned"
+        poll(lambda: True if not job_processes(job_ids) else None, "no leftover job process")
+        if not abandoned:
+            assert build.state.value == "passed"  # it ended before the kill
+            return
+        resumed = _cli("resume", "1", "--db", str(db), cwd=work)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        with open_store(db) as store:
+            build = store.get_build(1)
+            assert build is not None and build.state.value == "passed"
+            assert_histories_are_legal(store, build.id)
+            assert store.check_integrity() == "ok"
+        assert not job_processes(job_ids)
+    finally:
+        stop(run)
