@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -445,3 +446,87 @@ def test_recovery_kill_9_at_any_point_then_resume_completes_the_build(
         assert not job_processes(job_ids)
     finally:
         stop(run)
+
+
+# --- disk trouble -------------------------------------------------------------------------------
+
+DISK_BUILD = """\
+steps:
+  - {key: before, command: echo recorded-before}
+  - key: talk
+    command: 'echo started > started; sleep 300 & while [ ! -e go ]; do echo tick; sleep 0.05; done'
+    depends_on: before
+  - {key: other, command: 'sleep 300', depends_on: before}
+  - {key: never, command: 'echo never', depends_on: [talk, other]}
+"""
+
+
+# The build of DISK_BUILD in a child process (as `harmont-exec run` would be), with a write
+# failure injected at the store boundary once `talk` runs: as root, permissions cannot make a
+# file read-only, and a full disk cannot be had without a mount; a PRAGMA on the writer's
+# connection makes every later commit fail as those would ("database or disk is full",
+# "attempt to write a readonly database").
+DISK_CHILD = """
+import sys, anyio, executor
+from pathlib import Path
+from executor.store import open_store
+work, db, statement = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+store = open_store(db)
+
+async def main():
+    async with anyio.create_task_group() as tg:
+        async def inject():
+            while not (work / "started").exists():
+                await anyio.sleep(0.02)
+            store.flush()
+            store._execute_in_writer(statement)
+        tg.start_soon(inject)
+        await executor.run_build(work / "b.yaml", store=store)
+
+failed = None
+try:
+    anyio.run(main)
+except* executor.StoreError as group:  # raised in this script's own task group
+    failed = group.exceptions[0]
+if failed is not None:
+    print(failed, file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize(
+    ("statement", "error"),
+    [
+        ("PRAGMA max_page_count = 1", "full.*free disk space"),
+        ("PRAGMA query_only = 1", "readonly.*make the database file"),
+    ],
+    ids=["full", "read-only"],
+)
+def test_disk_trouble_mid_build_stops_the_jobs_and_loses_nothing_recorded(
+    tmp_path: Path, statement: str, error: str
+) -> None:
+    (tmp_path / "b.yaml").write_text(DISK_BUILD)
+    db = tmp_path / "harmont.db"
+    child = subprocess.run(
+        [sys.executable, "-c", DISK_CHILD, str(tmp_path), str(db), statement],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert child.returncode == 1, child.stdout + child.stderr
+    message = child.stderr.strip().splitlines()[-1]
+    assert re.search(error, message), message
+    assert "Build #1 was stopped there" in message and "harmont-exec resume 1" in message
+    with open_store(db) as again:  # the next start: the build is abandoned, resumable
+        assert again.check_integrity() == "ok"
+        build = again.get_build(1)
+        assert build is not None
+        assert (build.state.value, build.error_code) == ("failed", "build_abandoned")
+        jobs = {j.step_key: j for j in again.list_jobs(build.id)}
+        assert jobs["before"].state is JobState.PASSED  # recorded before: kept
+        log = b"".join(c.content for c in again.read_log(jobs["before"].id))
+        assert log == b"recorded-before\n"
+        assert_histories_are_legal(again, build.id)
+        # The jobs were stopped by the run itself (their leftovers too), not by recovery.
+        assert not job_processes({j.id for j in jobs.values()})

@@ -111,11 +111,23 @@ async def _run(
     )
     log.info("build_created", org=org, pipeline=pipeline, build=created.number, jobs=len(plan))
     scheduler = Scheduler(plan, store, created, options=options, runner=runner, on_change=on_change)
+    return await _drive(scheduler, handle_signals)
+
+
+async def _drive(scheduler: Scheduler, handle_signals: bool) -> BuildResult:
+    """Run the scheduler, with the signal handlers if asked; its errors (a StoreError when the
+    record failed) are raised as they are, not wrapped in an exception group."""
+    error: ExecutorError | None = None
     async with anyio.create_task_group() as tg:
         if handle_signals:
             tg.start_soon(_watch_signals, scheduler)
-        result = await scheduler.run()
+        try:
+            result = await scheduler.run()
+        except ExecutorError as exc:
+            error = exc
         tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
     log.info("build_finished", build=result.number, state=result.state.value)
     return result
 
@@ -183,13 +195,7 @@ async def resume_build(
     scheduler = Scheduler(
         plan, store, created, options=options, runner=runner, on_change=on_change, prior=prior
     )
-    async with anyio.create_task_group() as tg:
-        if handle_signals:
-            tg.start_soon(_watch_signals, scheduler)
-        result = await scheduler.run()
-        tg.cancel_scope.cancel()
-    log.info("build_finished", build=result.number, state=result.state.value)
-    return result
+    return await _drive(scheduler, handle_signals)
 
 
 def _now() -> datetime:

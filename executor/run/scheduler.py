@@ -25,6 +25,7 @@ from typing import NamedTuple
 import anyio
 import structlog
 
+from executor.errors import StoreError
 from executor.model import StepSpec
 from executor.plan import Plan, Settled
 from executor.run.artifacts import Collected, collect_artifacts, match_artifacts
@@ -219,6 +220,7 @@ class Scheduler:
         self._cancel_requested = False  # a user's cancel (signal), not fail-fast
         self._stopping = False  # no new attempts, no retries
         self._error: tuple[str, str] | None = None
+        self._store_error: StoreError | None = None
         self._done = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         cwd = self.options.working_dir
@@ -245,7 +247,16 @@ class Scheduler:
             self._advance()
             await self._done.wait()
             tg.cancel_scope.cancel()  # only timers and idle workers are left
-        await anyio.to_thread.run_sync(self.store.flush)
+        try:
+            await anyio.to_thread.run_sync(self.store.flush)
+        except StoreError as exc:
+            number = self.build.number
+            raise StoreError(
+                f"{exc}. Build #{number} was stopped there: its running jobs were stopped and "
+                "the others canceled; the record keeps everything written before the failure. "
+                "Once that is fixed, any harmont-exec command marks the build abandoned, and "
+                f"`harmont-exec resume {number}` runs its unfinished jobs again"
+            ) from None
         return self._result()
 
     def cancel(self, reason: str = "the build was canceled") -> None:
@@ -282,6 +293,23 @@ class Scheduler:
                 self._settle(tuple(s for s in settled if not self._jobs[s.key].state.is_terminal))
         self._roll_up(at)
 
+    def _write(self, write: Callable[..., object], *args: object, **kwargs: object) -> None:
+        """Every write to the store goes through here. The first one the store refuses (disk
+        full, file read-only: the writer keeps nothing after a failed commit) stops the build,
+        as a cancel would; later writes are dropped, and ``run`` raises the error at the end."""
+        if self._store_error is not None:
+            return
+        try:
+            write(*args, **kwargs)
+        except StoreError as exc:
+            self._store_error = exc
+            self._log.error("record_failed", error=str(exc))
+            if self._tg is not None:  # not from inside this transition: on the next tick
+                self._tg.start_soon(self._stop_for_store_error, exc)
+
+    async def _stop_for_store_error(self, exc: StoreError) -> None:
+        self.cancel(f"the record cannot be written: {exc}")
+
     # --- transitions --------------------------------------------------------------------------
 
     def _transition(
@@ -300,13 +328,14 @@ class Scheduler:
             job.finished_at = record["finished_at"] = at
         record.pop("cause", None)
         job.state = new
-        self.store.record_job_transition(
+        self._write(
+            self.store.record_job_transition,
             job.id,
             from_state=old,
             event=event,
             to_state=new,
             at=at,
-            **record,  # type: ignore[arg-type]
+            **record,
         )
         if self._on_change is not None:
             self._on_change(
@@ -402,7 +431,7 @@ class Scheduler:
         if state is BuildState.CANCELING or state is BuildState.CANCELED:
             fields["cancel_requested"] = True
         self._state = state
-        self.store.record_build(self.build.id, state=state, at=at, **fields)  # type: ignore[arg-type]
+        self._write(self.store.record_build, self.build.id, state=state, at=at, **fields)
         self._log.info("build_state", state=state.value)
         if self._on_change is not None:
             self._on_change(Change(None, state.value, at))
@@ -445,7 +474,7 @@ class Scheduler:
         hosts judge it by this; on this host its process identity already says so)."""
         while True:
             await anyio.sleep(HEARTBEAT_S)
-            self.store.record_heartbeat(self.build.id, at=_now())
+            self._write(self.store.record_heartbeat, self.build.id, at=_now())
 
     async def _build_timer(self, timeout_s: float) -> None:
         await anyio.sleep(timeout_s)
@@ -513,7 +542,7 @@ class Scheduler:
 
             def on_start() -> None:
                 at = _now()
-                self.store.record_attempt_started(job.id, attempt, at=at)
+                self._write(self.store.record_attempt_started, job.id, attempt, at=at)
                 if job.state is not JobState.ASSIGNED:
                     return  # canceled while spawning: the stop request already kills it
                 self._transition(job, Event.STARTED, at=at)
@@ -521,7 +550,7 @@ class Scheduler:
                     self._tg.start_soon(run_timer, timer, timeout_s)
 
             def on_output(stream: Stream, data: bytes) -> None:
-                self.store.append_log(job.id, attempt, stream.value, data, at=_now())
+                self._write(self.store.append_log, job.id, attempt, stream.value, data, at=_now())
 
             result = await self.runner.run(spec, on_start=on_start, on_output=on_output, stop=stop)
             if timer is not None:
@@ -548,15 +577,20 @@ class Scheduler:
         notes, collected = await anyio.to_thread.run_sync(collect)
         at = _now()
         for item in collected:
-            self.store.record_artifact(
-                job.id, path=item.path, mime_type=item.mime_type, blob=item.blob, at=at
+            self._write(
+                self.store.record_artifact,
+                job.id,
+                path=item.path,
+                mime_type=item.mime_type,
+                blob=item.blob,
+                at=at,
             )
         if len(notes) > _MAX_NOTES:
             notes = [*notes[:_MAX_NOTES], f"... and {len(notes) - _MAX_NOTES} more like these"]
         for note in notes:
             # surrogateescape: a file name that is not UTF-8 goes to the log as its bytes
             line = f"[harmont-exec] {note}\n".encode("utf-8", "surrogateescape")
-            self.store.append_log(job.id, attempt, "stderr", line, at=at)
+            self._write(self.store.append_log, job.id, attempt, "stderr", line, at=at)
         self._log.info("artifacts_collected", job=job.key, count=len(collected), notes=len(notes))
 
     def _retry_wanted(self, job: _Job, attempt: int, result: AttemptResult) -> bool:
@@ -576,7 +610,8 @@ class Scheduler:
 
     def _attempt_finished(self, job: _Job, attempt: int, result: AttemptResult) -> None:
         at = result.finished_at
-        self.store.record_attempt_finished(
+        self._write(
+            self.store.record_attempt_finished,
             job.id,
             attempt,
             outcome=result.reason.value,
