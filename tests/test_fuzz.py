@@ -1,0 +1,263 @@
+"""Bad input never gets past the loader as anything but our documented error (SPEC §1): random
+text, random data, mutations of the real examples, deep nesting, huge strings, odd unicode and
+NUL bytes either plan or raise BuildFileError with a message, never another exception, never a
+hang. And the API's hand-written hostile paths and queries: SQL metacharacters, traversal,
+overlong values."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import quote
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import executor
+from executor.api import create_app
+from executor.errors import BuildFileError
+from executor.load import plan_build_text
+from executor.plan import Plan
+from executor.store import open_store
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+VALID = sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".yaml", ".json"))
+FUZZ = settings(
+    max_examples=150,
+    deadline=timedelta(seconds=10),  # a hang (or a quadratic blow-up) fails the example
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    database=None,
+)
+
+
+def _loads_or_refuses(text: str, *, json_format: bool) -> None:
+    """The property: a Plan, or BuildFileError with a message; nothing else escapes."""
+    try:
+        plan = plan_build_text(text, name="fuzz", json_format=json_format)
+    except BuildFileError as exc:
+        assert str(exc).strip(), "an error without a message"
+        return
+    assert isinstance(plan, Plan)
+
+
+odd_text = st.text(
+    alphabet=st.characters(codec="utf-8", categories=None, exclude_categories=("Cs",)),
+    max_size=300,
+)
+
+
+@FUZZ
+@given(text=odd_text, json_format=st.booleans())
+def test_fuzz_random_text(text: str, json_format: bool) -> None:
+    _loads_or_refuses(text, json_format=json_format)
+
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=20),
+    st.sampled_from(["steps", "key", "command", "depends_on", "wait", "*", "", "\x00", "-1"]),
+)
+keys = st.one_of(
+    st.sampled_from(
+        [
+            "steps",
+            "key",
+            "command",
+            "cmd",
+            "depends_on",
+            "builds_in",
+            "retry_policy",
+            "soft_fail_policy",
+            "timeout_seconds",
+            "env",
+            "artifact_paths",
+            "concurrency",
+            "type",
+            "nodes",
+            "edges",
+            "version",
+            "limit",
+            "exit_codes",
+            "backoff",
+        ]
+    ),
+    st.text(max_size=10),
+)
+data = st.recursive(
+    scalars,
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(keys, children, max_size=6),
+    max_leaves=40,
+)
+
+
+@FUZZ
+@given(value=data, as_json=st.booleans())
+def test_fuzz_random_data(value: Any, as_json: bool) -> None:
+    if as_json:
+        text = json.dumps(value, allow_nan=True)
+    else:
+        text = yaml.safe_dump(value, allow_unicode=True)
+    _loads_or_refuses(text, json_format=as_json)
+
+
+@FUZZ
+@given(
+    source=st.sampled_from(VALID),
+    edits=st.lists(
+        st.tuples(
+            st.sampled_from(["delete", "insert", "duplicate_line", "swap_lines", "truncate"]),
+            st.integers(min_value=0, max_value=10**6),
+            st.integers(min_value=0, max_value=10**6),
+            st.text(max_size=8),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_fuzz_mutations_of_the_real_examples(
+    source: Path, edits: list[tuple[str, int, int, str]]
+) -> None:
+    text = source.read_text()
+    for kind, a, b, insert in edits:
+        n = max(len(text), 1)
+        i, j = sorted((a % n, b % n))
+        lines = text.split("\n")
+        if kind == "delete":
+            text = text[:i] + text[j:]
+        elif kind == "insert":
+            text = text[:i] + insert + text[i:]
+        elif kind == "truncate":
+            text = text[:i]
+        elif kind == "duplicate_line" and lines:
+            k = a % len(lines)
+            text = "\n".join([*lines[: k + 1], lines[k], *lines[k + 1 :]])
+        elif lines:
+            x, y = a % len(lines), b % len(lines)
+            lines[x], lines[y] = lines[y], lines[x]
+            text = "\n".join(lines)
+    _loads_or_refuses(text, json_format=source.suffix == ".json")
+
+
+@pytest.mark.parametrize(
+    ("text", "json_format"),
+    [
+        ("[" * 100_000, True),
+        ("[" * 100_000 + "]" * 100_000, True),
+        ('{"a":' * 50_000 + "1" + "}" * 50_000, True),
+        ("[" * 100_000, False),
+        ("- " * 20_000 + "x", False),
+        ("a: &a [*a]", False),  # a recursive alias
+        (
+            'a: &a ["x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a]\n'
+            "c: &c [*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c]\n"
+            "e: &e [*d,*d,*d,*d,*d,*d,*d,*d]\nsteps: [*e,*e,*e,*e,*e,*e,*e,*e]\n",
+            False,
+        ),
+    ],
+    ids=[
+        "json-open",
+        "json-deep",
+        "json-objects",
+        "yaml-flow",
+        "yaml-block",
+        "yaml-recursive",
+        "yaml-billion-laughs",
+    ],
+)
+def test_fuzz_deep_or_exploding_input_is_refused(text: str, json_format: bool) -> None:
+    with pytest.raises(BuildFileError) as info:
+        plan_build_text(text, name="deep", json_format=json_format)
+    assert str(info.value).strip()
+
+
+@pytest.mark.parametrize("json_format", [True, False], ids=["json", "yaml"])
+def test_fuzz_huge_strings_and_nul_bytes(json_format: bool) -> None:
+    huge = "x" * 5_000_000
+    for spec in (
+        {"steps": [{"key": huge, "command": "true"}]},
+        {"steps": [{"key": "a", "command": huge}]},
+        {"steps": [{"key": "a\x00b", "command": "true"}]},
+        {"steps": [{"key": "a", "command": "true\x00false"}]},
+        {"steps": [{"key": "a", "command": "true", "env": {"X\x00": "1"}}]},
+    ):
+        text = json.dumps(spec) if json_format else yaml.safe_dump(spec)
+        _loads_or_refuses(text, json_format=json_format)
+
+
+# --- the API's hostile paths and queries -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    work = tmp_path_factory.mktemp("hostile")
+    (work / "b.yaml").write_text(
+        "steps:\n  - {key: a, command: 'echo a > a.txt', artifact_paths: ['*.txt']}\n"
+    )
+    db = work / "harmont.db"
+    assert executor.run_build_sync(work / "b.yaml", db=db).exit_status == 0
+    with open_store(db) as store:
+        _, secret = store.create_token(
+            description=None, organizations=None, expires_at=None, now=datetime.now(UTC)
+        )
+    return db, secret
+
+
+HOSTILE = [
+    "' OR '1'='1",
+    "1; DROP TABLE builds; --",
+    '" OR ""="',
+    "%27%20OR%201=1--",
+    "..%2F..%2F..%2Fetc%2Fpasswd",
+    "..\\..\\windows",
+    "%00",
+    "\u202e\u0000",
+    "a" * 10_000,
+    "😀" * 500,
+    "%ff%fe",
+]
+PATHS = [
+    "/api/v0/organizations/{v}/pipelines",
+    "/api/v0/organizations/local/pipelines/{v}",
+    "/api/v0/organizations/local/pipelines/b/builds/{v}",
+    "/api/v0/organizations/local/pipelines/b/builds/1/jobs/{v}",
+    "/api/v0/organizations/local/pipelines/b/builds/1/jobs/{v}/log",
+    "/api/v0/organizations/local/pipelines/b/builds/1/artifacts/{v}/download",
+    "/v0/jobs/{v}/logs?token={v}",
+    "/api/v0/organizations/local/pipelines/b/builds?cursor={v}&limit={v}",
+    "/api/v0/organizations/local/pipelines/b/builds/1/artifacts?cursor={v}",
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("template", PATHS)
+async def test_fuzz_api_hostile_values_get_an_envelope_and_change_nothing(
+    api: tuple[Path, str], template: str
+) -> None:
+    db, secret = api
+    with open_store(db) as store:
+        before = [(b.id, b.state) for b in store.list_builds()]
+        app = create_app(store=store)
+        with anyio.fail_after(60):
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app),
+                base_url="http://test",
+                headers={"Authorization": f"Bearer {secret}"},
+            ) as client:
+                for value in HOSTILE:
+                    # Percent-encoded, as a client must send it: the server decodes it back.
+                    response = await client.get(template.replace("{v}", quote(value, safe="")))
+                    assert response.status_code in (400, 401, 404, 422), (value, response.text)
+                    error = response.json()["error"]
+                    assert error["request_id"] == response.headers["x-request-id"]
+                    assert error["message"]
+        assert [(b.id, b.state) for b in store.list_builds()] == before
+        assert store.check_integrity() == "ok"
