@@ -31,7 +31,7 @@ from executor.model import (
     parse_build_spec,
 )
 from executor.plan import Cursor, Decision, Edge, EdgeKind, Plan, Readiness, Settled, build_plan
-from executor.run.build import resume_build, run_build, run_build_sync
+from executor.run.build import resume_build, retry_build, run_build, run_build_sync
 from executor.run.scheduler import BuildResult, JobResult, RunOptions
 from executor.states import (
     TRANSITIONS,
@@ -83,6 +83,7 @@ __all__ = [
     "parse_build_text",
     "plan_build_text",
     "resume_build",
+    "retry_build",
     "roll_up",
     "run_build",
     "run_build_sync",

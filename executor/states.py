@@ -74,6 +74,7 @@ class Event(StrEnum):
     BUILD_TIMEOUT = "build_timeout"
     EXECUTOR_LOST = "executor_lost"
     RESUMED = "resumed"
+    REUSED = "reused"
 
 
 TERMINAL_JOB_STATES = frozenset(
@@ -107,6 +108,9 @@ def _table() -> dict[tuple[JobState, Event], JobState]:
         # error codes; the table only allows the move.
         (_S.FAILED, _E.RESUMED): _S.PENDING,
         (_S.CANCELED, _E.RESUMED): _S.PENDING,
+        # Extension: `harmont-exec retry --failed` takes a job's result from the build it
+        # retries instead of running it (recorded with a reference to that job).
+        (_S.PENDING, _E.REUSED): _S.PASSED,
     }
     for state in (_S.PENDING, _S.SCHEDULED, _S.ASSIGNED):
         table[(state, _E.CANCEL_REQUESTED)] = _S.CANCELED

@@ -530,3 +530,69 @@ def test_disk_trouble_mid_build_stops_the_jobs_and_loses_nothing_recorded(
         assert_histories_are_legal(again, build.id)
         # The jobs were stopped by the run itself (their leftovers too), not by recovery.
         assert not job_processes({j.id for j in jobs.values()})
+
+
+# --- retry ------------------------------------------------------------------------------------
+
+RETRY_BUILD = """\
+steps:
+  - {key: a, command: 'echo a > a.txt', artifact_paths: ['a.txt']}
+  - {key: b, command: 'echo "b ran"; test -e fixed', depends_on: a}
+  - {key: c, command: 'echo c', depends_on: b}
+  - {key: d, command: 'echo d'}
+"""
+
+
+def test_retry_failed_runs_only_what_did_not_pass_and_reuses_the_rest(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(RETRY_BUILD)
+    assert _cli("run", "r.yaml", cwd=tmp_path).returncode == 1  # b fails, c is skipped
+    (tmp_path / "fixed").touch()
+    result = _cli("retry", "1", "--failed", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "build #2 passed" in result.stdout
+    with open_store(tmp_path / ".harmont" / "harmont.db") as store:
+        first, second = store.get_build(1), store.get_build(2)
+        assert first is not None and second is not None
+        assert second.message == "retry of build #1 (failed jobs only)"
+        old = {j.step_key: j for j in store.list_jobs(first.id)}
+        new = {j.step_key: j for j in store.list_jobs(second.id)}
+        assert all(j.state is JobState.PASSED for j in new.values())
+        for key in ("a", "d"):  # passed in #1: reused, not run
+            assert new[key].reused_from_job_id == old[key].id
+            assert store.list_attempts(new[key].id) == []
+            assert [t.event for t in store.job_transitions(new[key].id)] == ["created", "reused"]
+            assert (new[key].started_at, new[key].finished_at) == (
+                old[key].started_at,
+                old[key].finished_at,
+            )
+        for key in ("b", "c"):  # failed or skipped in #1: run
+            assert new[key].reused_from_job_id is None
+            assert len(store.list_attempts(new[key].id)) == 1
+        (artifact,) = store.list_artifacts(job_id=new["a"].id)  # the result's artifacts too
+        (original,) = store.list_artifacts(job_id=old["a"].id)
+        assert (artifact.path, artifact.sha256) == (original.path, original.sha256)
+        assert artifact.id != original.id
+        assert_histories_are_legal(store, second.id)
+    listing = _cli("jobs", "2", cwd=tmp_path)
+    assert "reused from build #1" in listing.stdout
+
+
+def test_retry_without_failed_runs_every_job_again(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(RETRY_BUILD)
+    (tmp_path / "fixed").touch()
+    assert _cli("run", "r.yaml", cwd=tmp_path).returncode == 0
+    result = _cli("retry", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with open_store(tmp_path / ".harmont" / "harmont.db") as store:
+        second = store.get_build(2)
+        assert second is not None and second.message == "retry of build #1"
+        for job in store.list_jobs(second.id):
+            assert job.reused_from_job_id is None
+            assert len(store.list_attempts(job.id)) == 1
+
+
+def test_retry_is_refused_for_a_build_still_running(tmp_path: Path) -> None:
+    db, _ = _recorded_build(tmp_path)  # scheduled, its executor (this test) alive
+    result = _cli("retry", "1", "--db", str(db), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "is scheduled; retry a build once it has finished" in result.stderr

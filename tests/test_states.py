@@ -41,6 +41,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     # Extension rows (resume of an abandoned build), documented in the README:
     ("failed", "resumed"): "pending",
     ("canceled", "resumed"): "pending",
+    ("pending", "reused"): "passed",
 }
 
 _NOT_IN_TABLE = [

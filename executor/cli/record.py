@@ -54,6 +54,15 @@ def builds(db: str | None, org: str | None, pipeline: str | None, limit: int) ->
     make_console().print(table)
 
 
+def _reused_from(store: Store, job_id: str | None) -> str:
+    """The note of a job whose result `retry --failed` took from another build's job."""
+    if job_id is None:
+        return ""
+    original = store.get_job(job_id)
+    build = None if original is None else store.get_build_by_id(original.build_id)
+    return f"reused from build #{build.number}" if build is not None else "reused"
+
+
 @cli.command()
 @click.argument("number", type=int)
 @db_option
@@ -65,6 +74,7 @@ def jobs(number: int, db: str | None, org: str | None, pipeline: str | None) -> 
         with open_store(db) as store:
             build = build_or_exit(store, number, org, pipeline)
             rows = store.list_jobs(build.id)
+            notes = {j.id: _reused_from(store, j.reused_from_job_id) for j in rows}
     except ExecutorError as exc:
         click.echo(f"harmont-exec: {exc}", err=True)
         sys.exit(1)
@@ -79,7 +89,7 @@ def jobs(number: int, db: str | None, org: str | None, pipeline: str | None) -> 
             "" if j.exit_code is None else str(j.exit_code),
             str(j.retries_count),
             duration_text(j.started_at, j.finished_at),
-            j.error_message or "",
+            j.error_message or notes[j.id],
         )
     make_console().print(table)
 

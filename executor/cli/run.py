@@ -31,7 +31,7 @@ from executor.cli.common import (
 )
 from executor.errors import BuildFileError, ExecutorError
 from executor.load import load_plan
-from executor.run.build import resume_build, run_build
+from executor.run.build import resume_build, retry_build, run_build
 from executor.run.scheduler import BuildResult, Change, RunOptions
 from executor.states import JobState
 from executor.store import Store, open_store
@@ -377,6 +377,78 @@ def resume(
             store=store,
             org=org,
             pipeline=pipeline,
+            options=options,
+            on_change=on_change,
+            handle_signals=True,
+        )
+
+    def total(store: Store) -> int:
+        build = store.get_build(number, org=org, pipeline=pipeline)
+        return len(store.list_jobs(build.id)) if build is not None else 0
+
+    _drive(db, tail_lines, start, total)
+
+
+@cli.command()
+@click.argument("number", type=int)
+@db_option
+@click.option("--org", help="Organization of the build.")
+@click.option("--pipeline", help="Pipeline of the build (needed when the number is ambiguous).")
+@click.option(
+    "--failed",
+    "failed_only",
+    is_flag=True,
+    help="Run only the jobs that did not pass; the others take their result from NUMBER.",
+)
+@click.option(
+    "-j",
+    "--jobs",
+    "concurrency",
+    type=click.IntRange(1, 1024),
+    help="Jobs running at once [default: the file's concurrency, else CPUs].",
+)
+@click.option("--fail-fast", is_flag=True, help="Cancel everything after the first hard failure.")
+@click.option(
+    "--grace-seconds",
+    type=click.FloatRange(0, 3600),
+    default=10.0,
+    show_default=True,
+    help="Between SIGTERM and SIGKILL when a job is stopped.",
+)
+@click.option(
+    "--tail",
+    "tail_lines",
+    type=click.IntRange(0),
+    default=20,
+    show_default=True,
+    help="Log lines shown for each failed job at the end.",
+)
+def retry(
+    number: int,
+    db: str | None,
+    org: str | None,
+    pipeline: str | None,
+    failed_only: bool,
+    concurrency: int | None,
+    fail_fast: bool,
+    grace_seconds: float,
+    tail_lines: int,
+) -> None:
+    """Run build NUMBER's plan again, as a new build of the same pipeline.
+
+    The plan is the one NUMBER recorded (the build file may have changed since), run in the
+    same working directory. With --failed, the jobs that passed in NUMBER are not run: each
+    takes its result, artifacts included, recorded as reused from that job. Exits like `run`."""
+    gc.freeze()
+    options = RunOptions(concurrency=concurrency, fail_fast=fail_fast, grace_period_s=grace_seconds)
+
+    def start(store: Store, on_change: Callable[[Change], None]) -> Awaitable[BuildResult]:
+        return retry_build(
+            number,
+            store=store,
+            org=org,
+            pipeline=pipeline,
+            failed_only=failed_only,
             options=options,
             on_change=on_change,
             handle_signals=True,

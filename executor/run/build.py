@@ -22,9 +22,10 @@ from executor.load import load_plan, plan_build_text
 from executor.plan import Plan
 from executor.run.process import ProcessRunner
 from executor.run.scheduler import BuildResult, Change, PriorJob, RunOptions, Scheduler
+from executor.states import BuildState, JobState
 from executor.store import CreatedBuild, Store, open_store
 
-__all__ = ["git_metadata", "resume_build", "run_build", "run_build_sync"]
+__all__ = ["git_metadata", "resume_build", "retry_build", "run_build", "run_build_sync"]
 
 log = structlog.get_logger("executor.run")
 
@@ -192,6 +193,76 @@ async def resume_build(
     )
     options = replace(options or RunOptions(), working_dir=Path(working_dir))
     log.info("build_resumed", build=build.number, jobs_again=len(reopened))
+    scheduler = Scheduler(
+        plan,
+        store,
+        created,
+        options=options,
+        runner=runner,
+        on_change=on_change,
+        prior=prior,
+        state=BuildState.RUNNING,
+    )
+    return await _drive(scheduler, handle_signals)
+
+
+async def retry_build(
+    number: int,
+    *,
+    store: Store,
+    org: str | None = None,
+    pipeline: str | None = None,
+    failed_only: bool = False,
+    options: RunOptions | None = None,
+    runner: ProcessRunner | None = None,
+    on_change: Callable[[Change], None] | None = None,
+    handle_signals: bool = False,
+) -> BuildResult:
+    """A new build (the next number of the same pipeline) of the plan build ``number`` ran, in
+    its working directory (``harmont-exec retry``). With ``failed_only``, the jobs that passed
+    there are not run: they take that result (event ``reused``, with a reference to the job,
+    and its artifacts); every other job runs. Refused for a build that is still running."""
+    build = store.get_build(number, org=org, pipeline=pipeline)
+    if build is None:
+        where = f"{org or '*'}/{pipeline or '*'}"
+        raise ExecutorError(f"no build #{number} in {where}; `harmont-exec builds` lists them")
+    if not build.state.is_terminal:
+        raise ExecutorError(
+            f"build #{build.number} of {build.org}/{build.pipeline} is {build.state.value}; "
+            "retry a build once it has finished (or resume one whose executor died)"
+        )
+    recorded = store.build_plan(build.id)
+    assert recorded is not None
+    plan_json, working_dir = recorded
+    plan = plan_build_text(plan_json, name=build.build_file or "build.json", json_format=True)
+    created = await anyio.to_thread.run_sync(
+        partial(
+            store.create_build,
+            org=build.org,
+            pipeline=build.pipeline,
+            plan=plan,
+            build_file=build.build_file,
+            working_dir=working_dir,
+            branch=build.branch,
+            commit=build.commit,
+            message=f"retry of build #{build.number}"
+            + (" (failed jobs only)" if failed_only else ""),
+            now=_now(),
+        )
+    )
+    prior: dict[str, PriorJob] = {}
+    if failed_only:
+        passed = [j for j in store.list_jobs(build.id) if j.state is JobState.PASSED]
+        pairs = [(created.job_ids[j.step_key], j.id) for j in passed]
+        await anyio.to_thread.run_sync(store.reuse_passed_results, pairs, _now())
+        prior = {
+            j.step_key: PriorJob(
+                JobState.PASSED, j.exit_code, started_at=j.started_at, finished_at=j.finished_at
+            )
+            for j in passed
+        }
+    log.info("build_created", build=created.number, retry_of=build.number, reused=len(prior))
+    options = replace(options or RunOptions(), working_dir=Path(working_dir))
     scheduler = Scheduler(
         plan, store, created, options=options, runner=runner, on_change=on_change, prior=prior
     )

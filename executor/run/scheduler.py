@@ -187,9 +187,11 @@ class Scheduler:
         runner: ProcessRunner | None = None,
         on_change: Callable[[Change], None] | None = None,
         prior: Mapping[str, PriorJob] | None = None,
+        state: BuildState = BuildState.SCHEDULED,
     ) -> None:
-        """``prior``: a resumed build's jobs as they stand (``harmont-exec resume``); the
-        terminal ones keep their results, the others start from ``pending``."""
+        """``prior``: jobs that do not start from scratch (a resumed build's, or those whose
+        result ``retry --failed`` took from an earlier build); the terminal ones keep their
+        results. ``state``: the build's recorded state now (``running`` for a resumed one)."""
         self.plan = plan
         self.store = store
         self.build = build
@@ -216,7 +218,7 @@ class Scheduler:
         self._idle: list[anyio.Event] = []  # workers waiting for an assigned job
         self._count = _Counters()
         self._limit = self.options.concurrency or plan.spec.concurrency or os.cpu_count() or 1
-        self._state = BuildState.RUNNING if prior else BuildState.SCHEDULED
+        self._state = state
         self._cancel_requested = False  # a user's cancel (signal), not fail-fast
         self._stopping = False  # no new attempts, no retries
         self._error: tuple[str, str] | None = None

@@ -1,9 +1,12 @@
-"""Finishing a build whose executor is gone (SPEC §5), in one transaction: the SQL side of
-``Store.recover_lost_builds`` (which decides, with ``liveness``, which builds are lost)."""
+"""A build's record after the fact, each in one transaction: finishing a build whose executor
+is gone (SPEC §5; ``Store.recover_lost_builds`` decides, with ``liveness``, which builds are
+lost), reopening it for ``resume``, and taking passed results from an earlier build for
+``retry --failed``."""
 
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -11,7 +14,7 @@ from executor.states import Event, JobState, transition
 from executor.store import sql
 from executor.store.rows import format_time
 
-__all__ = ["LostBuild", "abandon_build", "reopen_build"]
+__all__ = ["LostBuild", "abandon_build", "reopen_build", "reuse_results"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,3 +114,35 @@ def reopen_build(
             db.execute("ROLLBACK")
         raise
     return reopened
+
+
+def reuse_results(db: sqlite3.Connection, pairs: list[tuple[str, str]], now: datetime) -> None:
+    """For each (new job id, earlier passed job id): the new job (``pending``) becomes
+    ``passed`` by event ``reused``, with the earlier job's exit code and times, a reference to
+    it, and copies of its artifact records (the files are shared). One transaction."""
+    at = format_time(now)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for new_id, old_id in pairs:
+            old = db.execute(sql.JOB_BY_ID, (old_id,)).fetchone()
+            if old is None or old["state"] != JobState.PASSED.value:
+                raise ValueError(f"job {old_id} did not pass: its result cannot be reused")
+            changed = db.execute(
+                sql.REUSE_JOB,
+                (old["exit_code"], old["started_at"], old["finished_at"], old_id, new_id),
+            ).rowcount
+            if changed != 1:
+                raise ValueError(f"job {new_id} is not pending: it cannot take a result")
+            new = transition(JobState.PENDING, Event.REUSED)
+            last = db.execute(sql.LAST_TRANSITION_SEQ, (new_id,)).fetchone()[0]
+            db.execute(
+                sql.INSERT_TRANSITION,
+                (new_id, (last or 0) + 1, "pending", Event.REUSED.value, new.value, at),
+            )
+            for row in db.execute(sql.ARTIFACTS_OF_JOB_ALL, (old_id,)).fetchall():
+                db.execute(sql.INSERT_ARTIFACT, (str(uuid.uuid4()), new_id, *tuple(row)))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise

@@ -222,6 +222,7 @@ class JobRow:
     started_at: datetime | None
     finished_at: datetime | None
     depends_on: tuple[str, ...]  # prerequisite job ids, in plan order
+    reused_from_job_id: str | None = None  # its result was taken from this job (retry --failed)
 
     @classmethod
     def from_db(cls, r: Record, depends_on: tuple[str, ...]) -> JobRow:
@@ -244,6 +245,7 @@ class JobRow:
             started_at=parse_time(r["started_at"]),
             finished_at=parse_time(r["finished_at"]),
             depends_on=depends_on,
+            reused_from_job_id=r["reused_from_job_id"],
         )
 
 

@@ -183,7 +183,12 @@ _V3: tuple[str, ...] = (
     "CREATE INDEX builds_by_state ON builds (state)",
 )
 
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
+_V4: tuple[str, ...] = (
+    # `harmont-exec retry --failed`: a job whose result was taken from an earlier build's job.
+    "ALTER TABLE jobs ADD COLUMN reused_from_job_id TEXT REFERENCES jobs (id)",
+)
+
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
 
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version this code writes and understands."""
@@ -456,6 +461,17 @@ REOPEN_BUILD = (
 ATTEMPT_COUNTS_OF_BUILD = (
     "SELECT a.job_id, COUNT(*) FROM attempts a JOIN jobs j ON j.id = a.job_id "
     "WHERE j.build_id = ? GROUP BY a.job_id"
+)
+
+# --- retry --failed: results taken from an earlier build (store/recovery.py) -------------------
+
+REUSE_JOB = (
+    "UPDATE jobs SET state = 'passed', exit_code = ?, started_at = ?, finished_at = ?, "
+    "reused_from_job_id = ? WHERE id = ? AND state = 'pending'"
+)
+ARTIFACTS_OF_JOB_ALL = (
+    "SELECT path, filename, mime_type, file_size, sha1_sum, sha256, state, created_at "
+    "FROM artifacts WHERE job_id = ? ORDER BY path, id"
 )
 
 # --- API tokens (written synchronously, not through the writer: they are few) -----------------

@@ -51,7 +51,7 @@ from executor.store.liveness import (
     process_identity,
 )
 from executor.store.reads import Reader, token_hash
-from executor.store.recovery import LostBuild, abandon_build, reopen_build
+from executor.store.recovery import LostBuild, abandon_build, reopen_build, reuse_results
 from executor.store.rows import UNSET, CreatedBuild, TokenRow, Unset, format_time, parse_time
 from executor.store.writer import Writer
 
@@ -318,6 +318,21 @@ class Store(Reader):
                 self._log_seq.pop(job_id, None)
                 self._job_columns.pop(job_id, None)
         return reopened
+
+    def reuse_passed_results(self, pairs: list[tuple[str, str]], now: datetime) -> None:
+        """``retry --failed``: each (new pending job id, earlier passed job id) takes the
+        earlier job's result (``passed``, event ``reused``), artifacts included."""
+        self._check_open()
+        try:
+            with self._lock:
+                reuse_results(self._db, pairs, now)
+        except sqlite3.Error as exc:
+            raise store_error("take results from the earlier build", exc, self._path) from None
+        except ValueError as exc:
+            raise StoreError(f"{exc}; this is a bug in harmont-exec") from None
+        for new_id, _ in pairs:  # the file has them now: counted from there
+            self._transition_seq.pop(new_id, None)
+            self._job_columns.pop(new_id, None)
 
     # --- the store's own keys (synchronous) -------------------------------------------------
 
