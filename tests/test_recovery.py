@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serving import TIMEOUT_S, output, poll, start, stop
 
+from executor.api import create_app
 from executor.load import load_plan
 from executor.states import TRANSITIONS, Event, JobState
 from executor.store import Store, open_store
@@ -255,8 +257,8 @@ def _set(db: Path, build_id: str, **columns: object) -> None:
             raw.execute(f"UPDATE builds SET {name} = ? WHERE id = ?", (value, build_id))
 
 
-def _state(db: Path, build_id: str) -> str:
-    with open_store(db) as store:
+def _state(db: Path, build_id: str, *, recover: bool = True) -> str:
+    with open_store(db, recover=recover) as store:
         build = store.get_build_by_id(build_id)
         assert build is not None
         return build.state.value
@@ -596,3 +598,18 @@ def test_retry_is_refused_for_a_build_still_running(tmp_path: Path) -> None:
     result = _cli("retry", "1", "--db", str(db), cwd=tmp_path)
     assert result.returncode == 1
     assert "is scheduled; retry a build once it has finished" in result.stderr
+
+
+@pytest.mark.anyio
+async def test_a_running_api_server_finishes_lost_builds_too(tmp_path: Path) -> None:
+    db, build_id = _recorded_build(tmp_path)
+    identity = process_identity()
+    assert identity is not None
+    boot, pid, _ = identity.split("/")
+    app = create_app(db=db, recover_every_s=0.05)  # its own open already looked: alive then
+    _set(db, build_id, executor_id=f"{boot}/{pid}/1")  # now its executor is "gone"
+    with anyio.fail_after(TIMEOUT_S):
+        async with app.router.lifespan_context(app):
+            # Read without recovering (this check must not do the server's work).
+            while _state(db, build_id, recover=False) != "failed":  # noqa: ASYNC110
+                await anyio.sleep(0.05)

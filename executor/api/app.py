@@ -17,10 +17,12 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import anyio
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -116,20 +118,37 @@ def create_app(
     heartbeat_s: float = 15.0,
     poll_s: float = 0.1,
     closing: threading.Event | None = None,
+    recover_every_s: float | None = None,
 ) -> FastAPI:
     """The ASGI app over the store at ``db`` (path or URL, default as for ``run``; opened now,
     so a bad path fails here, and closed when the app shuts down), or over an already open
     ``store`` (left open: its owner closes it). ``heartbeat_s`` and ``poll_s`` tune the live
     log stream (``live``): a comment after that long without an event, and how often it reads
     the store for new chunks; once ``closing`` is set (the server is stopping), open streams
-    end."""
+    end. With ``recover_every_s``, builds whose executor died are finished that often while
+    the app runs (``Store.recover_lost_builds``)."""
     own = store is None
     opened = open_store(db) if store is None else store
+
+    async def recover_now_and_then(every_s: float) -> None:
+        # A long-running server must not show a dead executor's build as running forever:
+        # it looks for lost builds as every other command does when it opens the store.
+        while True:
+            await anyio.sleep(every_s)
+            lost = await anyio.to_thread.run_sync(opened.recover_lost_builds, datetime.now(UTC))
+            for build in lost:
+                log.warning(
+                    "build #%d abandoned: its executor (%s) is gone", build.number, build.executor
+                )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         try:
-            yield
+            async with anyio.create_task_group() as tg:
+                if recover_every_s is not None:
+                    tg.start_soon(recover_now_and_then, recover_every_s)
+                yield
+                tg.cancel_scope.cancel()
         finally:
             if own:
                 opened.close()

@@ -14,6 +14,9 @@ from executor.cli.common import EXIT_INVALID, cli, db_option, make_console
 from executor.errors import ExecutorError
 from executor.store import open_store
 
+RECOVER_EVERY_S = 10.0
+"""How often a running `serve` finishes builds whose executor died (as any command does when
+it opens the store)."""
 SHUTDOWN_GRACE_S = 3
 """How long `serve` waits for open requests after SIGINT/SIGTERM before cutting them."""
 
@@ -49,7 +52,7 @@ def serve(db: str | None, host: str, port: int) -> None:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
-        create_app(store=store, closing=closing),
+        create_app(store=store, closing=closing, recover_every_s=RECOVER_EVERY_S),
         host=host,
         port=port,
         log_level="warning",
