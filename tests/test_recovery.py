@@ -11,7 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,7 +25,7 @@ from serving import TIMEOUT_S, output, poll, start, stop
 from executor.api import create_app
 from executor.load import load_plan
 from executor.states import TRANSITIONS, Event, JobState
-from executor.store import Store, open_store
+from executor.store import JobRow, Store, open_store
 from executor.store.liveness import LOST_AFTER_S, process_identity
 
 # `work` and `side` wait for a file `go`, each with a grandchild (`sleep 300`) in its process
@@ -142,7 +142,8 @@ def test_recovery_kill_9_leaves_processes_behind_until_the_next_start(killed: Ki
     # ...until any harmont-exec command opens the store.
     result = _cli("builds", "--db", str(killed.db), cwd=killed.work)
     assert result.returncode == 0, result.stderr
-    assert "build_abandoned" in result.stderr and "harmont-exec resume 1" in result.stderr
+    assert "build_abandoned" in result.stderr
+    assert "harmont-exec resume 1 --pipeline b" in result.stderr  # exact, copyable
 
     def gone() -> bool | None:
         return True if not job_processes(set(killed.job_ids.values())) else None
@@ -366,7 +367,8 @@ def test_resume_is_refused_for_a_build_that_finished_by_itself(tmp_path: Path) -
     assert _cli("run", "ok.yaml", cwd=tmp_path).returncode == 0
     result = _cli("resume", "1", cwd=tmp_path)
     assert result.returncode == 1
-    assert "finished by itself (passed)" in result.stderr and "harmont-exec run" in result.stderr
+    assert "finished by itself (passed)" in result.stderr
+    assert "harmont-exec retry 1 --pipeline ok" in result.stderr
 
 
 # --- kill -9 at random points, property-style -------------------------------------------------
@@ -613,3 +615,89 @@ async def test_a_running_api_server_finishes_lost_builds_too(tmp_path: Path) -> 
             # Read without recovering (this check must not do the server's work).
             while _state(db, build_id, recover=False) != "failed":  # noqa: ASYNC110
                 await anyio.sleep(0.05)
+
+
+def _kill_mid_build(tmp_path: Path, text: str, ready: Callable[[JobRow], bool]) -> Path:
+    """Run ``text`` as b.yaml, SIGKILL the run once its first job, as recorded, is ``ready``,
+    reap it; return the database."""
+    (tmp_path / "b.yaml").write_text(text)
+    db = tmp_path / "harmont.db"
+    out = tmp_path / "run"
+    run = start(["run", "b.yaml", "--db", str(db)], tmp_path, out)
+
+    def recorded() -> bool | None:
+        with open_store(db, recover=False) as store:
+            build = store.get_build(1)
+            jobs = store.list_jobs(build.id) if build is not None else []
+        return True if jobs and ready(jobs[0]) else None
+
+    try:
+        poll(recorded, "the job to be where the test kills the run", (run, out))
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait(timeout=TIMEOUT_S)
+    finally:
+        stop(run)
+    return db
+
+
+def test_resume_of_a_build_whose_jobs_were_all_lost_is_running_from_its_first_start(
+    tmp_path: Path,
+) -> None:
+    db = _kill_mid_build(
+        tmp_path,
+        "steps:\n  - {key: w, command: 'while [ ! -e go ]; do sleep 0.05; done'}\n",
+        lambda job: job.state is JobState.RUNNING,
+    )
+    with open_store(db) as store:
+        before = store.get_build(1)
+        assert before is not None and before.started_at is not None
+    (tmp_path / "go").touch()
+    result = _cli("resume", "1", "--db", str(db), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "build scheduled" not in result.stdout  # it never goes back to scheduled
+    assert "retry after" not in result.stdout  # a resumed job is not a retry
+    with open_store(db) as store:
+        after = store.get_build(1)
+        assert after is not None and after.state.value == "passed"
+        assert after.started_at == before.started_at  # the build's duration is its whole life
+
+
+def test_recovery_of_a_job_waiting_to_retry_says_so(tmp_path: Path) -> None:
+    db = _kill_mid_build(
+        tmp_path,
+        "steps:\n"
+        "  - key: flaky\n"
+        "    command: 'exit 3'\n"
+        "    retry_policy: {limit: 3, exit_codes: [3], backoff: {initial_seconds: 300}}\n",
+        lambda job: job.retries_count == 1,  # attempt 1 failed: it waits out its backoff
+    )
+    with open_store(db) as store:
+        build = store.get_build(1)
+        assert build is not None
+        (job,) = store.list_jobs(build.id)
+    assert (job.state.value, job.error_code) == ("canceled", "build_abandoned")
+    assert (job.error_message or "").startswith("waiting to retry (after attempt 1)")
+
+
+def test_resume_is_refused_when_no_job_can_run_again(tmp_path: Path) -> None:
+    db, build_id = _recorded_build(tmp_path)
+    # An abandoned build whose every job had ended (here: never started, then finished).
+    with open_store(db) as store:
+        jobs = store.list_jobs(build_id)
+    _set(db, build_id, state="failed", error_code="build_abandoned")
+    with sqlite3.connect(db) as raw:
+        for job in jobs:
+            raw.execute("UPDATE jobs SET state = 'skipped' WHERE id = ?", (job.id,))
+    result = _cli("resume", "1", "--db", str(db), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "has no job to run again" in result.stderr and "harmont-exec retry 1" in result.stderr
+
+
+def test_retry_warns_when_the_build_file_changed_since(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text("steps:\n  - {key: a, command: 'exit 1'}\n")
+    assert _cli("run", "r.yaml", cwd=tmp_path).returncode == 1
+    (tmp_path / "r.yaml").write_text("steps:\n  - {key: a, command: 'exit 0'}\n")
+    result = _cli("retry", "1", "--failed", cwd=tmp_path)
+    assert result.returncode == 1  # the recorded plan ran: still `exit 1`
+    assert "build_file_changed" in result.stderr
+    assert "harmont-exec run" in result.stderr

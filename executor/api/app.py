@@ -138,7 +138,11 @@ def create_app(
             lost = await anyio.to_thread.run_sync(opened.recover_lost_builds, datetime.now(UTC))
             for build in lost:
                 log.warning(
-                    "build #%d abandoned: its executor (%s) is gone", build.number, build.executor
+                    "build %s/%s #%d abandoned: its executor (%s) is gone",
+                    build.org,
+                    build.pipeline,
+                    build.number,
+                    build.executor,
                 )
 
     @asynccontextmanager

@@ -89,7 +89,7 @@ def jobs(number: int, db: str | None, org: str | None, pipeline: str | None) -> 
             "" if j.exit_code is None else str(j.exit_code),
             str(j.retries_count),
             duration_text(j.started_at, j.finished_at),
-            j.error_message or notes[j.id],
+            (f"{j.error_code}: " if j.error_code else "") + (j.error_message or notes[j.id]),
         )
     make_console().print(table)
 
@@ -129,6 +129,13 @@ def logs(job_id: str, db: str | None, follow: bool) -> None:
                     err=True,
                 )
                 sys.exit(EXIT_INVALID)
+            if job.reused_from_job_id is not None:
+                click.echo(
+                    f"harmont-exec: job {job.id} did not run: it reused the result of job "
+                    f"{job.reused_from_job_id}; `harmont-exec logs {job.reused_from_job_id}` "
+                    "shows that log",
+                    err=True,
+                )
             after = 0
             while True:
                 # The state first, then the output: a job seen finished has all its output in.

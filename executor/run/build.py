@@ -163,7 +163,21 @@ async def resume_build(
     if build.error_code != "build_abandoned":
         raise ExecutorError(
             f"{name} finished by itself ({build.state.value}); resume continues only a build "
-            "abandoned by a dead executor: start a new one with `harmont-exec run`"
+            f"abandoned by a dead executor: run it again with `harmont-exec retry "
+            f"{build.number} --pipeline {build.pipeline}` (add --failed to run only what did "
+            "not pass)"
+        )
+    again = [
+        j
+        for j in store.list_jobs(build.id)
+        if (j.state, j.error_code)
+        in ((JobState.FAILED, "executor_lost"), (JobState.CANCELED, "build_abandoned"))
+    ]
+    if not again:
+        raise ExecutorError(
+            f"{name} has no job to run again: when its executor died, its jobs had ended or "
+            f"were being stopped; run it again with `harmont-exec retry {build.number} "
+            f"--pipeline {build.pipeline}`"
         )
     recorded = store.build_plan(build.id)
     assert recorded is not None
@@ -235,6 +249,7 @@ async def retry_build(
     assert recorded is not None
     plan_json, working_dir = recorded
     plan = plan_build_text(plan_json, name=build.build_file or "build.json", json_format=True)
+    _warn_if_changed(build.build_file, plan, build.number)
     created = await anyio.to_thread.run_sync(
         partial(
             store.create_build,
@@ -267,6 +282,23 @@ async def retry_build(
         plan, store, created, options=options, runner=runner, on_change=on_change, prior=prior
     )
     return await _drive(scheduler, handle_signals)
+
+
+def _warn_if_changed(build_file: str | None, plan: Plan, number: int) -> None:
+    """``retry`` runs the plan the build recorded: say so when the file now says otherwise."""
+    if build_file is None:
+        return
+    try:
+        now = load_plan(build_file).spec.to_data()
+    except (OSError, ExecutorError):
+        now = None
+    if now != plan.spec.to_data():
+        log.warning(
+            "build_file_changed",
+            file=build_file,
+            hint=f"retry runs the plan build #{number} recorded; to run the file as it is "
+            f"now, use `harmont-exec run {build_file}`",
+        )
 
 
 def _now() -> datetime:

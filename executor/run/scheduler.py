@@ -345,7 +345,7 @@ class Scheduler:
                     job.key,
                     new.value,
                     at,
-                    job.attempts,
+                    0 if event is Event.READY else job.attempts,  # READY is never a retry
                     job.exit_code,
                     job.soft_failed,
                     job.error_message,
@@ -421,6 +421,8 @@ class Scheduler:
     def _roll_up(self, at: datetime) -> None:
         statuses = (JobStatus(j.state, j.soft_failed) for j in self._jobs.values())
         state = roll_up(statuses, cancel_requested=self._cancel_requested)
+        if state is BuildState.SCHEDULED and self._state is not BuildState.SCHEDULED:
+            state = BuildState.RUNNING  # a resumed build: it started long ago, whatever waits
         if state is self._state:
             return
         fields: dict[str, object] = {}

@@ -23,20 +23,29 @@ class LostBuild:
 
     id: str
     number: int
+    org: str
+    pipeline: str
     executor: str  # "pid 123 on host-a"
-    lost_jobs: int  # were live: now failed (executor_lost), or canceled / timed_out if stopping
-    canceled_jobs: int  # had not started: now canceled
+    lost_jobs: int  # were running: now failed (executor_lost); resume runs them again
+    canceled_jobs: int  # had not started (or waited to retry): now canceled; resume runs them
+    stopped_jobs: int  # were being stopped (cancel, timeout): ended as that stop would have
     killed_processes: int  # job processes left behind, SIGKILLed
+
+    @property
+    def resumable(self) -> bool:
+        return self.lost_jobs + self.canceled_jobs > 0
 
 
 def abandon_build(
     db: sqlite3.Connection, build_id: str, state: str, executor: str, now: datetime
-) -> tuple[list[str], int, int] | None:
+) -> tuple[list[str], int, int, int] | None:
     """Finish build ``build_id``, found in ``state`` with its executor gone, in ONE
     ``BEGIN IMMEDIATE`` transaction that first re-reads the state: None (nothing done) when
-    another process got there first. Returns (the unfinished jobs' ids, how many were live and
-    are now failed, how many are now canceled). Every job change goes through the transition
-    table and gains its history row. sqlite3 errors propagate (the caller names the file)."""
+    another process got there first. Returns (the unfinished jobs' ids; how many were running
+    and are now failed; how many had not started, or waited to retry, and are now canceled;
+    how many were being stopped and ended as that stop would have). Every job change goes
+    through the transition table and gains its history row. sqlite3 errors propagate (the
+    caller names the file)."""
     at = format_time(now)
     message = f"the executor ({executor}) stopped before the build ended"
     db.execute("BEGIN IMMEDIATE")
@@ -46,8 +55,10 @@ def abandon_build(
             db.execute("ROLLBACK")
             return None
         job_ids: list[str] = []
-        live = not_started = 0
-        for job_id, job_state in db.execute(sql.UNFINISHED_JOBS_OF_BUILD, (build_id,)).fetchall():
+        live = not_started = stopping = 0
+        for job_id, job_state, retries in db.execute(
+            sql.UNFINISHED_JOBS_OF_BUILD, (build_id,)
+        ).fetchall():
             old = JobState(job_state)
             code: str | None
             if old in (JobState.ASSIGNED, JobState.RUNNING):
@@ -57,10 +68,13 @@ def abandon_build(
                 # Being stopped when the executor died: its processes are gone now (killed
                 # below if any are left), which is how a stop ends. Its error stays.
                 event, code, why = Event.PROCESS_GONE, None, None
-                live += 1
+                stopping += 1
             else:
                 event, code = Event.CANCEL_REQUESTED, "build_abandoned"
-                why = f"not started: {message}"
+                waiting = (
+                    f"waiting to retry (after attempt {retries})" if retries else "not started"
+                )
+                why = f"{waiting}: {message}"
                 not_started += 1
             new = transition(old, event)
             db.execute(sql.END_JOB, (new.value, code, why, at, job_id, old.value))
@@ -77,7 +91,7 @@ def abandon_build(
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
-    return job_ids, live, not_started
+    return job_ids, live, not_started, stopping
 
 
 def reopen_build(

@@ -419,12 +419,14 @@ BUILDS_PAGE = (  # newest first: numbers grow with creation within a pipeline
 # --- finding and finishing builds whose executor is gone (store/liveness.py) --------------
 
 ACTIVE_BUILDS = (
-    "SELECT id, number, state, executor_host, executor_pid, executor_id, heartbeat_at "
-    "FROM builds WHERE state IN ('scheduled', 'running', 'failing', 'canceling')"
+    "SELECT b.id, b.number, b.state, b.executor_host, b.executor_pid, b.executor_id, "
+    "b.heartbeat_at, p.slug AS pipeline, o.slug AS org FROM builds b "
+    "JOIN pipelines p ON p.id = b.pipeline_id JOIN organizations o ON o.id = p.organization_id "
+    "WHERE b.state IN ('scheduled', 'running', 'failing', 'canceling')"
 )
 BUILD_STATE = "SELECT state FROM builds WHERE id = ?"
 UNFINISHED_JOBS_OF_BUILD = (
-    "SELECT id, state FROM jobs WHERE build_id = ? AND state NOT IN "
+    "SELECT id, state, retries_count FROM jobs WHERE build_id = ? AND state NOT IN "
     "('passed', 'failed', 'skipped', 'canceled', 'timed_out') ORDER BY position"
 )
 END_JOB = (  # a NULL error code or message keeps the job's own

@@ -296,9 +296,21 @@ class Store(Reader):
                 ) from None
             if done is None:
                 continue  # another process finished it first
-            job_ids, lost_jobs, canceled = done
+            job_ids, lost_jobs, canceled, stopped = done
             killed = kill_job_processes(job_ids) if row["executor_host"] == host else 0
-            lost.append(LostBuild(row["id"], row["number"], executor, lost_jobs, canceled, killed))
+            lost.append(
+                LostBuild(
+                    row["id"],
+                    row["number"],
+                    row["org"],
+                    row["pipeline"],
+                    executor,
+                    lost_jobs,
+                    canceled,
+                    stopped,
+                    killed,
+                )
+            )
         return lost
 
     def reopen_abandoned_build(self, build_id: str, now: datetime) -> list[str] | None:

@@ -17,9 +17,10 @@ from urllib.parse import urlsplit
 import structlog
 
 from executor.errors import StoreError
+from executor.store.recovery import LostBuild
 from executor.store.sqlite import Store
 
-__all__ = ["DB_ENV", "DEFAULT_DB", "open_store", "resolve_db_path"]
+__all__ = ["DB_ENV", "DEFAULT_DB", "open_store", "resolve_db_path", "resume_hint"]
 
 DB_ENV = "HARMONT_DB"
 DEFAULT_DB = Path(".harmont") / "harmont.db"
@@ -85,6 +86,17 @@ def resolve_db_path(url: str | Path | None = None) -> Path:
     return Path(os.path.abspath(path))
 
 
+def resume_hint(build: LostBuild) -> str:
+    """What to do about a build finished because its executor died."""
+    if not build.resumable:
+        return "nothing to resume: its jobs had ended or were being stopped"
+    org = "" if build.org == "local" else f" --org {build.org}"
+    return (
+        f"`harmont-exec resume {build.number} --pipeline {build.pipeline}{org}` runs its "
+        "unfinished jobs again"
+    )
+
+
 def open_store(url: str | Path | None = None, *, recover: bool = True) -> Store:
     """Open the store at ``url`` (see ``resolve_db_path``), creating the file, its directory
     and the schema as needed. The result is a context manager that closes it.
@@ -102,11 +114,12 @@ def open_store(url: str | Path | None = None, *, recover: bool = True) -> Store:
         for build in lost:
             log.warning(
                 "build_abandoned",
-                build=build.number,
+                build=f"{build.org}/{build.pipeline} #{build.number}",
                 executor=build.executor,
                 lost_jobs=build.lost_jobs,
                 canceled_jobs=build.canceled_jobs,
+                stopped_jobs=build.stopped_jobs,
                 killed_processes=build.killed_processes,
-                hint=f"harmont-exec resume {build.number} runs its unfinished jobs again",
+                hint=resume_hint(build),
             )
     return store
