@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
@@ -212,6 +213,40 @@ def _tail(store: Store, job_id: str, count: int) -> list[str]:
     return data.decode("utf-8", "replace").splitlines()[-count:]
 
 
+# Options that `run`, `resume` and `retry` share.
+_jobs_option = click.option(
+    "-j",
+    "--jobs",
+    "concurrency",
+    type=click.IntRange(1, 1024),
+    help="Jobs running at once [default: the file's concurrency, else CPUs].",
+)
+_fail_fast_option = click.option(
+    "--fail-fast", is_flag=True, help="Cancel everything after the first hard failure."
+)
+_grace_option = click.option(
+    "--grace-seconds",
+    type=click.FloatRange(0, 3600),
+    default=10.0,
+    show_default=True,
+    help="Between SIGTERM and SIGKILL when a job is stopped.",
+)
+_tail_option = click.option(
+    "--tail",
+    "tail_lines",
+    type=click.IntRange(0),
+    default=20,
+    show_default=True,
+    help="Log lines shown for each failed job at the end.",
+)
+
+
+def _job_count(number: int, org: str | None, pipeline: str | None, store: Store) -> int:
+    """How many jobs recorded build ``number`` has (for the live view's progress)."""
+    build = store.get_build(number, org=org, pipeline=pipeline)
+    return len(store.list_jobs(build.id)) if build is not None else 0
+
+
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option(
@@ -221,34 +256,15 @@ def _tail(store: Store, job_id: str, count: int) -> list[str]:
 )
 @click.option("--org", default="local", show_default=True, help="Organization to record into.")
 @click.option("--pipeline", help="Pipeline to record into [default: the file's name].")
-@click.option(
-    "-j",
-    "--jobs",
-    "concurrency",
-    type=click.IntRange(1, 1024),
-    help="Jobs running at once [default: the file's concurrency, else CPUs].",
-)
-@click.option("--fail-fast", is_flag=True, help="Cancel everything after the first hard failure.")
-@click.option(
-    "--grace-seconds",
-    type=click.FloatRange(0, 3600),
-    default=10.0,
-    show_default=True,
-    help="Between SIGTERM and SIGKILL when a job is stopped.",
-)
+@_jobs_option
+@_fail_fast_option
+@_grace_option
 @click.option(
     "--log-format",
     type=click.Choice(["console", "json"]),
     help="Override the log format for this command.",
 )
-@click.option(
-    "--tail",
-    "tail_lines",
-    type=click.IntRange(0),
-    default=20,
-    show_default=True,
-    help="Log lines shown for each failed job at the end.",
-)
+@_tail_option
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -331,28 +347,9 @@ def _drive(
 @db_option
 @click.option("--org", help="Organization of the build.")
 @click.option("--pipeline", help="Pipeline of the build (needed when the number is ambiguous).")
-@click.option(
-    "-j",
-    "--jobs",
-    "concurrency",
-    type=click.IntRange(1, 1024),
-    help="Jobs running at once [default: the file's concurrency, else CPUs].",
-)
-@click.option(
-    "--grace-seconds",
-    type=click.FloatRange(0, 3600),
-    default=10.0,
-    show_default=True,
-    help="Between SIGTERM and SIGKILL when a job is stopped.",
-)
-@click.option(
-    "--tail",
-    "tail_lines",
-    type=click.IntRange(0),
-    default=20,
-    show_default=True,
-    help="Log lines shown for each failed job at the end.",
-)
+@_jobs_option
+@_grace_option
+@_tail_option
 def resume(
     number: int,
     db: str | None,
@@ -382,11 +379,7 @@ def resume(
             handle_signals=True,
         )
 
-    def total(store: Store) -> int:
-        build = store.get_build(number, org=org, pipeline=pipeline)
-        return len(store.list_jobs(build.id)) if build is not None else 0
-
-    _drive(db, tail_lines, start, total)
+    _drive(db, tail_lines, start, partial(_job_count, number, org, pipeline))
 
 
 @cli.command()
@@ -400,29 +393,10 @@ def resume(
     is_flag=True,
     help="Run only the jobs that did not pass; the others take their result from NUMBER.",
 )
-@click.option(
-    "-j",
-    "--jobs",
-    "concurrency",
-    type=click.IntRange(1, 1024),
-    help="Jobs running at once [default: the file's concurrency, else CPUs].",
-)
-@click.option("--fail-fast", is_flag=True, help="Cancel everything after the first hard failure.")
-@click.option(
-    "--grace-seconds",
-    type=click.FloatRange(0, 3600),
-    default=10.0,
-    show_default=True,
-    help="Between SIGTERM and SIGKILL when a job is stopped.",
-)
-@click.option(
-    "--tail",
-    "tail_lines",
-    type=click.IntRange(0),
-    default=20,
-    show_default=True,
-    help="Log lines shown for each failed job at the end.",
-)
+@_jobs_option
+@_fail_fast_option
+@_grace_option
+@_tail_option
 def retry(
     number: int,
     db: str | None,
@@ -454,8 +428,4 @@ def retry(
             handle_signals=True,
         )
 
-    def total(store: Store) -> int:
-        build = store.get_build(number, org=org, pipeline=pipeline)
-        return len(store.list_jobs(build.id)) if build is not None else 0
-
-    _drive(db, tail_lines, start, total)
+    _drive(db, tail_lines, start, partial(_job_count, number, org, pipeline))

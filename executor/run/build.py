@@ -23,7 +23,7 @@ from executor.plan import Plan
 from executor.run.process import ProcessRunner
 from executor.run.scheduler import BuildResult, Change, PriorJob, RunOptions, Scheduler
 from executor.states import BuildState, JobState
-from executor.store import CreatedBuild, Store, open_store
+from executor.store import BuildRow, CreatedBuild, Store, open_store
 
 __all__ = ["git_metadata", "resume_build", "retry_build", "run_build", "run_build_sync"]
 
@@ -149,10 +149,7 @@ async def resume_build(
     (``executor_lost``) or never started (``build_abandoned``) run again, with their earlier
     attempts kept. Raises ExecutorError, saying why, for a build that is still alive or that
     finished by itself."""
-    build = store.get_build(number, org=org, pipeline=pipeline)
-    where = f"{org or '*'}/{pipeline or '*'}"
-    if build is None:
-        raise ExecutorError(f"no build #{number} in {where}; `harmont-exec builds` lists them")
+    build = _recorded_build(store, number, org, pipeline)
     name = f"build #{build.number} of {build.org}/{build.pipeline}"
     if not build.state.is_terminal:
         raise ExecutorError(
@@ -179,10 +176,7 @@ async def resume_build(
             f"were being stopped; run it again with `harmont-exec retry {build.number} "
             f"--pipeline {build.pipeline}`"
         )
-    recorded = store.build_plan(build.id)
-    assert recorded is not None
-    plan_json, working_dir = recorded
-    plan = plan_build_text(plan_json, name=build.build_file or "build.json", json_format=True)
+    plan, working_dir = _recorded_plan(store, build)
     reopened = await anyio.to_thread.run_sync(store.reopen_abandoned_build, build.id, _now())
     if reopened is None:
         raise ExecutorError(f"{name} was resumed by another process first; nothing to do")
@@ -236,19 +230,13 @@ async def retry_build(
     its working directory (``harmont-exec retry``). With ``failed_only``, the jobs that passed
     there are not run: they take that result (event ``reused``, with a reference to the job,
     and its artifacts); every other job runs. Refused for a build that is still running."""
-    build = store.get_build(number, org=org, pipeline=pipeline)
-    if build is None:
-        where = f"{org or '*'}/{pipeline or '*'}"
-        raise ExecutorError(f"no build #{number} in {where}; `harmont-exec builds` lists them")
+    build = _recorded_build(store, number, org, pipeline)
     if not build.state.is_terminal:
         raise ExecutorError(
             f"build #{build.number} of {build.org}/{build.pipeline} is {build.state.value}; "
             "retry a build once it has finished (or resume one whose executor died)"
         )
-    recorded = store.build_plan(build.id)
-    assert recorded is not None
-    plan_json, working_dir = recorded
-    plan = plan_build_text(plan_json, name=build.build_file or "build.json", json_format=True)
+    plan, working_dir = _recorded_plan(store, build)
     _warn_if_changed(build.build_file, plan, build.number)
     created = await anyio.to_thread.run_sync(
         partial(
@@ -282,6 +270,23 @@ async def retry_build(
         plan, store, created, options=options, runner=runner, on_change=on_change, prior=prior
     )
     return await _drive(scheduler, handle_signals)
+
+
+def _recorded_build(store: Store, number: int, org: str | None, pipeline: str | None) -> BuildRow:
+    build = store.get_build(number, org=org, pipeline=pipeline)
+    if build is None:
+        where = f"{org or '*'}/{pipeline or '*'}"
+        raise ExecutorError(f"no build #{number} in {where}; `harmont-exec builds` lists them")
+    return build
+
+
+def _recorded_plan(store: Store, build: BuildRow) -> tuple[Plan, str]:
+    """The plan ``build`` ran, as it recorded it, and its working directory."""
+    recorded = store.build_plan(build.id)
+    assert recorded is not None  # the build row exists
+    plan_json, working_dir = recorded
+    plan = plan_build_text(plan_json, name=build.build_file or "build.json", json_format=True)
+    return plan, working_dir
 
 
 def _warn_if_changed(build_file: str | None, plan: Plan, number: int) -> None:
