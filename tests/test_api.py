@@ -352,6 +352,20 @@ async def test_api_error_responses_conform_to_harmont_error_schema(
 # --- semantics -------------------------------------------------------------------------------
 
 
+def test_api_job_list_from_text_is_exactly_the_typed_jobs_json(record: Record) -> None:
+    """The job list skips parsing (``list_jobs_text``); it must say exactly what the typed
+    path (``list_jobs`` + ``job_json``, used for a single job) says, for every job."""
+    from executor.api import wire
+
+    compared = 0
+    for build in record.store.list_builds(limit=100):
+        typed = [wire.job_json(j) for j in record.store.list_jobs(build.id)]
+        text = [wire.job_json_text(j) for j in record.store.list_jobs_text(build.id)]
+        assert text == typed
+        compared += len(typed)
+    assert compared > 10
+
+
 async def test_api_jobs_listed_in_topological_order_with_prerequisite_ids(
     record: Record,
 ) -> None:

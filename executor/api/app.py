@@ -36,7 +36,7 @@ from executor.api.lookup import API_PREFIX, STATUS_TEXT, Lookups, clamp, documen
 from executor.store import (
     AttemptRow,
     BuildRow,
-    JobRow,
+    JobText,
     PipelineRow,
     Store,
     TokenRow,
@@ -341,10 +341,10 @@ def create_app(
         **documented(models.JobList),
     )
     async def jobs(org: str, pipeline: str, number: int, token: Caller) -> JSONResponse:
-        def lookup() -> list[JobRow]:
-            return the_store().list_jobs(build_of(token, org, pipeline, number).id)
+        def lookup() -> list[JobText]:
+            return the_store().list_jobs_text(build_of(token, org, pipeline, number).id)
 
-        return JSONResponse({"data": [wire.job_json(j) for j in await read(lookup)]})
+        return JSONResponse({"data": [wire.job_json_text(j) for j in await read(lookup)]})
 
     @app.get(
         f"{builds_path}/{{number}}/jobs/{{job_id}}",

@@ -15,7 +15,15 @@ from datetime import datetime
 from typing import Any
 
 from executor.api.errors import ApiError
-from executor.store import ArtifactRow, AttemptRow, BuildRow, JobRow, OrganizationRow, PipelineRow
+from executor.store import (
+    ArtifactRow,
+    AttemptRow,
+    BuildRow,
+    JobRow,
+    JobText,
+    OrganizationRow,
+    PipelineRow,
+)
 from executor.store.rows import format_time
 
 __all__ = [
@@ -26,6 +34,7 @@ __all__ = [
     "encode_cursor",
     "invalid_cursor",
     "job_json",
+    "job_json_text",
     "organization_json",
     "pipeline_json",
 ]
@@ -89,6 +98,28 @@ def job_json(job: JobRow) -> dict[str, Any]:
         "created_at": _time(job.created_at),
         "started_at": _time(job.started_at),
         "finished_at": _time(job.finished_at),
+    }
+
+
+def job_json_text(job: JobText) -> dict[str, Any]:
+    """``job_json`` of a job read as text (the job list: no timestamp is parsed)."""
+    return {
+        "id": job.id,
+        "step_key": job.step_key,
+        "name": job.name,
+        "command": job.command,
+        "state": job.state,
+        "exit_code": job.exit_code,
+        "soft_failed": job.soft_failed,
+        "error_code": job.error_code,
+        "error_message": job.error_message,
+        "retry_policy": job.retry_policy,
+        "soft_fail_policy": job.soft_fail_policy,
+        "retries_count": job.retries_count,
+        "depends_on": list(job.depends_on),
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
     }
 
 

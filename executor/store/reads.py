@@ -25,6 +25,7 @@ from executor.store.rows import (
     AttemptRow,
     BuildRow,
     JobRow,
+    JobText,
     LogChunk,
     OrganizationRow,
     PipelineRow,
@@ -158,11 +159,20 @@ class Reader:
 
     def list_jobs(self, build_id: str) -> list[JobRow]:
         """The build's jobs in plan order (topological), each with its prerequisites' ids."""
+        rows, depends_on = self._jobs_of(build_id)
+        return [JobRow.from_db(r, tuple(depends_on.get(r["id"], ()))) for r in rows]
+
+    def list_jobs_text(self, build_id: str) -> list[JobText]:
+        """``list_jobs`` with states and timestamps left as stored text (see ``JobText``)."""
+        rows, depends_on = self._jobs_of(build_id)
+        return [JobText.from_db(r, tuple(depends_on.get(r["id"], ()))) for r in rows]
+
+    def _jobs_of(self, build_id: str) -> tuple[list[sqlite3.Row], dict[str, list[str]]]:
         rows = self._rows(sql.JOBS_OF_BUILD, (build_id,))
         depends_on: dict[str, list[str]] = {}
         for job_id, prerequisite in self._rows(sql.DEPENDENCIES_OF_BUILD, (build_id,)):
             depends_on.setdefault(job_id, []).append(prerequisite)
-        return [JobRow.from_db(r, tuple(depends_on.get(r["id"], ()))) for r in rows]
+        return rows, depends_on
 
     def get_job(self, job_id: str) -> JobRow | None:
         """A job by id, or by a prefix of at least 8 characters that only one job id has
