@@ -344,7 +344,7 @@ def create_app(
         def lookup() -> list[JobText]:
             return the_store().list_jobs_text(build_of(token, org, pipeline, number).id)
 
-        return JSONResponse({"data": [wire.job_json_text(j) for j in await read(lookup)]})
+        return JSONResponse({"data": [wire.job_json(j) for j in await read(lookup)]})
 
     @app.get(
         f"{builds_path}/{{number}}/jobs/{{job_id}}",

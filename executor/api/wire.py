@@ -34,7 +34,6 @@ __all__ = [
     "encode_cursor",
     "invalid_cursor",
     "job_json",
-    "job_json_text",
     "organization_json",
     "pipeline_json",
 ]
@@ -80,13 +79,19 @@ def build_json(build: BuildRow) -> dict[str, Any]:
     }
 
 
-def job_json(job: JobRow) -> dict[str, Any]:
+def _stamp(value: datetime | str | None) -> str | None:
+    """RFC 3339 UTC text: formatted from a datetime, or as stored (already that text)."""
+    return value if value is None or isinstance(value, str) else format_time(value)
+
+
+def job_json(job: JobRow | JobText) -> dict[str, Any]:
+    """A Job from a typed row, or from one read as text (the job list: nothing is parsed)."""
     return {
         "id": job.id,
         "step_key": job.step_key,
         "name": job.name,
         "command": job.command,
-        "state": job.state.value,
+        "state": job.state.value if isinstance(job, JobRow) else job.state,
         "exit_code": job.exit_code,
         "soft_failed": job.soft_failed,
         "error_code": job.error_code,
@@ -95,31 +100,9 @@ def job_json(job: JobRow) -> dict[str, Any]:
         "soft_fail_policy": job.soft_fail_policy,
         "retries_count": job.retries_count,
         "depends_on": list(job.depends_on),
-        "created_at": _time(job.created_at),
-        "started_at": _time(job.started_at),
-        "finished_at": _time(job.finished_at),
-    }
-
-
-def job_json_text(job: JobText) -> dict[str, Any]:
-    """``job_json`` of a job read as text (the job list: no timestamp is parsed)."""
-    return {
-        "id": job.id,
-        "step_key": job.step_key,
-        "name": job.name,
-        "command": job.command,
-        "state": job.state,
-        "exit_code": job.exit_code,
-        "soft_failed": job.soft_failed,
-        "error_code": job.error_code,
-        "error_message": job.error_message,
-        "retry_policy": job.retry_policy,
-        "soft_fail_policy": job.soft_fail_policy,
-        "retries_count": job.retries_count,
-        "depends_on": list(job.depends_on),
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
+        "created_at": _stamp(job.created_at),
+        "started_at": _stamp(job.started_at),
+        "finished_at": _stamp(job.finished_at),
     }
 
 
