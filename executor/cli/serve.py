@@ -37,7 +37,7 @@ def serve(db: str | None, host: str, port: int) -> None:
         click.echo(f"harmont-exec: {exc}", err=True)
         sys.exit(1)
     click.echo(
-        f"serving {store.path} on http://{host}:{port}{API_PREFIX}/ "
+        f"serving {store.location} on http://{host}:{port}{API_PREFIX}/ "
         "(Authorization: Bearer <token from `harmont-exec token create`>)",
         err=True,
     )

@@ -1,7 +1,8 @@
 """The record: the only code that talks to a database (SPEC §5).
 
-``open_store(url)`` opens the store a path or URL names: SQLite today (one file, WAL, safe
-beside concurrent readers), with schema and SQL plain enough for a PostgreSQL backend to share.
+``open_store(url)`` opens the store a path or URL names: SQLite (one file, WAL, safe beside
+concurrent readers; the default) or PostgreSQL (one record shared by many executors and API
+servers), with one schema, one set of migrations and one ``Store`` over both (``backend.py``).
 Writes are queued and group-committed by one writer thread; reads return frozen, typed rows.
 This package re-exports the public names and holds no logic.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from executor.store.blobs import Blob, BlobStore
 from executor.store.reads import token_hash
+from executor.store.record import TOKEN_PREFIX, Store
 from executor.store.recovery import LostBuild
 from executor.store.rows import (
     UNSET,
@@ -27,8 +29,13 @@ from executor.store.rows import (
     Unset,
 )
 from executor.store.sql import SCHEMA_VERSION
-from executor.store.sqlite import TOKEN_PREFIX, Store
-from executor.store.url import DB_ENV, DEFAULT_DB, open_store, resolve_db_path
+from executor.store.url import (
+    DB_ENV,
+    DEFAULT_DB,
+    open_store,
+    resolve_backend,
+    resolve_db_path,
+)
 
 __all__ = [
     "DB_ENV",
@@ -53,6 +60,7 @@ __all__ = [
     "TransitionRow",
     "Unset",
     "open_store",
+    "resolve_backend",
     "resolve_db_path",
     "token_hash",
 ]

@@ -6,7 +6,7 @@ event loop). The writer applies a batch of them in one transaction, in one of tw
 - ``apply_batch``, the fast path, coalesces. A job changed several times in the batch gets ONE
   update (its final columns, guarded by the state it had before the batch's first change); an
   attempt that started and ended in the batch gets one row; and the rows of each table go to
-  SQLite as ONE JSON array in one statement. One statement per table rather than one per row
+  the database as ONE JSON array in one statement. One statement per table rather than one per row
   is what keeps recording from slowing the runner: Python's sqlite3 releases and retakes the GIL
   around every row it steps, and tens of thousands of rows a second of that ping-pong stall the
   event-loop thread (measured: about a third of the throughput of 10k trivial jobs). The result
@@ -23,11 +23,11 @@ Build changes, artifacts and test-hook statements are few: the fast path applies
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from executor.store import sql
+from executor.store.backend import Cursor
 
 __all__ = [
     "ArtifactRecorded",
@@ -120,12 +120,13 @@ Change = (
 )
 
 
-def apply_batch(cursor: sqlite3.Cursor, changes: Sequence[Change]) -> bool:
+def apply_batch(cursor: Cursor, changes: Sequence[Change], dialect: sql.Dialect) -> bool:
     """The fast path. False when some change's guard does not hold: the caller rolls back and
     replays the batch with ``apply_one``."""
+    statements = sql.batch_statements(dialect)
     jobs: dict[str, list[Any]] = {}  # job id -> [id, state before the batch, *JOB_COLUMNS]
     history: list[tuple[Any, ...]] = []
-    attempts: dict[tuple[str, int], list[Any]] = {}  # UPSERT_ATTEMPTS_JSON rows
+    attempts: dict[tuple[str, int], list[Any]] = {}  # upsert_attempts rows
     logs: list[LogAppended] = []
     for change in changes:
         if isinstance(change, JobChanged):
@@ -152,18 +153,18 @@ def apply_batch(cursor: sqlite3.Cursor, changes: Sequence[Change]) -> bool:
         elif apply_one(cursor, change) is not None:
             return False
     if jobs:
-        cursor.execute(sql.UPDATE_JOBS_JSON, (json.dumps(list(jobs.values())),))
+        cursor.execute(statements.update_jobs, (json.dumps(list(jobs.values())),))
         if cursor.rowcount != len(jobs):
             return False
-        cursor.execute(sql.INSERT_TRANSITIONS_JSON, (json.dumps(history),))
+        cursor.execute(statements.insert_transitions, (json.dumps(history),))
     if attempts:
-        cursor.execute(sql.UPSERT_ATTEMPTS_JSON, (json.dumps(list(attempts.values())),))
+        cursor.execute(statements.upsert_attempts, (json.dumps(list(attempts.values())),))
     if logs:  # bytes: not JSON; few rows compared with the rest, each carrying up to 64 KiB
         cursor.executemany(sql.INSERT_LOG_CHUNK, logs)
     return True
 
 
-def apply_one(cursor: sqlite3.Cursor, change: Change) -> str | None:
+def apply_one(cursor: Cursor, change: Change) -> str | None:
     """The exact path: apply one change; if its guard does not hold, apply nothing and return
     what was being recorded and what the database holds instead."""
     if isinstance(change, JobChanged):

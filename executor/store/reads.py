@@ -1,8 +1,9 @@
 """The store's read side: builds, jobs, histories, attempts and logs, as typed rows.
 
 ``Reader`` reads through one connection per thread (so concurrent readers, such as the API's
-worker threads, do not wait for one another) and, because the file is in WAL mode, reads
-committed data while another connection or process is writing. Reads never see a write the
+worker threads, do not wait for one another) and reads committed data while another connection
+or process is writing (SQLite: WAL mode; PostgreSQL: MVCC). A PostgreSQL connection that the
+server dropped is replaced at the next read. Reads never see a write the
 writer has not committed. This module must not write.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,8 +18,8 @@ from typing import Any
 
 from executor.errors import StoreError
 from executor.store import sql
+from executor.store.backend import Backend, Connection
 from executor.store.blobs import BlobStore
-from executor.store.connection import connect, store_error
 from executor.store.rows import (
     ArtifactRow,
     AttemptRow,
@@ -50,48 +50,68 @@ def token_hash(secret: str) -> str:
 
 
 class Reader:
-    def __init__(self, path: Path, db: sqlite3.Connection) -> None:
-        self._path = path
+    def __init__(self, backend: Backend, db: Connection) -> None:
+        self._backend = backend
+        self._errors = backend.errors
         self._db = db  # the synchronous writes' connection (in Store), behind _lock
         self._lock = threading.Lock()
         # Reads use one connection per thread, so that concurrent readers (the API's worker
         # threads) do not queue behind one another; WAL lets them all read while a writer
         # commits. Store.close closes them all.
         self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        self._readers: list[Connection] = []
         self._reads_closed = False
 
     @property
     def blobs(self) -> BlobStore:
-        """The artifact files: ``artifacts/`` beside the database file."""
-        return BlobStore(self._path.parent / "artifacts")
+        """The artifact files: SQLite: ``artifacts/`` beside the database file; PostgreSQL:
+        ``HARMONT_ARTIFACTS`` (see store/postgresql.py)."""
+        return BlobStore(self._backend.blob_root)
 
     @property
-    def path(self) -> Path:
-        """The SQLite file."""
-        return self._path
+    def path(self) -> Path | None:
+        """The SQLite file, or None for a PostgreSQL store."""
+        return self._backend.path
+
+    @property
+    def location(self) -> str:
+        """The store for people: the SQLite file, or the PostgreSQL URL without its password."""
+        return self._backend.location
 
     @property
     def url(self) -> str:
-        """The store as a URL (``sqlite:////abs/path``), accepted by ``open_store``."""
-        return f"sqlite:///{self._path}"
+        """The store as a URL (``sqlite:////abs/path`` or ``postgresql://...``, password
+        included: never print it), accepted by ``open_store``."""
+        return self._backend.url
 
-    def _reader(self) -> sqlite3.Connection:
-        reader: sqlite3.Connection | None = getattr(self._local, "db", None)
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self._backend.dialect.name
+
+    def _reader(self) -> Connection:
+        reader: Connection | None = getattr(self._local, "db", None)
+        if reader is not None and getattr(reader, "broken", False):
+            with self._lock:
+                if reader in self._readers:
+                    self._readers.remove(reader)
+            reader.close()
+            reader = None
         if reader is None:
             if self._reads_closed:
-                raise StoreError(f"the store {self._path} is closed; open it again")
-            reader = connect(self._path)
+                raise StoreError(f"the store {self._backend.location} is closed; open it again")
+            reader = self._backend.connect()
             with self._lock:
                 self._readers.append(reader)
             self._local.db = reader
         return reader
 
-    def _rows(self, query: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def _rows(self, query: str, args: Sequence[Any] = ()) -> list[Any]:
         try:
-            return self._reader().execute(query, args).fetchall()
-        except sqlite3.Error as exc:
-            raise store_error("read the record", exc, self._path) from None
+            rows: list[Any] = self._reader().execute(query, args).fetchall()
+        except self._errors as exc:
+            raise self._backend.error("read the record", exc) from None
+        return rows
 
     def _close_readers(self) -> None:
         with self._lock:
@@ -167,7 +187,7 @@ class Reader:
         rows, depends_on = self._jobs_of(build_id)
         return [JobText.from_db(r, tuple(depends_on.get(r["id"], ()))) for r in rows]
 
-    def _jobs_of(self, build_id: str) -> tuple[list[sqlite3.Row], dict[str, list[str]]]:
+    def _jobs_of(self, build_id: str) -> tuple[list[Any], dict[str, list[str]]]:
         rows = self._rows(sql.JOBS_OF_BUILD, (build_id,))
         depends_on: dict[str, list[str]] = {}
         for job_id, prerequisite in self._rows(sql.DEPENDENCIES_OF_BUILD, (build_id,)):
@@ -264,7 +284,8 @@ class Reader:
         if not path.is_file():
             raise StoreError(
                 f"the content of artifact {artifact.id} ({artifact.path}) is missing from "
-                f"{self.blobs.root}; the artifact directory must stay beside the database"
+                f"{self.blobs.root}; the artifact directory must stay beside the database "
+                "(PostgreSQL: HARMONT_ARTIFACTS must name the same directory for every process)"
             )
         return path
 
@@ -280,6 +301,7 @@ class Reader:
         return TokenRow.from_db(rows[0]) if rows else None
 
     def check_integrity(self) -> str:
-        """SQLite's ``PRAGMA integrity_check``: ``"ok"`` when the file is sound, else the
-        problems found, one per line."""
-        return "\n".join(str(r[0]) for r in self._rows(sql.INTEGRITY_CHECK))
+        """``"ok"`` when the store is sound, else the problems found, one per line (SQLite:
+        ``PRAGMA integrity_check``; PostgreSQL: every job's state is where its history ends)."""
+        rows = self._rows(sql.integrity_check(self._backend.dialect))
+        return "\n".join(str(r[0]) for r in rows) or "ok"

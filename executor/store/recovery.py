@@ -5,13 +5,13 @@ lost), reopening it for ``resume``, and taking passed results from an earlier bu
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
 from executor.states import Event, JobState, transition
 from executor.store import sql
+from executor.store.backend import Connection
 from executor.store.rows import format_time
 
 __all__ = ["LostBuild", "abandon_build", "reopen_build", "reuse_results"]
@@ -37,20 +37,21 @@ class LostBuild:
 
 
 def abandon_build(
-    db: sqlite3.Connection, build_id: str, state: str, executor: str, now: datetime
+    db: Connection, dialect: sql.Dialect, build_id: str, state: str, executor: str, now: datetime
 ) -> tuple[list[str], int, int, int] | None:
     """Finish build ``build_id``, found in ``state`` with its executor gone, in ONE
-    ``BEGIN IMMEDIATE`` transaction that first re-reads the state: None (nothing done) when
-    another process got there first. Returns (the unfinished jobs' ids; how many were running
-    and are now failed; how many had not started, or waited to retry, and are now canceled;
-    how many were being stopped and ended as that stop would have). Every job change goes
-    through the transition table and gains its history row. sqlite3 errors propagate (the
-    caller names the file)."""
+        ``BEGIN IMMEDIATE`` transaction that first re-reads the state (holding the build's row on
+    PostgreSQL, so a second process waits and then sees it finished): None (nothing done) when
+        another process got there first. Returns (the unfinished jobs' ids; how many were running
+        and are now failed; how many had not started, or waited to retry, and are now canceled;
+        how many were being stopped and ended as that stop would have). Every job change goes
+        through the transition table and gains its history row. driver errors propagate (the
+        caller names the store)."""
     at = format_time(now)
     message = f"the executor ({executor}) stopped before the build ended"
     db.execute("BEGIN IMMEDIATE")
     try:
-        current = db.execute(sql.BUILD_STATE, (build_id,)).fetchone()
+        current = db.execute(sql.lock_build_state(dialect), (build_id,)).fetchone()
         if current is None or current[0] != state:
             db.execute("ROLLBACK")
             return None
@@ -95,7 +96,7 @@ def abandon_build(
 
 
 def reopen_build(
-    db: sqlite3.Connection, build_id: str, executor: tuple[str, int, str, str | None], now: datetime
+    db: Connection, build_id: str, executor: tuple[str, int, str, str | None], now: datetime
 ) -> list[str] | None:
     """Make an abandoned build (``failed``, ``build_abandoned``) ``running`` again under the
     executor ``(host, pid, started_at, identity)``, and its lost or never-started jobs
@@ -130,7 +131,7 @@ def reopen_build(
     return reopened
 
 
-def reuse_results(db: sqlite3.Connection, pairs: list[tuple[str, str]], now: datetime) -> None:
+def reuse_results(db: Connection, pairs: list[tuple[str, str]], now: datetime) -> None:
     """For each (new job id, earlier passed job id): the new job (``pending``) becomes
     ``passed`` by event ``reused``, with the earlier job's exit code and times, a reference to
     it, and copies of its artifact records (the files are shared). One transaction."""

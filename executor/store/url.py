@@ -1,7 +1,7 @@
 """Where the record lives: ``--db`` / ``HARMONT_DB`` values to a backend, and ``open_store``.
 
 Accepted forms: a file path, ``sqlite:///relative/path`` or ``sqlite:////absolute/path`` (SQLite),
-``postgresql://...`` (refused until the PostgreSQL backend exists). Nothing given means
+``postgresql://...`` or ``postgres://...`` (PostgreSQL, libpq's URL syntax). Nothing given means
 ``HARMONT_DB``, else ``.harmont/harmont.db`` under the current directory. This module parses and
 dispatches only; it runs no SQL.
 """
@@ -12,15 +12,24 @@ import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import structlog
 
 from executor.errors import StoreError
+from executor.store.backend import Backend
+from executor.store.postgresql import postgresql_backend, redact
+from executor.store.record import Store
 from executor.store.recovery import LostBuild
-from executor.store.sqlite import Store
+from executor.store.sqlite import sqlite_backend
 
-__all__ = ["DB_ENV", "DEFAULT_DB", "open_store", "resolve_db_path", "resume_hint"]
+__all__ = [
+    "DB_ENV",
+    "DEFAULT_DB",
+    "open_store",
+    "resolve_backend",
+    "resolve_db_path",
+    "resume_hint",
+]
 
 DB_ENV = "HARMONT_DB"
 DEFAULT_DB = Path(".harmont") / "harmont.db"
@@ -31,37 +40,37 @@ _FORMS = "a file path, sqlite:///relative/path, sqlite:////absolute/path or post
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 
-def _redact(url: str) -> str:
-    """``url`` without its password, for error messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
-
-
-def resolve_db_path(url: str | Path | None = None) -> Path:
-    """The SQLite file that ``url`` names (see the module docstring); StoreError for a value
-    that is not one of the accepted forms."""
+def resolve_backend(url: str | Path | None = None) -> Backend:
+    """The store that ``url`` names (see the module docstring); StoreError for a value that is
+    not one of the accepted forms."""
     origin = "--db"
     if url is None or url == "":
         url = os.environ.get(DB_ENV) or None
         origin = DB_ENV
-        if url is None:
-            return Path.cwd() / DEFAULT_DB
+    if isinstance(url, str):
+        scheme = _SCHEME.match(url)
+        if scheme is not None and scheme.group(1).lower() in ("postgresql", "postgres"):
+            return postgresql_backend(url, origin)
+    return sqlite_backend(_sqlite_path(url, origin))
+
+
+def resolve_db_path(url: str | Path | None = None) -> Path:
+    """The SQLite file that ``url`` names; StoreError for a PostgreSQL URL or a value that is
+    not one of the accepted forms."""
+    backend = resolve_backend(url)
+    if backend.path is None:
+        raise StoreError(f"{backend.location!r} is a PostgreSQL store, not a SQLite file")
+    return backend.path
+
+
+def _sqlite_path(url: str | Path | None, origin: str) -> Path:
+    if url is None:
+        return Path.cwd() / DEFAULT_DB
     if isinstance(url, Path):
         path = url
     else:
         scheme = _SCHEME.match(url)
         name = scheme.group(1).lower() if scheme else None
-        if name in ("postgresql", "postgres"):
-            raise StoreError(
-                f"{origin}={_redact(url)!r}: PostgreSQL support arrives in a later release of "
-                "harmont-exec; use a SQLite path for now (e.g. .harmont/harmont.db)"
-            )
         if name == "sqlite":
             if not url.startswith("sqlite:///") or url == "sqlite:///":
                 raise StoreError(
@@ -70,7 +79,7 @@ def resolve_db_path(url: str | Path | None = None) -> Path:
                 )
             path = Path(url.removeprefix("sqlite:///"))
         elif scheme is not None and url[scheme.end() :].startswith("//"):
-            raise StoreError(f"{origin}={_redact(url)!r} is not a store location; use {_FORMS}")
+            raise StoreError(f"{origin}={redact(url)!r} is not a store location; use {_FORMS}")
         else:
             path = Path(url)
     if str(path) == ":memory:":
@@ -98,13 +107,13 @@ def resume_hint(build: LostBuild) -> str:
 
 
 def open_store(url: str | Path | None = None, *, recover: bool = True) -> Store:
-    """Open the store at ``url`` (see ``resolve_db_path``), creating the file, its directory
-    and the schema as needed. The result is a context manager that closes it.
+    """Open the store at ``url`` (see ``resolve_backend``), creating the SQLite file and its
+    directory, and the schema, as needed. The result is a context manager that closes it.
 
     With ``recover`` (every harmont-exec command does it), builds whose executor is gone are
     finished first (``Store.recover_lost_builds``), each reported as a ``build_abandoned``
     warning in the log."""
-    store = Store(resolve_db_path(url))
+    store = Store(resolve_backend(url))
     if recover:
         try:
             lost = store.recover_lost_builds(datetime.now(UTC))

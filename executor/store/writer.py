@@ -9,7 +9,7 @@ changes costs a few commits a second instead of one per change: each commit, and
 of this thread, takes the GIL from the event loop for a moment. What a batch does to the tables
 is ``changes.apply_batch``; this module only runs the thread, the transactions and the errors.
 
-Failures are never dropped. A batch that SQLite refuses (disk full, read-only file, ...) is
+Failures are never dropped. A batch that the database refuses (disk full, read-only file, ...) is
 rolled back. A change whose guard does not hold (a bug: the store and the runner disagree about
 a job's state) makes the writer roll the batch back and replay it one change at a time, keeping
 the changes before the bad one. Either way the writer remembers the first error and applies
@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import os
 import queue
-import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import NamedTuple
 
 from executor.errors import StoreError
+from executor.store.backend import Backend, Cursor
 from executor.store.changes import Change, apply_batch, apply_one
-from executor.store.connection import store_error
 
 __all__ = ["BATCH_LIMIT", "COMMIT_INTERVAL_S", "WRITER_NICE", "Writer"]
 
@@ -71,9 +68,9 @@ class Writer:
     """The writer thread and its connection. ``put`` may be called from one thread at a time;
     ``flush`` from any thread."""
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection], path: Path) -> None:
-        self._path = path
-        self._db = connect()  # opened here so that a bad path fails in the caller
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._db = backend.connect()  # opened here so that a bad store fails in the caller
         self._queue: queue.SimpleQueue[Change | _Flush | _Stop] = queue.SimpleQueue()
         self._urgent = threading.Event()  # a flush or close is waiting: commit now
         self._error: StoreError | None = None
@@ -146,28 +143,27 @@ class Writer:
         cursor = self._db.cursor()
         try:
             cursor.execute("BEGIN IMMEDIATE")
-            if not apply_batch(cursor, changes):
+            if not apply_batch(cursor, changes, self._backend.dialect):
                 cursor.execute("ROLLBACK")
                 cursor.execute("BEGIN IMMEDIATE")
                 self._apply_one_by_one(cursor, changes)
             cursor.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except self._backend.errors as exc:
             self._rollback()
-            self._error = store_error(
+            self._error = self._backend.error(
                 f"save {len(changes)} queued writes (none of them, nor any later one, is recorded)",
                 exc,
-                self._path,
             )
         except Exception as exc:  # a bug (a bad parameter type, ...): still never silent
             self._rollback()
             self._error = StoreError(
-                f"could not record queued writes in {self._path}: {exc!r}; this is a bug in "
-                "harmont-exec, please report it"
+                f"could not record queued writes in {self._backend.location}: {exc!r}; this is "
+                "a bug in harmont-exec, please report it"
             )
         finally:
             cursor.close()
 
-    def _apply_one_by_one(self, cursor: sqlite3.Cursor, changes: list[Change]) -> None:
+    def _apply_one_by_one(self, cursor: Cursor, changes: list[Change]) -> None:
         """Keep the changes before the first whose guard fails; record that one as the error."""
         for change in changes:
             refused = apply_one(cursor, change)
@@ -182,5 +178,5 @@ class Writer:
         try:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass  # the original error is the one to report; SQLite rolls back on close anyway
+        except self._backend.errors:
+            pass  # the original error is the one to report; the database rolls back on close

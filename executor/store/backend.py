@@ -1,0 +1,123 @@
+"""What the store needs of a database, so one ``Store`` runs on SQLite and on PostgreSQL.
+
+A ``Backend`` is a driver behind a small, sqlite3-shaped interface: ``connect()`` gives a
+``Connection`` in autocommit mode whose statements take ``?`` placeholders and whose rows are
+addressed by column name and by position; ``errors`` are the driver's exception classes and
+``error()`` turns one into a StoreError that names the store and says what to do. Everything
+else (the SQL, the transactions, the locking) is shared; the few statements that differ are
+chosen by ``dialect`` in ``sql.py``. ``migrate`` brings a database to ``SCHEMA_VERSION`` on
+either backend. No driver exception leaves the store package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from executor.errors import StoreError
+from executor.store import sql
+from executor.store.rows import format_time
+
+__all__ = ["Backend", "Connection", "Cursor", "migrate"]
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def execute(self, statement: str, parameters: Sequence[Any] = ..., /) -> Any: ...
+
+    def executemany(self, statement: str, parameters: Any, /) -> Any: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def close(self) -> None: ...
+
+
+class Connection(Protocol):
+    @property
+    def in_transaction(self) -> bool: ...
+
+    def execute(self, statement: str, parameters: Sequence[Any] = ..., /) -> Any: ...
+
+    def executemany(self, statement: str, parameters: Any, /) -> Any: ...
+
+    def cursor(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One store location and the driver that reaches it."""
+
+    dialect: sql.Dialect
+    url: str  # accepted by open_store; may carry a password: never print it
+    location: str  # for messages: the file, or the URL without its password
+    connect: Callable[[], Connection]
+    errors: tuple[type[Exception], ...]
+    describe: Callable[[str, Exception], StoreError]  # (what we were doing, the driver's error)
+    blob_root: Path  # where artifact files live
+    path: Path | None = None  # the SQLite file, if it is one
+
+    def error(self, action: str, exc: Exception) -> StoreError:
+        return self.describe(action, exc)
+
+
+def _version(db: Connection, dialect: sql.Dialect) -> int:
+    if not db.execute(sql.migrations_table_exists(dialect)).fetchone()[0]:
+        return 0
+    return int(db.execute(sql.SCHEMA_VERSION_NOW).fetchone()[0] or 0)
+
+
+def _refuse_newer(version: int, location: str) -> None:
+    if version > sql.SCHEMA_VERSION:
+        raise StoreError(
+            f"the store {location} has schema version {version}, newer than this harmont-exec "
+            f"understands (version {sql.SCHEMA_VERSION}); upgrade harmont-exec to use it"
+        )
+
+
+def migrate(db: Connection, backend: Backend) -> int:
+    """Apply the migrations the store lacks, all in one transaction; return the version.
+
+    A store already at ``SCHEMA_VERSION`` is only read, so opening it beside a busy writer does
+    not wait for a lock. Processes migrating one new store at once are serialized (SQLite:
+    ``BEGIN IMMEDIATE``; PostgreSQL: a transaction-scoped advisory lock); the later ones find
+    the work done.
+    """
+    dialect = backend.dialect
+    version = _version(db, dialect)
+    _refuse_newer(version, backend.location)
+    if version == sql.SCHEMA_VERSION:
+        return version
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if dialect.migration_lock is not None:
+            db.execute(dialect.migration_lock)
+        version = _version(db, dialect)
+        _refuse_newer(version, backend.location)
+        if version == 0 and db.execute(sql.count_tables(dialect)).fetchone()[0] > 0:
+            raise StoreError(
+                f"{backend.location} is a {dialect.title} database that harmont-exec did not "
+                "create (it has tables but no schema_migrations); point --db / HARMONT_DB at a "
+                "new or harmont-exec store"
+            )
+        db.execute(sql.CREATE_SCHEMA_MIGRATIONS)
+        applied_at = format_time(datetime.now(UTC))
+        scripts = sql.migrations(dialect)
+        for target in range(version + 1, sql.SCHEMA_VERSION + 1):
+            for statement in scripts[target - 1]:
+                db.execute(statement)
+            db.execute(sql.RECORD_MIGRATION, (target, applied_at))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return sql.SCHEMA_VERSION

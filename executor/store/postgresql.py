@@ -1,0 +1,237 @@
+"""The PostgreSQL backend: one record shared by executors and API servers on many machines.
+
+It needs psycopg 3 (``pip install 'harmont-exec[postgresql]'``), imported only when a
+``postgresql://`` store is opened. ``PgConnection`` gives psycopg the sqlite3 shape the store
+uses: autocommit with explicit ``BEGIN``/``COMMIT``, ``?`` placeholders (rewritten to ``%s``),
+``BEGIN IMMEDIATE`` read as ``BEGIN`` (PostgreSQL locks rows, not the database: statements that
+must serialize lock what they change, see ``sql.Dialect.lock_rows``), and rows addressed by
+column name and by position. psycopg errors become StoreErrors that say what to do, by SQLSTATE.
+
+Tables live in the connection's current schema, so one database can hold several records:
+``?options=-csearch_path%3Dname`` in the URL picks the schema (it must exist). Artifact files
+cannot live in the database: they go to ``HARMONT_ARTIFACTS`` (default
+``~/.local/share/harmont-exec/artifacts``), which every executor and server sharing the record
+must see at the same path (a shared file system).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from executor.errors import StoreError
+from executor.store import sql
+from executor.store.backend import Backend
+
+__all__ = ["ARTIFACTS_ENV", "CONNECT_TIMEOUT_S", "PgConnection", "postgresql_backend", "redact"]
+
+ARTIFACTS_ENV = "HARMONT_ARTIFACTS"
+"""Where a PostgreSQL store keeps artifact files (a directory every sharer sees)."""
+
+CONNECT_TIMEOUT_S = 10
+"""How long opening a connection may take before the store reports the server unreachable."""
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
+
+
+@lru_cache(maxsize=512)
+def _translate(statement: str) -> str:
+    """sqlite3 text to psycopg text: ``?`` placeholders become ``%s`` (the store's SQL has no
+    ``?`` inside literals, and no PostgreSQL ``?`` operators), a literal ``%`` is doubled."""
+    if statement == "BEGIN IMMEDIATE":
+        return "BEGIN"
+    return statement.replace("%", "%%").replace("?", "%s")
+
+
+class Row:
+    """A result row addressed by column name or by position (like ``sqlite3.Row``)."""
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, values: Sequence[Any], index: dict[str, int]) -> None:
+        self._values = values
+        self._index = index
+
+    def __getitem__(self, key: int | str) -> Any:
+        if isinstance(key, str):
+            return self._values[self._index[key]]
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+    def __repr__(self) -> str:
+        return f"Row({dict(zip(self._index, self._values, strict=True))!r})"
+
+
+def _row_factory(cursor: Any) -> Any:
+    description = cursor.description or ()
+    index = {column.name: i for i, column in enumerate(description)}
+
+    def make(values: Sequence[Any]) -> Row:
+        return Row(values, index)
+
+    return make
+
+
+class PgCursor:
+    __slots__ = ("_cursor",)
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cursor.rowcount)
+
+    def execute(self, statement: str, parameters: Sequence[Any] = (), /) -> PgCursor:
+        self._cursor.execute(_translate(statement), parameters or None)
+        return self
+
+    def executemany(self, statement: str, parameters: Any, /) -> PgCursor:
+        self._cursor.executemany(_translate(statement), [tuple(p) for p in parameters])
+        return self
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return list(self._cursor.fetchall())
+
+    def close(self) -> None:
+        self._cursor.close()
+
+
+class PgConnection:
+    """A psycopg connection in autocommit mode, shaped like the store's sqlite3 connections."""
+
+    __slots__ = ("_db",)
+
+    def __init__(self, db: Any) -> None:
+        self._db = db
+
+    @property
+    def in_transaction(self) -> bool:
+        from psycopg import pq
+
+        return bool(self._db.info.transaction_status != pq.TransactionStatus.IDLE)
+
+    @property
+    def broken(self) -> bool:
+        """The server went away (or the connection was closed): open a new one."""
+        return bool(self._db.closed)
+
+    def cursor(self) -> PgCursor:
+        return PgCursor(self._db.cursor(row_factory=_row_factory))
+
+    def execute(self, statement: str, parameters: Sequence[Any] = (), /) -> PgCursor:
+        return self.cursor().execute(statement, parameters)
+
+    def executemany(self, statement: str, parameters: Any, /) -> PgCursor:
+        return self.cursor().executemany(statement, parameters)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+_HINTS = (  # SQLSTATE (or its class, two characters) -> what to do
+    ("53100", "free disk space on the database server, then run the build again"),
+    (
+        "53",
+        "the database server is out of resources (connections, memory); retry, or raise its "
+        "limits (max_connections)",
+    ),
+    ("25006", "the server is read-only (a standby?); point --db / HARMONT_DB at the primary"),
+    ("3D000", "create the database first (e.g. createdb NAME), or fix its name in the URL"),
+    ("3F000", "create the schema named in the URL's search_path first (CREATE SCHEMA name)"),
+    ("28", "check the user name and password in the URL (or ~/.pgpass)"),
+    ("42501", "grant the user in the URL rights to create and write tables in the schema"),
+    ("08", "check that the PostgreSQL server in the URL is running and reachable"),
+    ("57P", "the server is shutting down or restarting; retry when it is back"),
+    ("40", "another transaction conflicted with this one; retry"),
+    ("42P01", "the store's tables are missing: point --db / HARMONT_DB at a harmont-exec store"),
+)
+
+
+def _hint(sqlstate: str | None, text: str, action: str) -> str:
+    if sqlstate:
+        for code, hint in _HINTS:
+            if sqlstate.startswith(code):
+                return hint
+    lowered = text.lower()
+    if action == "connect" or "connection" in lowered or "timeout" in lowered:
+        return "check that the PostgreSQL server in the URL is running and reachable"
+    if "closed" in lowered:
+        return "the store was closed; open it again"
+    return "check the server's log"
+
+
+def _describe(location: str) -> Any:
+    def describe(action: str, exc: Exception) -> StoreError:
+        sqlstate = getattr(exc, "sqlstate", None)
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        return StoreError(
+            f"could not {action} in the PostgreSQL store {location}: {text}; "
+            f"{_hint(sqlstate, text, action)}"
+        )
+
+    return describe
+
+
+def artifacts_root() -> Path:
+    """``HARMONT_ARTIFACTS``, else ``$XDG_DATA_HOME/harmont-exec/artifacts``."""
+    given = os.environ.get(ARTIFACTS_ENV)
+    if given:
+        return Path(os.path.abspath(os.path.expanduser(given)))
+    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(data) / "harmont-exec" / "artifacts"
+
+
+def postgresql_backend(url: str, origin: str) -> Backend:
+    """The store at the libpq URL ``url`` (given as ``origin``: ``--db`` or HARMONT_DB)."""
+    location = redact(url)
+    try:
+        import psycopg
+    except ImportError:
+        raise StoreError(
+            f"{origin}={location!r} names a PostgreSQL store, which needs psycopg; install it "
+            "with pip install 'harmont-exec[postgresql]'"
+        ) from None
+    describe = _describe(location)
+
+    def connect() -> PgConnection:
+        try:
+            db = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+        except psycopg.Error as exc:
+            raise describe("connect", exc) from None
+        return PgConnection(db)
+
+    return Backend(
+        dialect=sql.POSTGRESQL,
+        url=url,
+        location=location,
+        connect=connect,
+        errors=(psycopg.Error,),
+        describe=describe,
+        blob_root=artifacts_root(),
+    )
