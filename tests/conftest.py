@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 
@@ -24,3 +27,56 @@ import pytest  # noqa: E402
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+# --- stores: every store test runs on SQLite and on PostgreSQL ----------------------------------
+
+PG_ENV = "HARMONT_TEST_POSTGRESQL"
+"""A PostgreSQL server URL for the tests (a superuser; each test gets its own schema).
+``.ci/run`` starts a throwaway server and sets it; locally: eval "$(bash .ci/postgres start)"."""
+
+
+@pytest.fixture(scope="session")
+def postgresql_server() -> str:
+    url = os.environ.get(PG_ENV)
+    if not url:
+        message = (
+            f"{PG_ENV} is not set, so the PostgreSQL store is not tested; start a throwaway "
+            'server with: eval "$(bash .ci/postgres start)"'
+        )
+        if os.environ.get("CI"):
+            pytest.fail(f"under CI every backend is tested: {message}")
+        pytest.skip(message)
+    return url
+
+
+def with_schema(url: str, schema: str) -> str:
+    """``url`` whose connections use ``schema`` (libpq's ``options``)."""
+    separator = "&" if "?" in url else "?"
+    return f"{url}{separator}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture
+def postgresql_url(
+    postgresql_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[str]:
+    """A PostgreSQL store URL of its own (a new schema, dropped afterwards); artifact files go
+    under tmp_path (HARMONT_ARTIFACTS, inherited by child processes)."""
+    import psycopg
+
+    schema = f"test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(postgresql_server, autocommit=True) as admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+    monkeypatch.setenv("HARMONT_ARTIFACTS", str(tmp_path / "pg-artifacts"))
+    yield with_schema(postgresql_server, schema)
+    with psycopg.connect(postgresql_server, autocommit=True) as admin:
+        admin.execute("SET lock_timeout = '10s'")
+        admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty store of each backend: a SQLite file path, or a PostgreSQL URL."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgresql_url"))
+    return str(tmp_path / "db" / "harmont.db")

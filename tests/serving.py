@@ -94,18 +94,19 @@ def poll(
 @dataclass(frozen=True)
 class Server:
     url: str
-    db: Path
+    db: str  # a SQLite file or a PostgreSQL URL: every test that takes `server` runs on both
     proc: subprocess.Popen[bytes]
     out: Path
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    """`harmont-exec serve --db DB --port P` on a free loopback port, answering /ping."""
-    db = tmp_path / "store" / "harmont.db"
+def server(tmp_path: Path, store_url: str) -> Iterator[Server]:
+    """`harmont-exec serve --db DB --port P` on a free loopback port, answering /ping; on
+    each backend (conftest's ``store_url``)."""
+    db = store_url
     port = free_port()
     out = tmp_path / "serve"
-    proc = start(["serve", "--db", str(db), "--port", str(port)], tmp_path, out)
+    proc = start(["serve", "--db", db, "--port", str(port)], tmp_path, out)
     url = f"http://127.0.0.1:{port}{API_PREFIX}"
     try:
 
@@ -124,7 +125,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
         stop(proc)
 
 
-def create_token(db: Path, cwd: Path) -> str:
+def create_token(db: str | Path, cwd: Path) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "executor", "token", "create", "--db", str(db)],
         cwd=cwd,

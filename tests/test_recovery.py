@@ -83,21 +83,21 @@ def assert_histories_are_legal(store: Store, build_id: str) -> None:
 
 @dataclass
 class Killed:
-    db: Path
+    db: str  # a SQLite file or a PostgreSQL URL: every test that takes `killed` runs on both
     work: Path
     build_id: str
     job_ids: dict[str, str]
 
 
 @pytest.fixture
-def killed(tmp_path: Path) -> Iterator[Killed]:
+def killed(tmp_path: Path, store_url: str) -> Iterator[Killed]:
     """A `run` process SIGKILLed while `work` and `side` run and `after` waits; reaped."""
     work = tmp_path / "work"
     work.mkdir()
     (work / "b.json").write_text(json.dumps(BUILD))
-    db = tmp_path / "harmont.db"
+    db = store_url
     out = tmp_path / "run"
-    run = start(["run", "b.json", "--db", str(db), "-j", "4"], work, out)
+    run = start(["run", "b.json", "--db", db, "-j", "4"], work, out)
     job_ids: dict[str, str] = {}
     try:
         poll(lambda: (work / "started").exists() or None, "the job to start", (run, out))
@@ -140,7 +140,7 @@ def test_recovery_kill_9_leaves_processes_behind_until_the_next_start(killed: Ki
     # The problem being solved: the jobs' processes outlive their executor...
     assert job_processes({killed.job_ids["work"], killed.job_ids["side"]})
     # ...until any harmont-exec command opens the store.
-    result = _cli("builds", "--db", str(killed.db), cwd=killed.work)
+    result = _cli("builds", "--db", killed.db, cwd=killed.work)
     assert result.returncode == 0, result.stderr
     assert "build_abandoned" in result.stderr
     assert "harmont-exec resume 1 --pipeline b" in result.stderr  # exact, copyable
@@ -182,7 +182,7 @@ def test_recovery_happens_once_when_several_processes_notice_at_once(killed: Kil
     )
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", code, str(killed.db)],
+            [sys.executable, "-c", code, killed.db],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -200,6 +200,62 @@ def test_recovery_happens_once_when_several_processes_notice_at_once(killed: Kil
             events = [t.event for t in store.job_transitions(job_id)]
             assert events.count("executor_lost") == 1
         assert_histories_are_legal(store, killed.build_id)
+
+
+SHARED = {  # each build's jobs wait for `go`, so that two builds are surely running together
+    "steps": [
+        {
+            "key": f"job{i}",
+            "command": "while [ ! -e ../go ]; do sleep 0.05; done; echo $HARMONT_BUILD_NUMBER",
+        }
+        for i in range(6)
+    ]
+    + [{"key": "last", "command": "echo last", "depends_on": [f"job{i}" for i in range(6)]}]
+}
+
+
+def test_two_executors_running_one_pipeline_at_once_share_the_store(
+    tmp_path: Path, store_url: str
+) -> None:
+    runs = []
+    try:
+        for name in ("a", "b"):
+            work = tmp_path / name
+            work.mkdir()
+            (work / "ci.json").write_text(json.dumps(SHARED))
+            args = ["run", "ci.json", "--db", store_url, "--pipeline", "shared", "-j", "3"]
+            runs.append((start(args, work, tmp_path / f"{name}.out"), tmp_path / f"{name}.out"))
+
+        def both_running() -> bool | None:
+            with open_store(store_url, recover=False) as store:
+                builds = store.list_builds(pipeline="shared")
+                running = [
+                    b
+                    for b in builds
+                    if sum(j.state is JobState.RUNNING for j in store.list_jobs(b.id)) == 3
+                ]
+            return True if len(running) == 2 else None
+
+        poll(both_running, "both builds to run three jobs each", *runs)
+        (tmp_path / "go").touch()
+        for run, out in runs:
+            assert run.wait(timeout=TIMEOUT_S) == 0, output(out)
+    finally:
+        for run, _ in runs:
+            stop(run)
+    with open_store(store_url) as store:
+        builds = store.list_builds(pipeline="shared")
+        assert sorted(b.number for b in builds) == [1, 2]
+        assert {b.working_dir for b in builds} == {str(tmp_path / "a"), str(tmp_path / "b")}
+        for build in builds:
+            assert (build.state.value, build.error_code) == ("passed", None)
+            jobs = store.list_jobs(build.id)
+            assert [j.state for j in jobs] == [JobState.PASSED] * 7
+            for job in jobs[:6]:  # each job's log is its own build's
+                log = b"".join(c.content for c in store.read_log(job.id))
+                assert log == f"{build.number}\n".encode()
+            assert_histories_are_legal(store, build.id)
+        assert store.check_integrity() == "ok"
 
 
 def test_recovery_never_touches_a_live_build(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The store (SPEC §5): real SQLite files in tmp_path, real processes, no mocks."""
+"""The store (SPEC §5): real SQLite files in tmp_path and a real PostgreSQL server (each test
+that takes ``db`` runs on both backends), real processes, no mocks."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hashlib
 import itertools
 import multiprocessing
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,7 +24,15 @@ from hypothesis import strategies as st
 import executor
 from executor.errors import StoreError
 from executor.states import TRANSITIONS, BuildState, Event, JobState
-from executor.store import SCHEMA_VERSION, CreatedBuild, Store, open_store, resolve_db_path
+from executor.store import (
+    SCHEMA_VERSION,
+    CreatedBuild,
+    Store,
+    open_store,
+    resolve_backend,
+    resolve_db_path,
+)
+from executor.store.backend import Connection
 
 T0 = datetime(2026, 11, 28, 15, 55, 42, 123456, tzinfo=UTC)
 
@@ -58,24 +68,52 @@ def _create(
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
+def db(store_url: str) -> str:
+    """A new store on each backend (conftest's ``store_url``)."""
+    return store_url
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Path:
+    """A new SQLite store's path, for what only SQLite has (its file, its version, PRAGMAs)."""
     return tmp_path / "db" / "harmont.db"
 
 
 @pytest.fixture
-def store(db: Path) -> Iterator[Store]:
+def store(db: str) -> Iterator[Store]:
     with open_store(db) as s:
         yield s
 
 
+def _is_pg(url: str) -> bool:
+    return url.startswith("postgresql://")
+
+
 @contextmanager
-def _raw(path: Path) -> Iterator[sqlite3.Connection]:
-    """A plain sqlite3 connection beside the store's (autocommit; closed on exit)."""
-    db = sqlite3.connect(path, isolation_level=None)
+def _raw(url: str | Path) -> Iterator[Connection]:
+    """A plain connection beside the store's (autocommit, ``?`` placeholders, foreign keys
+    not enforced, as a tool editing the database by hand would be; closed on exit)."""
+    backend = resolve_backend(url)
+    if backend.path is not None:
+        backend.path.parent.mkdir(parents=True, exist_ok=True)
+        db: Connection = sqlite3.connect(backend.path, isolation_level=None)
+    else:
+        db = backend.connect()
+        db.execute("SET session_replication_role = replica")  # no foreign-key triggers
     try:
         yield db
     finally:
         db.close()
+
+
+def _hold_write_lock(raw: Connection, url: str) -> None:
+    """Begin a transaction that keeps the store's writer waiting (SQLite: the file's write
+    lock; PostgreSQL: the tables, which stay readable)."""
+    raw.execute("BEGIN IMMEDIATE")
+    if _is_pg(url):
+        raw.execute(
+            "LOCK TABLE builds, jobs, job_transitions, attempts, log_chunks IN EXCLUSIVE MODE"
+        )
 
 
 def _walk(store: Store, job_id: str, *steps: tuple[JobState, Event, JobState]) -> None:
@@ -88,20 +126,44 @@ def _walk(store: Store, job_id: str, *steps: tuple[JobState, Event, JobState]) -
 # --- schema -----------------------------------------------------------------------------------
 
 
-def test_store_migrations_apply_once_and_reopening_is_a_no_op(db: Path) -> None:
+def test_store_migrations_apply_once_and_reopening_is_a_no_op(db: str) -> None:
+    query = "SELECT version, applied_at FROM schema_migrations ORDER BY version"
     open_store(db).close()
     with _raw(db) as raw:
-        first = raw.execute("SELECT version, applied_at FROM schema_migrations").fetchall()
+        first = [tuple(r) for r in raw.execute(query).fetchall()]
     open_store(db).close()
     with _raw(db) as raw:
-        again = raw.execute("SELECT version, applied_at FROM schema_migrations").fetchall()
-        mode = raw.execute("PRAGMA journal_mode").fetchone()[0]
+        again = [tuple(r) for r in raw.execute(query).fetchall()]
     assert [v for v, _ in first] == list(range(1, SCHEMA_VERSION + 1))
     assert again == first
-    assert mode == "wal"
 
 
-def test_store_refuses_a_newer_schema_version(db: Path) -> None:
+def test_store_sqlite_file_is_in_wal_mode(sqlite_db: Path) -> None:
+    open_store(sqlite_db).close()
+    with _raw(sqlite_db) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def _migrate(url: str, barrier: multiprocessing.synchronize.Barrier) -> None:
+    barrier.wait(timeout=60)
+    open_store(url).close()
+
+
+def test_store_migrates_once_when_processes_open_a_new_store_at_once(db: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(3)
+    children = [ctx.Process(target=_migrate, args=(db, barrier)) for _ in range(3)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=120)
+    assert [c.exitcode for c in children] == [0, 0, 0]
+    with _raw(db) as raw:
+        versions = [r[0] for r in raw.execute("SELECT version FROM schema_migrations").fetchall()]
+    assert sorted(versions) == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_store_refuses_a_newer_schema_version(db: str) -> None:
     open_store(db).close()
     with _raw(db) as raw:
         raw.execute("INSERT INTO schema_migrations VALUES (?, 'x')", (SCHEMA_VERSION + 1,))
@@ -109,8 +171,7 @@ def test_store_refuses_a_newer_schema_version(db: Path) -> None:
         open_store(db)
 
 
-def test_store_refuses_a_database_it_did_not_create(db: Path) -> None:
-    db.parent.mkdir()
+def test_store_refuses_a_database_it_did_not_create(db: str) -> None:
     with _raw(db) as raw:
         raw.execute("CREATE TABLE notes (text TEXT)")
     with pytest.raises(StoreError, match="did not create"):
@@ -118,8 +179,9 @@ def test_store_refuses_a_database_it_did_not_create(db: Path) -> None:
 
 
 def test_store_refuses_an_sqlite_too_old_for_its_queries(
-    db: Path, monkeypatch: pytest.MonkeyPatch
+    sqlite_db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    db = sqlite_db
     monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
     monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
     with pytest.raises(StoreError, match=r"needs SQLite 3\.33\.0 or newer.*uses SQLite 3\.31\.1"):
@@ -127,7 +189,8 @@ def test_store_refuses_an_sqlite_too_old_for_its_queries(
     assert not db.exists()
 
 
-def test_store_refuses_a_file_that_is_not_a_database(db: Path) -> None:
+def test_store_refuses_a_file_that_is_not_a_database(sqlite_db: Path) -> None:
+    db = sqlite_db
     db.parent.mkdir()
     db.write_bytes(b"definitely not sqlite" * 100)
     with pytest.raises(StoreError, match=str(db)):
@@ -151,11 +214,11 @@ def _create_many(path: str, count: int, barrier: multiprocessing.synchronize.Bar
             _create(store, "shared")
 
 
-def test_store_numbers_builds_uniquely_across_two_processes(db: Path) -> None:
+def test_store_numbers_builds_uniquely_across_two_processes(db: str) -> None:
     open_store(db).close()  # both children find the schema in place
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)
-    children = [ctx.Process(target=_create_many, args=(str(db), 20, barrier)) for _ in range(2)]
+    children = [ctx.Process(target=_create_many, args=(db, 20, barrier)) for _ in range(2)]
     for child in children:
         child.start()
     for child in children:
@@ -310,11 +373,11 @@ def test_store_transition_from_a_state_the_job_is_not_in_raises_from_flush(store
     assert [h.seq for h in store.job_transitions(job_id)] == [0, 1]
 
 
-def test_store_keeps_exactly_the_writes_queued_before_a_bad_one(store: Store, db: Path) -> None:
+def test_store_keeps_exactly_the_writes_queued_before_a_bad_one(store: Store, db: str) -> None:
     ids = _create(store).job_ids
     ready = (JobState.PENDING, Event.READY, JobState.SCHEDULED)
     with _raw(db) as locker:
-        locker.execute("BEGIN IMMEDIATE")  # so that the writes below share a batch
+        _hold_write_lock(locker, db)  # so that the writes below wait, and mostly share a batch
         _walk(store, ids["deps"], ready)
         _walk(store, ids["lint"], (JobState.SCHEDULED, Event.SLOT_ACQUIRED, JobState.ASSIGNED))
         _walk(store, ids["test"], ready)
@@ -325,7 +388,7 @@ def test_store_keeps_exactly_the_writes_queued_before_a_bad_one(store: Store, db
     assert states == [JobState.SCHEDULED, JobState.PENDING, JobState.PENDING]
 
 
-def test_store_get_job_accepts_a_unique_id_prefix(store: Store, db: Path) -> None:
+def test_store_get_job_accepts_a_unique_id_prefix(store: Store, db: str) -> None:
     ids = sorted(_create(store).job_ids.values())
     with _raw(db) as raw:  # two ids sharing their first 12 characters
         raw.execute(
@@ -362,7 +425,7 @@ def test_store_records_attempts_including_one_that_never_started(store: Store) -
     )
 
 
-def test_store_continues_sequences_for_jobs_created_by_an_earlier_process(db: Path) -> None:
+def test_store_continues_sequences_for_jobs_created_by_an_earlier_process(db: str) -> None:
     with open_store(db) as first:
         job_id = _create(first).job_ids["deps"]
         _walk(first, job_id, (JobState.PENDING, Event.READY, JobState.SCHEDULED))
@@ -439,12 +502,12 @@ def test_store_read_log_picks_up_chunks_committed_while_iterating(store: Store) 
 # --- concurrency and failures -----------------------------------------------------------------
 
 
-def test_store_reads_committed_data_while_another_connection_writes(store: Store, db: Path) -> None:
+def test_store_reads_committed_data_while_another_connection_writes(store: Store, db: str) -> None:
     created = _create(store)
     job_id = created.job_ids["deps"]
     store.flush()
     with _raw(db) as locker:
-        locker.execute("BEGIN IMMEDIATE")  # a writer mid-transaction holds the write lock
+        _hold_write_lock(locker, db)  # a writer mid-transaction holds the write lock
         locker.execute("UPDATE jobs SET name = 'uncommitted' WHERE id = ?", (job_id,))
         # The store's writer now waits for the lock with this transition queued, uncommitted.
         _walk(store, job_id, (JobState.PENDING, Event.READY, JobState.SCHEDULED))
@@ -458,19 +521,27 @@ def test_store_reads_committed_data_while_another_connection_writes(store: Store
     assert job is not None and job.state is JobState.SCHEDULED
 
 
-def _fill_disk(store: Store, job_id: str) -> None:
-    """Make the database full (as on a full disk) and queue a write that needs space."""
-    store._execute_in_writer("PRAGMA max_page_count = 1")  # clamps to the current size
+def _fill_disk(store: Store, job_id: str) -> str:
+    """Make the store refuse writes and queue one; return what the error says (SQLite: the
+    file is full, as on a full disk; PostgreSQL: the server went read-only, as a standby)."""
+    if store.dialect == "sqlite":
+        store._execute_in_writer("PRAGMA max_page_count = 1")  # clamps to the current size
+        expected = r"full.*free disk space"
+    else:
+        store._execute_in_writer("SET TRANSACTION READ ONLY")  # first in its transaction
+        store._execute_in_writer("SET default_transaction_read_only = on")  # and later ones
+        expected = r"read-only.*point --db / HARMONT_DB at the primary"
     store.append_log(job_id, 1, "stdout", b"x" * 1_000_000, at=T0)
+    return expected
 
 
-def test_store_failed_write_raises_from_flush_and_keeps_committed_data(db: Path) -> None:
+def test_store_failed_write_raises_from_flush_and_keeps_committed_data(db: str) -> None:
     store = open_store(db)
     job_id = _create(store).job_ids["deps"]
     store.append_log(job_id, 1, "stdout", b"kept", at=T0)
     store.flush()
-    _fill_disk(store, job_id)
-    with pytest.raises(StoreError, match=r"full.*free disk space"):
+    expected = _fill_disk(store, job_id)
+    with pytest.raises(StoreError, match=expected):
         store.flush()
     store.close()  # already reported: close does not raise it again
     with open_store(db) as again:
@@ -480,17 +551,17 @@ def test_store_failed_write_raises_from_flush_and_keeps_committed_data(db: Path)
 
 def test_store_refuses_writes_after_a_failed_write(store: Store) -> None:
     job_id = _create(store).job_ids["deps"]
-    _fill_disk(store, job_id)
-    with pytest.raises(StoreError, match="full"):
+    expected = _fill_disk(store, job_id)
+    with pytest.raises(StoreError, match=expected):
         store.flush()
-    with pytest.raises(StoreError, match="full"):
+    with pytest.raises(StoreError, match=expected):
         store.record_attempt_started(job_id, 1, at=T0)
 
 
-def test_store_close_raises_a_failed_write_not_yet_reported(db: Path) -> None:
+def test_store_close_raises_a_failed_write_not_yet_reported(db: str) -> None:
     store = open_store(db)
-    _fill_disk(store, _create(store).job_ids["deps"])
-    with pytest.raises(StoreError, match="full"):
+    expected = _fill_disk(store, _create(store).job_ids["deps"])
+    with pytest.raises(StoreError, match=expected):
         store.close()
     store.close()  # idempotent
 
@@ -509,7 +580,7 @@ def test_store_refuses_naive_datetimes(store: Store) -> None:
         store.record_attempt_started(job_id, 1, at=datetime(2026, 1, 1))
 
 
-def test_store_commits_queued_writes_when_a_process_exits_without_close(db: Path) -> None:
+def test_store_commits_queued_writes_when_a_process_exits_without_close(db: str) -> None:
     with open_store(db) as store:
         job_id = _create(store).job_ids["deps"]
     child = (
@@ -518,7 +589,7 @@ def test_store_commits_queued_writes_when_a_process_exits_without_close(db: Path
         "for i in range(1000):\n"
         "    store.append_log(sys.argv[2], 1, 'stdout', b'%d' % i, at=datetime.now(UTC))\n"
     )
-    subprocess.run([sys.executable, "-c", child, str(db), job_id], check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", child, db, job_id], check=True, timeout=60)
     with open_store(db) as store:
         assert [c.content for c in store.read_log(job_id)] == [b"%d" % i for i in range(1000)]
 
@@ -561,10 +632,15 @@ def test_store_url_accepts_paths_and_sqlite_urls(
     assert resolve_db_path(url) == tmp_path / expected
 
 
-def test_store_url_refuses_postgresql_for_now_without_showing_the_password() -> None:
-    with pytest.raises(StoreError, match=r"PostgreSQL support arrives.*SQLite path") as info:
-        open_store("postgresql://ci:s3cret@db.example:5432/harmont")
+def test_store_url_names_an_unreachable_postgresql_server_without_its_password() -> None:
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"postgresql://ci:s3cret@127.0.0.1:{port}/harmont"
+    with pytest.raises(StoreError, match=r"could not connect.*running and reachable") as info:
+        open_store(url)
     assert "s3cret" not in str(info.value)
+    assert f"postgresql://ci:***@127.0.0.1:{port}/harmont" in str(info.value)
 
 
 @pytest.mark.parametrize("url", ["mysql://db/x", "https://example.com/h.db", "sqlite://host/h.db"])
@@ -629,9 +705,8 @@ def _recordings(draw: st.DrawFn) -> list[tuple[str, object]]:
 )
 @given(recording=_recordings())
 def test_store_batches_record_exactly_what_one_by_one_writes_would(
-    tmp_path_factory: pytest.TempPathFactory, recording: list[tuple[str, object]]
+    db: str, recording: list[tuple[str, object]]
 ) -> None:
-    db = tmp_path_factory.mktemp("batches") / "harmont.db"
     expected_state: dict[str, JobState] = {}
     expected_history: dict[str, list[str]] = {}
     expected_attempts: dict[str, dict[int, tuple[datetime, int | None]]] = {}
