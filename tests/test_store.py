@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+from conftest import with_schema
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -757,3 +759,46 @@ def test_store_batches_record_exactly_what_one_by_one_writes_would(
             assert attempts == expected_attempts.get(key, {})
             assert [c.content for c in store.read_log(job_id)] == expected_log.get(key, [])
         assert store.check_integrity() == "ok"
+
+
+# --- PostgreSQL: what a user gets wrong -------------------------------------------------------
+
+
+def _on(server: str, *, user: str | None = None, database: str | None = None) -> str:
+    parts = urlsplit(server)
+    netloc = parts.netloc if user is None else f"{user}:s3cret@{parts.hostname}:{parts.port}"
+    return parts._replace(netloc=netloc, path=f"/{database}" if database else parts.path).geturl()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"database": "no_such_db"}, r'database "no_such_db" does not exist.*createdb NAME'),
+        ({"user": "no_such_role"}, r'role "no_such_role" does not exist.*user name and password'),
+    ],
+)
+def test_store_postgresql_says_what_to_fix_in_the_url(
+    postgresql_server: str, change: dict[str, str], expected: str
+) -> None:
+    url = _on(postgresql_server, **change)
+    with pytest.raises(
+        StoreError, match=r"could not connect to the PostgreSQL store.*" + expected
+    ) as info:
+        open_store(url)
+    assert "s3cret" not in str(info.value)
+
+
+def test_store_postgresql_names_a_missing_schema(postgresql_server: str) -> None:
+    url = with_schema(postgresql_server, "no_such_schema")
+    with pytest.raises(StoreError, match=r"no_such_schema.*CREATE SCHEMA name"):
+        open_store(url)
+
+
+def test_store_postgresql_without_psycopg_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg raises ImportError
+    with pytest.raises(
+        StoreError, match=r"needs psycopg.*pip install 'harmont-exec\[postgresql\]'"
+    ):
+        open_store("postgresql://ci:s3cret@127.0.0.1/harmont")

@@ -179,6 +179,10 @@ def _hint(sqlstate: str | None, text: str, action: str) -> str:
             if sqlstate.startswith(code):
                 return hint
     lowered = text.lower()
+    if "database" in lowered and "does not exist" in lowered:
+        return "create the database first (e.g. createdb NAME), or fix its name in the URL"
+    if "role" in lowered and "does not exist" in lowered or "authentication failed" in lowered:
+        return "check the user name and password in the URL (or ~/.pgpass)"
     if action == "connect" or "connection" in lowered or "timeout" in lowered:
         return "check that the PostgreSQL server in the URL is running and reachable"
     if "closed" in lowered:
@@ -189,9 +193,11 @@ def _hint(sqlstate: str | None, text: str, action: str) -> str:
 def _describe(location: str) -> Any:
     def describe(action: str, exc: Exception) -> StoreError:
         sqlstate = getattr(exc, "sqlstate", None)
-        text = " ".join(str(exc).split()) or type(exc).__name__
+        lines = str(exc).strip().splitlines()  # the first says it; the rest quote the SQL
+        text = " ".join(lines[0].split()) if lines else type(exc).__name__
+        where = "to" if action == "connect" else "in"
         return StoreError(
-            f"could not {action} in the PostgreSQL store {location}: {text}; "
+            f"could not {action} {where} the PostgreSQL store {location}: {text}; "
             f"{_hint(sqlstate, text, action)}"
         )
 

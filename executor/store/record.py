@@ -103,7 +103,7 @@ class Store(Reader):
                 migrate(db, backend)
         except backend.errors as exc:
             db.close()
-            raise backend.error("open the store", exc) from None
+            raise backend.error("create or read the schema", exc) from None
         except BaseException:
             db.close()
             raise
