@@ -536,7 +536,13 @@ class Scheduler:
                 "HARMONT_STEP_KEY": job.key,
                 "HARMONT_ATTEMPT": str(attempt),
             }
-            spec = AttemptSpec(job.step.command, self.working_dir, env, self.options.grace_period_s)
+            spec = AttemptSpec(
+                job.step.command,
+                self.working_dir,
+                env,
+                self.options.grace_period_s,
+                job.step.resources,
+            )
             timeout_s = job.step.timeout_seconds
             timer = None if timeout_s is None else anyio.CancelScope()  # most jobs have none
 
