@@ -443,7 +443,7 @@ class _Watcher:
         read_end, write_end = os.pipe()  # both close-on-exec; the watcher gets the read end
         try:
             proc = subprocess.Popen(
-                ["/bin/sh", "-c", f"read _ignored; kill -KILL -- -{pgid} 2>/dev/null"],
+                ["/bin/sh", "-c", f"read _ignored; kill -9 -{pgid} 2>/dev/null"],
                 stdin=read_end,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
