@@ -8,7 +8,9 @@ The public API, re-exported from the modules that own it::
     for level in plan.levels: ...
     cursor = plan.cursor()                       # graphlib-like: ready() / done(key, state)
 
-Hypothesis strategies for your own tests live in ``executor.testing``.
+Hypothesis strategies for your own tests live in ``executor.testing``. ``DaskProcessRunner``
+(``open_dask_runner``) runs attempts on a Dask cluster; it imports ``distributed`` only when
+opened (``pip install 'harmont-exec[dask]'``).
 """
 
 from executor.errors import (
@@ -32,6 +34,7 @@ from executor.model import (
 )
 from executor.plan import Cursor, Decision, Edge, EdgeKind, Plan, Readiness, Settled, build_plan
 from executor.run.build import resume_build, retry_build, run_build, run_build_sync
+from executor.run.dask import DaskProcessRunner, open_dask_runner
 from executor.run.scheduler import BuildResult, JobResult, RunOptions
 from executor.states import (
     TRANSITIONS,
@@ -55,6 +58,7 @@ __all__ = [
     "BuildState",
     "Cursor",
     "CycleError",
+    "DaskProcessRunner",
     "Decision",
     "Diagnostic",
     "Edge",
@@ -79,6 +83,7 @@ __all__ = [
     "build_plan",
     "load_build",
     "load_plan",
+    "open_dask_runner",
     "parse_build_spec",
     "parse_build_text",
     "plan_build_text",

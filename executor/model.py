@@ -95,6 +95,15 @@ StepKey = Annotated[
 EnvName = Annotated[str, Strict(), StringConstraints(min_length=1), AfterValidator(_env_name)]
 EnvValue = Annotated[str, Strict(), AfterValidator(_no_nul)]
 Env = dict[EnvName, EnvValue]
+MAX_RESOURCE = 1e9
+ResourceName = Annotated[
+    str,
+    Strict(),
+    StringConstraints(min_length=1, max_length=200),
+    AfterValidator(_no_control_chars),
+    AfterValidator(_non_blank),
+]
+ResourceAmount = Annotated[float, Strict(), Field(gt=0, le=MAX_RESOURCE, allow_inf_nan=False)]
 Seconds = Annotated[float, Strict(), Field(gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)]
 ExitCodes = tuple[int, ...] | Literal["*"]
 
@@ -170,6 +179,9 @@ class StepSpec(_Spec):
     soft_fail_policy: SoftFailPolicy | None = None
     artifact_paths: tuple[Annotated[str, Strict(), AfterValidator(_relative_glob)], ...] = ()
     allow_dependency_failure: Annotated[bool, Strict()] = False
+    # What one attempt needs of a worker, e.g. {cpus: 2}: the Dask executor asks its scheduler
+    # for a worker offering that much (SPEC §8); the local executor ignores it.
+    resources: dict[ResourceName, ResourceAmount] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -191,6 +203,8 @@ class StepSpec(_Spec):
             data["soft_fail_policy"] = {}
         elif policy is False:
             data["soft_fail_policy"] = None
+        if data.get("resources") == {}:
+            data["resources"] = None  # asks for nothing: the same as leaving it out
         return data
 
     @property
@@ -308,6 +322,8 @@ _HINTS: Mapping[str, str] = {
     "artifact_paths": "use a list of glob patterns relative to the working directory, "
     'e.g. ["reports/**/*.xml"]',
     "allow_dependency_failure": "use true or false",
+    "resources": "use a mapping of resource names to amounts above 0, e.g. {cpus: 2}, as "
+    "offered by the Dask workers (dask worker --resources cpus=2); the local executor ignores it",
     "continue_on_failure": "use true or false",
 }
 
@@ -382,10 +398,13 @@ def _clean_loc(loc: tuple[int | str, ...]) -> tuple[Loc, str]:
     return tuple(out), kind
 
 
+_MAPPINGS = ("env", "resources")  # fields whose keys are the user's names, not field names
+
+
 def _field_of(loc: Loc) -> str | None:
     names = [p for p in loc if isinstance(p, str)]
-    if len(names) >= 2 and names[-2] == "env" and loc and loc[-1] == names[-1]:
-        return "env"
+    if len(names) >= 2 and names[-2] in _MAPPINGS and loc and loc[-1] == names[-1]:
+        return names[-2]
     return names[-1] if names else None
 
 
@@ -396,6 +415,14 @@ def _message(err: Mapping[str, Any], loc: Loc, kind: str) -> str:
     inner = loc[2:] if len(loc) > 2 and loc[0] == "steps" else loc
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in inner).lstrip(".")
     where = where or "the build"
+    if loc and loc[-1] == "[key]" and len(loc) >= 3 and loc[-3] == "resources":
+        name = loc[-2]
+        if etype == "string_type":
+            return f"resource name {name!r} must be a string, got {_describe_type(value)}; quote it"
+        return (
+            f"resource name {_show(name)} is empty or has control characters; name the "
+            f"resource as the Dask workers offer it, e.g. cpus"
+        )
     if loc and loc[-1] == "[key]":  # a mapping key (an env variable's name)
         name = loc[-2]
         if etype == "string_type":

@@ -345,3 +345,46 @@ async def test_run_job_that_cannot_start_fails_with_spawn_failed(
     assert "cannot start /bin/sh in" in (job.error_message or "")
     assert result.state is BuildState.FAILED and result.exit_status == 1
     _assert_legal_history(store, job.id)
+
+
+class _LosesFirstAttempt:
+    """A fake runner: the first attempt of every job is lost with its executor, the next pass."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    async def run(self, spec, *, on_start, on_output, stop):  # type: ignore[no-untyped-def]
+        from executor.run.process import AttemptResult, Reason
+
+        on_start()
+        at = __import__("datetime").datetime.now(__import__("datetime").UTC)
+        key = spec.env["HARMONT_STEP_KEY"]
+        if key not in self.seen:
+            self.seen.add(key)
+            return AttemptResult(Reason.EXECUTOR_LOST, None, None, at, at, "worker gone")
+        return AttemptResult(Reason.EXITED, 0, None, at, at)
+
+
+async def test_run_lost_attempt_is_retried_only_by_a_policy_retrying_every_exit(
+    tmp_path: Path, store: Store
+) -> None:
+    build = _write(
+        tmp_path,
+        """
+        steps:
+          - {key: star, command: 'true', retry_policy: {limit: 1}}
+          - {key: listed, command: 'true', retry_policy: {limit: 1, exit_codes: [1]}}
+          - {key: none, command: 'true'}
+    """,
+    )
+    with anyio.fail_after(60):
+        result = await run_build(build, store=store, runner=_LosesFirstAttempt())
+    star = store.get_job(result.jobs["star"].job_id)
+    assert star is not None and (star.state, star.retries_count) == (JobState.PASSED, 1)
+    assert [a.outcome for a in store.list_attempts(star.id)] == ["executor_lost", "exited"]
+    for key in ("listed", "none"):
+        job = store.get_job(result.jobs[key].job_id)
+        assert job is not None and (job.state, job.error_code) == (JobState.FAILED, "executor_lost")
+        assert job.error_message == "worker gone"
+    for job in result.jobs.values():
+        _assert_legal_history(store, job.job_id)

@@ -8,7 +8,8 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -33,6 +34,8 @@ from executor.cli.common import (
 from executor.errors import BuildFileError, ExecutorError
 from executor.load import load_plan
 from executor.run.build import resume_build, retry_build, run_build
+from executor.run.dask import open_dask_runner
+from executor.run.process import ProcessRunner
 from executor.run.scheduler import BuildResult, Change, RunOptions
 from executor.states import JobState
 from executor.store import Store, open_store
@@ -241,6 +244,51 @@ _tail_option = click.option(
 )
 
 
+_executor_option = click.option(
+    "--executor",
+    type=click.Choice(["local", "dask"]),
+    default="local",
+    show_default=True,
+    help="Where attempts run: here, or on the workers of a Dask cluster (needs --scheduler).",
+)
+_scheduler_option = click.option(
+    "--scheduler",
+    envvar="HARMONT_DASK_SCHEDULER",
+    help="The Dask scheduler for --executor dask, e.g. tcp://127.0.0.1:8786 "
+    "[env HARMONT_DASK_SCHEDULER].",
+)
+
+
+def _executor_choice(ctx: click.Context, executor: str, scheduler: str | None) -> str | None:
+    """The Dask scheduler's address for ``--executor dask``, None for local; usage errors for
+    the combinations that make no sense."""
+    if executor == "local":
+        given = ctx.get_parameter_source("scheduler") is click.core.ParameterSource.COMMANDLINE
+        if given:
+            raise click.UsageError(
+                f"--scheduler {scheduler} is only used by --executor dask; add "
+                "`--executor dask` to run the jobs on that Dask cluster, or drop --scheduler"
+            )
+        return None
+    if not scheduler:
+        raise click.UsageError(
+            "--executor dask needs the Dask scheduler's address: pass --scheduler "
+            "tcp://HOST:8786 or set HARMONT_DASK_SCHEDULER (start one with `dask scheduler`)"
+        )
+    return scheduler
+
+
+@asynccontextmanager
+async def _open_runner(scheduler: str | None) -> AsyncIterator[ProcessRunner | None]:
+    """None (the scheduler's local default) or a Dask runner connected to ``scheduler``."""
+    if scheduler is None:
+        yield None
+        return
+    # open_dask_runner imports distributed: only here, never for the local executor.
+    async with open_dask_runner(scheduler) as runner:
+        yield runner
+
+
 def _job_count(number: int, org: str | None, pipeline: str | None, store: Store) -> int:
     """How many jobs recorded build ``number`` has (for the live view's progress)."""
     build = store.get_build(number, org=org, pipeline=pipeline)
@@ -265,6 +313,8 @@ def _job_count(number: int, org: str | None, pipeline: str | None, store: Store)
     help="Override the log format for this command.",
 )
 @_tail_option
+@_executor_option
+@_scheduler_option
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -277,8 +327,11 @@ def run(
     grace_seconds: float,
     log_format: str | None,
     tail_lines: int,
+    executor: str,
+    scheduler: str | None,
 ) -> None:
     """Run the build in FILE, record it, and exit with its outcome."""
+    address = _executor_choice(ctx, executor, scheduler)
     if log_format is not None:
         configure_logging(log_format, logging.INFO if ctx.obj["verbose"] else logging.WARNING)
     try:
@@ -291,41 +344,50 @@ def run(
     gc.freeze()
     options = RunOptions(concurrency=concurrency, fail_fast=fail_fast, grace_period_s=grace_seconds)
 
-    def start(store: Store, on_change: Callable[[Change], None]) -> Awaitable[BuildResult]:
+    def start(
+        store: Store, on_change: Callable[[Change], None], runner: ProcessRunner | None
+    ) -> Awaitable[BuildResult]:
         return run_build(
             plan,
             store=store,
             org=org,
             pipeline=pipeline,
             options=options,
+            runner=runner,
             on_change=on_change,
             handle_signals=True,
         )
 
-    _drive(db, tail_lines, start, lambda _: len(plan))
+    _drive(db, tail_lines, start, lambda _: len(plan), address)
+
+
+_Start = Callable[[Store, Callable[[Change], None], ProcessRunner | None], Awaitable[BuildResult]]
 
 
 def _drive(
     db: str | None,
     tail_lines: int,
-    start: Callable[[Store, Callable[[Change], None]], Awaitable[BuildResult]],
+    start: _Start,
     total: Callable[[Store], int],
+    scheduler: str | None,
 ) -> None:
     """Run ``start`` (a build) with the live view on a terminal or one line per change
-    otherwise, then the summary; exit with the build's status."""
+    otherwise, then the summary; exit with the build's status. With ``scheduler``, the jobs
+    run on that Dask cluster (connected before the build is recorded)."""
     console = make_console()
     live = console.is_terminal
 
     async def go(store: Store) -> BuildResult:
-        if not live:
-            lines = _PlainLines(sys.stdout)
-            try:
-                return await start(store, lines)
-            finally:
-                lines.close()
-        view = _LiveView(console, total(store))
-        with Live(view, console=console, refresh_per_second=8, transient=True):
-            return await start(store, view)
+        async with _open_runner(scheduler) as runner:
+            if not live:
+                lines = _PlainLines(sys.stdout)
+                try:
+                    return await start(store, lines, runner)
+                finally:
+                    lines.close()
+            view = _LiveView(console, total(store))
+            with Live(view, console=console, refresh_per_second=8, transient=True):
+                return await start(store, view, runner)
 
     started = time.monotonic()
     try:
@@ -350,7 +412,11 @@ def _drive(
 @_jobs_option
 @_grace_option
 @_tail_option
+@_executor_option
+@_scheduler_option
+@click.pass_context
 def resume(
+    ctx: click.Context,
     number: int,
     db: str | None,
     org: str | None,
@@ -358,6 +424,8 @@ def resume(
     concurrency: int | None,
     grace_seconds: float,
     tail_lines: int,
+    executor: str,
+    scheduler: str | None,
 ) -> None:
     """Continue build NUMBER, abandoned when its executor died, in place.
 
@@ -365,21 +433,25 @@ def resume(
     or had not started (canceled, build_abandoned) run again, their earlier attempts kept in
     the history. Refused for a build that is still running or that finished by itself. Exits
     like `run`."""
+    address = _executor_choice(ctx, executor, scheduler)
     gc.freeze()
     options = RunOptions(concurrency=concurrency, grace_period_s=grace_seconds)
 
-    def start(store: Store, on_change: Callable[[Change], None]) -> Awaitable[BuildResult]:
+    def start(
+        store: Store, on_change: Callable[[Change], None], runner: ProcessRunner | None
+    ) -> Awaitable[BuildResult]:
         return resume_build(
             number,
             store=store,
             org=org,
             pipeline=pipeline,
             options=options,
+            runner=runner,
             on_change=on_change,
             handle_signals=True,
         )
 
-    _drive(db, tail_lines, start, partial(_job_count, number, org, pipeline))
+    _drive(db, tail_lines, start, partial(_job_count, number, org, pipeline), address)
 
 
 @cli.command()
@@ -397,7 +469,11 @@ def resume(
 @_fail_fast_option
 @_grace_option
 @_tail_option
+@_executor_option
+@_scheduler_option
+@click.pass_context
 def retry(
+    ctx: click.Context,
     number: int,
     db: str | None,
     org: str | None,
@@ -407,16 +483,21 @@ def retry(
     fail_fast: bool,
     grace_seconds: float,
     tail_lines: int,
+    executor: str,
+    scheduler: str | None,
 ) -> None:
     """Run build NUMBER's plan again, as a new build of the same pipeline.
 
     The plan is the one NUMBER recorded (the build file may have changed since), run in the
     same working directory. With --failed, the jobs that passed in NUMBER are not run: each
     takes its result, artifacts included, recorded as reused from that job. Exits like `run`."""
+    address = _executor_choice(ctx, executor, scheduler)
     gc.freeze()
     options = RunOptions(concurrency=concurrency, fail_fast=fail_fast, grace_period_s=grace_seconds)
 
-    def start(store: Store, on_change: Callable[[Change], None]) -> Awaitable[BuildResult]:
+    def start(
+        store: Store, on_change: Callable[[Change], None], runner: ProcessRunner | None
+    ) -> Awaitable[BuildResult]:
         return retry_build(
             number,
             store=store,
@@ -424,8 +505,9 @@ def retry(
             pipeline=pipeline,
             failed_only=failed_only,
             options=options,
+            runner=runner,
             on_change=on_change,
             handle_signals=True,
         )
 
-    _drive(db, tail_lines, start, partial(_job_count, number, org, pipeline))
+    _drive(db, tail_lines, start, partial(_job_count, number, org, pipeline), address)

@@ -65,6 +65,9 @@ class AttemptSpec:
     cwd: Path
     env: Mapping[str, str]
     grace_period_s: float = 10.0
+    # What the attempt needs of the machine (the step's `resources`): a remote executor asks
+    # its scheduler for a worker that has them; the local runner ignores them.
+    resources: Mapping[str, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +199,11 @@ class LocalProcessRunner:
         on_start: Callable[[], None],
         on_output: OutputSink,
         stop: StopRequest,
+        on_spawn: Callable[[int], None] | None = None,
     ) -> AttemptResult:
+        """``on_spawn(pid)`` (optional, beyond the protocol) is told the shell's pid, which is
+        also its process group's id, before ``on_start``: the Dask worker uses it to watch the
+        group."""
         loop = asyncio.get_running_loop()
         started_at = _now()
         try:
@@ -211,6 +218,8 @@ class LocalProcessRunner:
                 error=f"cannot start /bin/sh in {spec.cwd}: {exc.strerror or exc}; check that the "
                 "working directory exists and /bin/sh is executable",
             )
+        if on_spawn is not None:
+            on_spawn(process.pid)
         on_start()
         watch = _Watch(loop, self._poller(loop), process, on_output, spec.grace_period_s)
         stop.on_stop(watch.stop)

@@ -536,7 +536,13 @@ class Scheduler:
                 "HARMONT_STEP_KEY": job.key,
                 "HARMONT_ATTEMPT": str(attempt),
             }
-            spec = AttemptSpec(job.step.command, self.working_dir, env, self.options.grace_period_s)
+            spec = AttemptSpec(
+                job.step.command,
+                self.working_dir,
+                env,
+                self.options.grace_period_s,
+                job.step.resources,
+            )
             timeout_s = job.step.timeout_seconds
             timer = None if timeout_s is None else anyio.CancelScope()  # most jobs have none
 
@@ -602,8 +608,13 @@ class Scheduler:
         retry = job.step.retry_policy
         if retry is None or attempt > retry.limit or self._stopping or job.state.is_terminal:
             return False
-        if result.reason is Reason.SPAWN_FAILED or result.reason is Reason.EXECUTOR_LOST:
+        if result.reason is Reason.SPAWN_FAILED:
             return False
+        if result.reason is Reason.EXECUTOR_LOST:
+            # A remote worker that went away (Buildkite's "agent lost"): an attempt that ran
+            # is retried like any failure when the policy retries every exit ("*"): it has no
+            # exit code to match a list against.
+            return job.state is JobState.RUNNING and retry.exit_codes == "*"
         if job.state is JobState.CANCELING:
             return False
         if job.state is JobState.TIMING_OUT:
@@ -634,6 +645,9 @@ class Scheduler:
             return
         step = job.step
         retry_wanted = self._retry_wanted(job, attempt, result)
+        if result.reason is Reason.EXECUTOR_LOST and retry_wanted:
+            self._retry(job, attempt, at, result.exit_code)
+            return
         if result.reason is Reason.SPAWN_FAILED or result.reason is Reason.EXECUTOR_LOST:
             lost = SPAWN_FAILED if result.reason is Reason.SPAWN_FAILED else "executor_lost"
             self._transition(
