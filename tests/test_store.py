@@ -802,3 +802,26 @@ def test_store_postgresql_without_psycopg_says_what_to_install(
         StoreError, match=r"needs psycopg.*pip install 'harmont-exec\[postgresql\]'"
     ):
         open_store("postgresql://ci:s3cret@127.0.0.1/harmont")
+
+
+def test_store_postgresql_tests_fail_under_ci_without_a_server(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "HARMONT_TEST_POSTGRESQL"}
+    test = f"{__file__}::test_store_postgresql_names_a_missing_schema"
+
+    def pytest_with(ci: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", test],
+            env={**env, "CI": ci},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    under_ci, locally = pytest_with("true"), pytest_with("")
+    assert under_ci.returncode == 1, under_ci.stdout + under_ci.stderr
+    assert "under CI every backend is tested" in under_ci.stdout, under_ci.stdout
+    assert locally.returncode == 0 and "1 skipped" in locally.stdout, locally.stdout
+    for result in (under_ci, locally):  # both say how to get a server
+        assert 'eval "$(bash .ci/postgres start)"' in result.stdout, result.stdout
