@@ -636,3 +636,38 @@ def test_dask_cli_runs_an_example_on_real_dask_processes(
         assert [(j.step_key, j.state, j.exit_code, j.retries_count) for j in jobs[0]] == [
             (j.step_key, j.state, j.exit_code, j.retries_count) for j in jobs[1]
         ]
+
+
+def test_dask_attempt_is_stopped_when_its_executor_dies(tmp_path: Path, cluster: str) -> None:
+    # The job and a background child write their pids, then wait; the `run` that submitted it
+    # is killed -9, so nobody will record what it does: the worker must stop it by itself (no
+    # harmont-exec command runs on this host meanwhile to clean up orphans).
+    path = _write(
+        tmp_path,
+        "steps:\n  - key: long\n    command: 'sleep 300 & echo $! $$ > pids.tmp; "
+        "mv pids.tmp pids; wait'\n",
+    )
+    out = tmp_path / "run.out"
+    args = ["run", str(path), "--db", str(tmp_path / "h.db"), "--executor", "dask"]
+    with out.open("wb") as log:
+        run = subprocess.Popen(
+            [PY, "-m", "executor", *args, "--scheduler", cluster],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (tmp_path / "pids").exists():
+            assert run.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.02)
+        pids = _pids(tmp_path / "pids")
+        assert all(_alive(p) for p in pids)
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=TIMEOUT_S)
+        _wait_gone(pids)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()

@@ -17,6 +17,10 @@ refuses to run an attempt that was claimed before (run the scheduler with
 ``distributed.scheduler.allowed-failures: 0`` so it does not even try). A watcher process on the
 worker's machine kills the attempt's process group when the worker process dies.
 
+Losing the executor (the harmont-exec process that submitted the attempt): the scheduler
+releases its tasks, and the worker stops an attempt whose task was released (checked every
+``ORPHAN_CHECK_S``), so no job outlives its executor on the cluster.
+
 ``distributed`` is imported only here and only when a runner is opened: ``import executor``
 and the local executor never load it. This module must not know about jobs, states or the store.
 """
@@ -55,13 +59,22 @@ from executor.run.process import (
 if TYPE_CHECKING:
     from distributed import Client, Future, Worker
 
-__all__ = ["CONNECT_TIMEOUT_S", "INSTALL_HINT", "DaskProcessRunner", "open_dask_runner"]
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "INSTALL_HINT",
+    "ORPHAN_CHECK_S",
+    "DaskProcessRunner",
+    "open_dask_runner",
+]
 
 log = structlog.get_logger("executor.run")
 
 CONNECT_TIMEOUT_S = 10.0
 INSTALL_HINT = "pip install 'harmont-exec[dask]'"
 _END_WAIT_S = 30.0  # after a task's result, the wait for its last events (they come first)
+ORPHAN_CHECK_S = 1.0
+"""How often a worker checks that the harmont-exec process that submitted an attempt still
+wants it; when it is gone, the attempt is stopped (SIGTERM, grace period, SIGKILL)."""
 _META = "harmont-exec"  # the scheduler metadata key under which attempts are claimed
 
 
@@ -168,7 +181,7 @@ class DaskProcessRunner:
             str(spec.cwd),
             dict(spec.env),
             spec.grace_period_s,
-            key=f"harmont-exec-attempt-{remote.id}",
+            key=_task_key(remote.id),
             pure=False,
             retries=0,
             resources=dict(spec.resources) if spec.resources else None,
@@ -393,6 +406,7 @@ async def _run_on_loop(worker: Worker, attempt_id: str, topic: str, spec: Attemp
         nonlocal watcher
         watcher = _Watcher.start(pid)
 
+    orphaned = asyncio.ensure_future(_stop_when_orphaned(worker, _task_key(attempt_id), stop))
     try:
         result = await _local_runner.run(
             spec,
@@ -402,6 +416,7 @@ async def _run_on_loop(worker: Worker, attempt_id: str, topic: str, spec: Attemp
             on_spawn=on_spawn,
         )
     finally:
+        orphaned.cancel()
         if watcher is not None:
             watcher.close()
         with _lock:
@@ -410,6 +425,25 @@ async def _run_on_loop(worker: Worker, attempt_id: str, topic: str, spec: Attemp
     end = [result.reason.value, result.exit_code, result.signal, result.error]
     send("end", *end)
     return ["end", *end]
+
+
+def _task_key(attempt_id: str) -> str:
+    """The Dask key of an attempt's task."""
+    return f"harmont-exec-attempt-{attempt_id}"
+
+
+async def _stop_when_orphaned(worker: Worker, key: str, stop: StopRequest) -> None:
+    """Stop the attempt (as a cancel: SIGTERM, grace, SIGKILL) once no client wants its task
+    any more: the harmont-exec process that submitted it died (kill -9, a lost machine), so the
+    scheduler released the task and nobody will record what it does. Dask itself lets a
+    running task go on."""
+    while True:
+        await asyncio.sleep(ORPHAN_CHECK_S)
+        task = worker.state.tasks.get(key)
+        if task is None or task.state in ("cancelled", "released", "forgotten"):
+            log.warning("dask_attempt_orphaned", task=key, worker=worker.address)
+            stop.stop(Reason.CANCELED)
+            return
 
 
 def _stop_attempt(attempt_id: str, kill: bool) -> str:
