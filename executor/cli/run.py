@@ -34,7 +34,7 @@ from executor.cli.common import (
 from executor.errors import BuildFileError, ExecutorError
 from executor.load import load_plan
 from executor.run.build import resume_build, retry_build, run_build
-from executor.run.dask import open_dask_runner
+from executor.run.dask import check_address, open_dask_runner
 from executor.run.process import ProcessRunner
 from executor.run.scheduler import BuildResult, Change, RunOptions
 from executor.states import JobState
@@ -275,7 +275,10 @@ def _executor_choice(ctx: click.Context, executor: str, scheduler: str | None) -
             "--executor dask needs the Dask scheduler's address: pass --scheduler "
             "tcp://HOST:8786 or set HARMONT_DASK_SCHEDULER (start one with `dask scheduler`)"
         )
-    return scheduler
+    try:
+        return check_address(scheduler)
+    except ExecutorError as exc:
+        raise click.UsageError(f"--scheduler: {exc}") from None
 
 
 @asynccontextmanager

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -64,6 +65,7 @@ __all__ = [
     "INSTALL_HINT",
     "ORPHAN_CHECK_S",
     "DaskProcessRunner",
+    "check_address",
     "open_dask_runner",
 ]
 
@@ -71,7 +73,9 @@ log = structlog.get_logger("executor.run")
 
 CONNECT_TIMEOUT_S = 10.0
 INSTALL_HINT = "pip install 'harmont-exec[dask]'"
+_ADDRESS = re.compile(r"(?:(?:tcp|tls|ucx|ws|wss)://)?(?:\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):\d{1,5}")
 _END_WAIT_S = 30.0  # after a task's result, the wait for its last events (they come first)
+_REFUSAL_WAIT_S = 10.0  # how long a stop of a running attempt waits for the refusals before it
 ORPHAN_CHECK_S = 1.0
 """How often a worker checks that the harmont-exec process that submitted an attempt still
 wants it; when it is gone, the attempt is stopped (SIGTERM, grace period, SIGKILL)."""
@@ -93,13 +97,26 @@ def _import_distributed() -> Any:
     return distributed
 
 
+def check_address(address: str) -> str:
+    """``address`` if it has the form of a Dask scheduler address (``tcp://HOST:PORT``; the
+    scheme may be another of Dask's or left out), else ExecutorError saying so."""
+    if _ADDRESS.fullmatch(address) is None:
+        raise ExecutorError(
+            f"{address!r} is not a Dask scheduler address; use the form tcp://HOST:PORT, e.g. "
+            "tcp://127.0.0.1:8786 (the address `dask scheduler` prints when it starts)"
+        )
+    return address
+
+
 @asynccontextmanager
 async def open_dask_runner(
     address: str, *, connect_timeout_s: float = CONNECT_TIMEOUT_S
 ) -> AsyncIterator[DaskProcessRunner]:
     """Connect to the Dask scheduler at ``address`` (e.g. ``tcp://127.0.0.1:8786``) and yield a
     runner for ``run_build(runner=...)``; the connection closes on exit. Raises
-    ``ExecutorError`` naming the address when it cannot connect within ``connect_timeout_s``."""
+    ``ExecutorError`` naming the address when it is malformed or cannot be reached within
+    ``connect_timeout_s``."""
+    check_address(address)
     distributed = _import_distributed()
     try:
         client = await distributed.Client(
@@ -153,6 +170,7 @@ class DaskProcessRunner:
         self.topic = f"harmont-exec-{client.id}"
         self._remotes: dict[str, _Remote] = {}
         self._subscribed = False
+        self._refusing: set[asyncio.Task[None]] = set()  # cancels of not-started attempts
 
     async def run(
         self,
@@ -300,14 +318,27 @@ class DaskProcessRunner:
         if remote.worker is not None:
             self._signal(remote, kill)
         elif first:
-            self._spawn(remote, self._cancel(remote, future))
+            refusal = self._spawn(remote, self._cancel(remote, future))
+            self._refusing.add(refusal)
+            refusal.add_done_callback(self._refusing.discard)
 
     def _signal(self, remote: _Remote, kill: bool) -> None:
+        self._spawn(remote, self._signal_after_refusals(remote, kill))
+
+    async def _signal_after_refusals(self, remote: _Remote, kill: bool) -> None:
+        """Stop a running attempt, once the attempts stopped before they started (in the same
+        cancel: the scheduler stops every job in one go, before this task runs) are refused by
+        every worker: stopping a running attempt frees its worker's thread, which would
+        otherwise start a waiting attempt of the canceled build."""
+        pending = list(self._refusing)
+        if pending:
+            await asyncio.wait(pending, timeout=_REFUSAL_WAIT_S)
         assert remote.worker is not None
-        call = self.client.run(
-            _stop_attempt, remote.id, kill, workers=[remote.worker], on_error="return"
+        await _ignore_result(
+            self.client.run(
+                _stop_attempt, remote.id, kill, workers=[remote.worker], on_error="return"
+            )
         )
-        self._spawn(remote, _ignore_result(call))
 
     async def _cancel(self, remote: _Remote, future: Future[Any]) -> None:
         """A stop before the attempt started: cancel its task, and have every worker refuse
@@ -319,10 +350,11 @@ class DaskProcessRunner:
         if not remote.ended.done():
             remote.ended.set_result(["never", "stopped before it started on a worker"])
 
-    def _spawn(self, remote: _Remote, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, remote: _Remote, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
         remote.tasks.add(task)
         task.add_done_callback(remote.tasks.discard)
+        return task
 
 
 async def _ignore_result(call: Any) -> None:

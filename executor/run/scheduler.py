@@ -550,7 +550,11 @@ class Scheduler:
                 with scope:
                     await self._job_timer(job, attempt, timeout_s)
 
+            started = False
+
             def on_start() -> None:
+                nonlocal started
+                started = True
                 at = _now()
                 self._write(self.store.record_attempt_started, job.id, attempt, at=at)
                 if job.state is not JobState.ASSIGNED:
@@ -566,6 +570,12 @@ class Scheduler:
             if timer is not None:
                 timer.cancel()
             job.stop = None  # the process is gone: nothing left to time out or stop
+            if not started and stop.reason is not None and job.state.is_terminal:
+                # Stopped before it started (it waited in a remote executor's queue): no
+                # process ever ran, so it is not an attempt, as a local job canceled while
+                # waiting for its slot is not.
+                job.attempts -= 1
+                return
             if job.step.artifact_paths and not self._retry_wanted(job, attempt, result):
                 await self._collect_artifacts(job, attempt)
             self._attempt_finished(job, attempt, result)
