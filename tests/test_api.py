@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 import httpx
+import psycopg
 import pytest
 from fastapi import FastAPI
 from openapi_schema_validator import OAS30Validator, oas30_format_checker
@@ -84,6 +85,7 @@ ERROR_TYPES = {
     405: "invalid_request",
     422: "invalid_request",
     500: "server_error",
+    503: "server_error",
 }
 
 
@@ -101,7 +103,7 @@ class Record:
     empty_token: str
 
 
-def _run(path: Path, db: Path, org: str, pipeline: str, expected_exit: int) -> None:
+def _run(path: Path, db: Path | str, org: str, pipeline: str, expected_exit: int) -> None:
     result = executor.run_build_sync(path, db=db, org=org, pipeline=pipeline)
     assert result.exit_status == expected_exit, result
 
@@ -890,9 +892,10 @@ def test_cli_token_store_keeps_only_the_sha256(tmp_path: Path) -> None:
         assert secret.encode() not in path.read_bytes(), path
 
 
-def test_api_a_failing_store_is_a_500_envelope_with_the_request_id(tmp_path: Path) -> None:
-    """A real failure under the app (the record lost a table behind its back): the client gets
-    the envelope, never a bare page, and the request id to report; other routes still work."""
+def test_api_a_store_that_fails_is_a_503_envelope_saying_retry(tmp_path: Path) -> None:
+    """The record cannot be read (a table lost behind its back; a PostgreSQL server that is
+    down): 503 store_unavailable with Retry-After, no store address in it; other routes still
+    work."""
     build = tmp_path / "b.json"
     build.write_text(json.dumps(TINY))
     db = tmp_path / "harmont.db"
@@ -907,8 +910,78 @@ def test_api_a_failing_store_is_a_500_envelope_with_the_request_id(tmp_path: Pat
         async def check() -> None:
             async with _client(create_app(store=store), token) as client:
                 base = "/api/v0/organizations/acme/pipelines/tiny/builds/1"
-                error = _assert_error(await client.get(f"{base}/jobs"), 500, "internal_error")
+                response = await client.get(f"{base}/jobs")
+                error = _assert_error(response, 503, "store_unavailable")
+                assert response.headers["retry-after"] == "5"
+                assert error["request_id"] in error["message"]  # to find it in the log
+                assert str(tmp_path) not in error["message"]
+                assert (await client.get(base)).status_code == 200
+
+        anyio.run(check)
+
+
+def test_api_an_unexpected_failure_is_a_500_envelope_with_the_request_id(
+    tmp_path: Path,
+) -> None:
+    """A record this code cannot read (a job in a state it does not know): the client gets the
+    envelope, never a bare page, and the request id to report; other routes still work."""
+    build = tmp_path / "b.json"
+    build.write_text(json.dumps(TINY))
+    db = tmp_path / "harmont.db"
+    _run(build, db, "acme", "tiny", 0)
+    with open_store(db) as store:
+        _, token = store.create_token(
+            description=None, organizations=None, expires_at=None, now=NOW
+        )
+        build_row = store.get_build(1)
+        assert build_row is not None
+        job_id = store.list_jobs(build_row.id)[0].id
+        with sqlite3.connect(db) as raw:
+            raw.execute("UPDATE jobs SET state = 'bogus' WHERE id = ?", (job_id,))
+
+        async def check() -> None:
+            async with _client(create_app(store=store), token) as client:
+                base = "/api/v0/organizations/acme/pipelines/tiny/builds/1"
+                response = await client.get(f"{base}/jobs/{job_id}")
+                error = _assert_error(response, 500, "internal_error")
                 assert error["request_id"] in error["message"]  # what to report
                 assert (await client.get(base)).status_code == 200
+
+        anyio.run(check)
+
+
+def test_api_reconnects_after_the_postgresql_server_dropped_its_connections(
+    tmp_path: Path, postgresql_url: str, postgresql_server: str
+) -> None:
+    """The server ends every harmont-exec connection (as a restart does): requests answered
+    with a dead connection are 503 store_unavailable, and the next ones reconnect."""
+    build = tmp_path / "b.json"
+    build.write_text(json.dumps(TINY))
+    _run(build, postgresql_url, "acme", "tiny", 0)
+    with open_store(postgresql_url) as store:
+        _, token = store.create_token(
+            description=None, organizations=None, expires_at=None, now=NOW
+        )
+
+        async def check() -> None:
+            async with _client(create_app(store=store), token) as client:
+                base = "/api/v0/organizations/acme/pipelines/tiny/builds/1"
+                assert (await client.get(base)).status_code == 200  # connected
+                with psycopg.connect(postgresql_server, autocommit=True) as admin:
+                    ended = admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE application_name = 'harmont-exec' AND pid <> pg_backend_pid()"
+                    ).fetchall()
+                assert ended and all(row[0] for row in ended)
+                unavailable = 0
+                for _ in range(100):  # each worker thread finds its connection dead once
+                    response = await client.get(base)
+                    if response.status_code == 200:
+                        break
+                    _assert_error(response, 503, "store_unavailable")
+                    unavailable += 1
+                assert response.status_code == 200, response.text
+                assert unavailable >= 1
+                assert _ok(await client.get(f"{base}/jobs"))["data"]
 
         anyio.run(check)

@@ -33,6 +33,7 @@ from executor.api.artifacts import add_artifact_routes
 from executor.api.errors import ApiError, envelope, not_found
 from executor.api.live import add_live_log_routes
 from executor.api.lookup import API_PREFIX, STATUS_TEXT, Lookups, clamp, documented
+from executor.errors import StoreError
 from executor.store import (
     AttemptRow,
     BuildRow,
@@ -44,7 +45,10 @@ from executor.store import (
 )
 from executor.store.reads import LOG_PAGE_ROWS
 
-__all__ = ["API_PREFIX", "create_app"]
+__all__ = ["API_PREFIX", "STORE_RETRY_AFTER_S", "create_app"]
+
+STORE_RETRY_AFTER_S = 5
+"""The Retry-After of a 503 store_unavailable."""
 
 log = logging.getLogger("executor.api")
 T = TypeVar("T")
@@ -78,6 +82,28 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except StoreError as exc:  # the database is down or refusing: not a bug, no traceback
+            log.warning(
+                "store unavailable answering %s %s (%s): %s",
+                scope["method"],
+                scope["path"],
+                request_id,
+                exc,
+            )
+            if started:
+                raise
+            response = _error_response(
+                ApiError(
+                    503,
+                    "server_error",
+                    "store_unavailable",
+                    "the record cannot be read now (its database is unreachable or refusing); "
+                    f"retry in a moment; the server's log says why (request id {request_id})",
+                ),
+                request_id,
+                {"retry-after": str(STORE_RETRY_AFTER_S)},
+            )
+            await response(scope, receive, send_with_id)
         except Exception:
             log.exception("internal error answering %s %s", scope["method"], scope["path"])
             if started:

@@ -31,6 +31,7 @@ STATUS_TEXT = {
     401: "No token, or not a usable one",
     404: "Not found, or not visible to this token",
     422: "A path or query value of the wrong type",
+    503: "The record's database is unreachable or refusing now; retry later",
 }
 
 _bearer = HTTPBearer(auto_error=False, description="A token from `harmont-exec token create`.")
@@ -52,7 +53,7 @@ def clamp(limit: int) -> int:
 def documented(model: type[Any], *errors: int, **extra: Any) -> dict[str, Any]:
     """Route options: the 200 body's model and the error statuses, as the envelope."""
     responses: dict[int | str, Any] = {200: {"model": model}}
-    for status in (401, 404, 422, *errors):
+    for status in (401, 404, 422, 503, *errors):
         responses[status] = {"model": models.ErrorEnvelope, "description": STATUS_TEXT[status]}
     return {"responses": responses, **extra}
 

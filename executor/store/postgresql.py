@@ -17,6 +17,7 @@ must see at the same path (a shared file system).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +28,14 @@ from executor.errors import StoreError
 from executor.store import sql
 from executor.store.backend import Backend
 
-__all__ = ["ARTIFACTS_ENV", "CONNECT_TIMEOUT_S", "PgConnection", "postgresql_backend", "redact"]
+__all__ = [
+    "APPLICATION_NAME",
+    "ARTIFACTS_ENV",
+    "CONNECT_TIMEOUT_S",
+    "PgConnection",
+    "postgresql_backend",
+    "redact",
+]
 
 ARTIFACTS_ENV = "HARMONT_ARTIFACTS"
 """Where a PostgreSQL store keeps artifact files (a directory every sharer sees)."""
@@ -35,17 +43,27 @@ ARTIFACTS_ENV = "HARMONT_ARTIFACTS"
 CONNECT_TIMEOUT_S = 10
 """How long opening a connection may take before the store reports the server unreachable."""
 
+APPLICATION_NAME = "harmont-exec"
+"""What the server shows for our connections (pg_stat_activity.application_name); a URL's
+``application_name`` parameter overrides it."""
+
+
+_PASSWORD_PARAM = re.compile(r"(?i)(^|&)(password=)[^&]*")
+
 
 def redact(url: str) -> str:
-    """``url`` without its password, for messages."""
+    """``url`` without its password (``user:password@`` or a ``password=`` parameter), for
+    messages."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return url
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
+    if parts.password is not None:
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username}:***@{host}")
+    if parts.query:
+        parts = parts._replace(query=_PASSWORD_PARAM.sub(r"\1\2***", parts.query))
+    return parts.geturl()
 
 
 @lru_cache(maxsize=512)
@@ -227,7 +245,14 @@ def postgresql_backend(url: str, origin: str) -> Backend:
 
     def connect() -> PgConnection:
         try:
-            db = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+            given = psycopg.conninfo.conninfo_to_dict(url)
+            name = given.get("application_name") or APPLICATION_NAME
+            db = psycopg.connect(
+                url,
+                autocommit=True,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                application_name=str(name),
+            )
         except psycopg.Error as exc:
             raise describe("connect", exc) from None
         return PgConnection(db)

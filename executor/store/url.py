@@ -38,6 +38,8 @@ log = structlog.get_logger("executor.store")
 
 _FORMS = "a file path, sqlite:///relative/path, sqlite:////absolute/path or postgresql://..."
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+_CONNINFO = re.compile(r"^\s*(host|hostaddr|port|dbname|user|password|service|sslmode)\s*=")
+_CONNINFO_PASSWORD = re.compile(r"(password\s*=\s*)(?:'[^']*'|\S+)")
 
 
 def resolve_backend(url: str | Path | None = None) -> Backend:
@@ -51,6 +53,13 @@ def resolve_backend(url: str | Path | None = None) -> Backend:
         scheme = _SCHEME.match(url)
         if scheme is not None and scheme.group(1).lower() in ("postgresql", "postgres"):
             return postgresql_backend(url, origin)
+        if _CONNINFO.match(url):
+            shown = _CONNINFO_PASSWORD.sub(r"\1***", url)
+            raise StoreError(
+                f"{origin}={shown!r} looks like a libpq key=value connection string; "
+                "harmont-exec takes PostgreSQL stores as URLs: "
+                "postgresql://USER@HOST:PORT/DBNAME (keep a password in ~/.pgpass or PGPASSWORD)"
+            )
     return sqlite_backend(_sqlite_path(url, origin))
 
 
