@@ -825,3 +825,24 @@ def test_store_postgresql_tests_fail_under_ci_without_a_server(tmp_path: Path) -
     assert locally.returncode == 0 and "1 skipped" in locally.stdout, locally.stdout
     for result in (under_ci, locally):  # both say how to get a server
         assert 'eval "$(bash .ci/postgres start)"' in result.stdout, result.stdout
+
+
+def test_store_never_shows_a_password_given_as_a_url_parameter() -> None:
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"postgresql://ci@127.0.0.1:{port}/harmont?sslmode=disable&password=s3cret"
+    with pytest.raises(StoreError, match=r"could not connect") as info:
+        open_store(url)
+    assert "s3cret" not in str(info.value)
+    assert "sslmode=disable&password=***" in str(info.value)
+
+
+def test_store_refuses_a_libpq_key_value_string_instead_of_making_a_file_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError, match=r"key=value connection string.*postgresql://") as info:
+        open_store("host=127.0.0.1 user=ci password='s 3cret' dbname=harmont")
+    assert "s 3cret" not in str(info.value) and "password=***" in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # no SQLite file named after it
