@@ -252,12 +252,14 @@ class Scheduler:
         try:
             await anyio.to_thread.run_sync(self.store.flush)
         except StoreError as exc:
-            number = self.build.number
+            build = self.build
+            org = "" if build.org == "local" else f" --org {build.org}"
             raise StoreError(
-                f"{exc}. Build #{number} was stopped there: its running jobs were stopped and "
-                "the others canceled; the record keeps everything written before the failure. "
-                "Once that is fixed, any harmont-exec command marks the build abandoned, and "
-                f"`harmont-exec resume {number}` runs its unfinished jobs again"
+                f"{exc}. Build #{build.number} was stopped there: its running jobs were stopped "
+                "and the others canceled; the record keeps everything written before the "
+                "failure. Once that is fixed, any harmont-exec command marks the build "
+                f"abandoned, and `harmont-exec resume {build.number} --pipeline "
+                f"{build.pipeline}{org}` runs its unfinished jobs again"
             ) from None
         return self._result()
 
