@@ -312,7 +312,9 @@ class Scheduler:
                 self._tg.start_soon(self._stop_for_store_error, exc)
 
     async def _stop_for_store_error(self, exc: StoreError) -> None:
-        self.cancel(f"the record cannot be written: {exc}")
+        # The error itself is logged once (record_failed) and raised by run(); the jobs'
+        # reason stays short, as it is shown on every stopped job's line.
+        self.cancel("the record cannot be written (the error is at the end)")
 
     # --- transitions --------------------------------------------------------------------------
 
