@@ -17,6 +17,7 @@ __all__ = [
     "InternalError",
     "InvalidTransitionError",
     "StoreError",
+    "StoreNotFoundError",
 ]
 
 Loc = tuple[str | int, ...]
@@ -112,3 +113,10 @@ class StoreError(ExecutorError):
     """The record could not be read or written (bad URL, disk full, newer schema, ...)."""
 
     code = "store_error"
+
+
+class StoreNotFoundError(StoreError):
+    """A command that only reads the record was pointed at a SQLite file that does not exist
+    (a mistyped --db); the CLI exits 2, as for other bad arguments."""
+
+    code = "store_not_found"

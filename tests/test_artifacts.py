@@ -573,7 +573,11 @@ def test_cli_artifacts_download_writes_the_same_bytes(record: Record, tmp_path: 
         if a.path == "out/deep/er/result.json"
     ]
     result = _cli("artifacts", "download", artifact.id, cwd=tmp_path)
-    assert result.returncode == 2  # the store here (the default one) has no such artifact
+    assert result.returncode == 2  # there is no store here (the default place): said so
+    assert b"no store at" in result.stderr and b".harmont/harmont.db" in result.stderr
+    open_store(tmp_path / ".harmont" / "harmont.db").close()
+    result = _cli("artifacts", "download", artifact.id, cwd=tmp_path)
+    assert result.returncode == 2  # the store here has no such artifact
     assert b"no artifact" in result.stderr
     db = str(record.db)
     target = tmp_path / "copy.json"

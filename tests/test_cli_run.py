@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from executor.store import open_store
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -160,15 +162,32 @@ def test_cli_builds_jobs_and_logs_read_the_record(tmp_path: Path) -> None:
 
 
 def test_cli_jobs_unknown_build_exits_2(tmp_path: Path) -> None:
+    open_store(tmp_path / ".harmont" / "harmont.db").close()  # a store, without that build
     result = _cli("jobs", "7", cwd=tmp_path)
     assert result.returncode == 2
     assert "no build #7" in result.stderr
 
 
 def test_cli_logs_unknown_job_exits_2(tmp_path: Path) -> None:
+    open_store(tmp_path / ".harmont" / "harmont.db").close()  # a store, without that job
     result = _cli("logs", "00000000-0000-0000-0000-000000000000", cwd=tmp_path)
     assert result.returncode == 2
     assert "no job" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("builds",), ("jobs", "1"), ("logs", "0" * 8), ("artifacts", "1")],
+    ids=["builds", "jobs", "logs", "artifacts"],
+)
+def test_cli_read_commands_refuse_a_store_that_does_not_exist(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    missing = tmp_path / "typo" / "harmont.db"
+    result = _cli(*args, "--db", str(missing), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert f"no store at {missing}: nothing was recorded there" in result.stderr
+    assert not missing.parent.exists()  # nothing was created
 
 
 def test_cli_bad_db_url_is_a_clear_error(tmp_path: Path) -> None:

@@ -502,6 +502,7 @@ def test_serve_stops_quietly_while_a_stream_is_open(live: Live, signum: signal.S
 
 
 def test_cli_logs_of_a_too_short_id_prefix_says_how_long_it_must_be(tmp_path: Path) -> None:
+    open_store(tmp_path / "h.db").close()
     result = subprocess.run(
         [sys.executable, "-m", "executor", "logs", "e77fe5b", "--db", str(tmp_path / "h.db")],
         capture_output=True,

@@ -13,7 +13,7 @@ from typing import BinaryIO
 import click
 from rich.table import Table
 
-from executor.cli.common import EXIT_INVALID, cli, db_option, make_console
+from executor.cli.common import EXIT_INVALID, cli, db_option, fail, make_console
 from executor.cli.record import build_or_exit
 from executor.errors import ExecutorError, StoreError
 from executor.store import ArtifactRow, Store, open_store
@@ -53,7 +53,7 @@ def _size_text(size: int) -> str:
 def list_artifacts(number: int, db: str | None, org: str | None, pipeline: str | None) -> None:
     """List the artifacts of build NUMBER (its jobs in plan order, then by path)."""
     try:
-        with open_store(db) as store:
+        with open_store(db, must_exist=True) as store:
             build = build_or_exit(store, number, org, pipeline)
             keys = {j.id: j.step_key for j in store.list_jobs(build.id)}
             rows: list[ArtifactRow] = []
@@ -62,8 +62,7 @@ def list_artifacts(number: int, db: str | None, org: str | None, pipeline: str |
             ):
                 rows.extend(page)
     except ExecutorError as exc:
-        click.echo(f"harmont-exec: {exc}", err=True)
-        sys.exit(1)
+        fail(exc)
     if not rows:
         click.echo(
             f"build #{build.number} of {build.org}/{build.pipeline} has no artifacts (steps "
@@ -114,7 +113,7 @@ def _copy_checked(store: Store, artifact: ArtifactRow, out: BinaryIO | _Discard)
 def download(artifact_id: str, db: str | None, output: str | None) -> None:
     """Copy artifact ARTIFACT_ID (from `artifacts NUMBER`) out of the store."""
     try:
-        with open_store(db) as store:
+        with open_store(db, must_exist=True) as store:
             artifact = store.get_artifact(artifact_id.lower())
             if artifact is None:
                 click.echo(
@@ -160,8 +159,7 @@ def download(artifact_id: str, db: str | None, output: str | None) -> None:
                 Path(tmp).unlink(missing_ok=True)
                 raise
     except ExecutorError as exc:
-        click.echo(f"harmont-exec: {exc}", err=True)
-        sys.exit(1)
+        fail(exc)
     except OSError as exc:
         click.echo(f"harmont-exec: cannot write the artifact: {exc}", err=True)
         sys.exit(1)

@@ -7,13 +7,14 @@ import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NoReturn
 
 import click
 import structlog
 from rich.console import Console
 
 from executor import __version__
-from executor.errors import ExecutorError
+from executor.errors import ExecutorError, StoreNotFoundError
 from executor.load import load_plan
 from executor.render import plan_to_data, plan_to_dot, plan_to_mermaid, plan_to_text
 
@@ -83,6 +84,13 @@ def plan(file: Path, fmt: str) -> None:
         click.echo(plan_to_mermaid(result), nl=False)
     else:
         click.echo(plan_to_text(result, name=str(file)), nl=False)
+
+
+def fail(exc: ExecutorError) -> NoReturn:
+    """Print ``exc`` for the user and exit: 2 for a store that is not there (a bad --db), as
+    for other bad arguments; 1 otherwise."""
+    click.echo(f"harmont-exec: {exc}", err=True)
+    sys.exit(EXIT_INVALID if isinstance(exc, StoreNotFoundError) else 1)
 
 
 def make_console() -> Console:

@@ -8,7 +8,7 @@ import time
 import click
 from rich.table import Table
 
-from executor.cli.common import EXIT_INVALID, cli, db_option, duration_text, make_console
+from executor.cli.common import EXIT_INVALID, cli, db_option, duration_text, fail, make_console
 from executor.errors import ExecutorError
 from executor.store import BuildRow, Store, open_store
 from executor.store.reads import JOB_ID_PREFIX_MIN
@@ -33,11 +33,10 @@ def build_or_exit(store: Store, number: int, org: str | None, pipeline: str | No
 def builds(db: str | None, org: str | None, pipeline: str | None, limit: int) -> None:
     """List recorded builds, newest first."""
     try:
-        with open_store(db) as store:
+        with open_store(db, must_exist=True) as store:
             rows = store.list_builds(org=org, pipeline=pipeline, limit=limit)
     except ExecutorError as exc:
-        click.echo(f"harmont-exec: {exc}", err=True)
-        sys.exit(1)
+        fail(exc)
     table = Table()
     for column in ("pipeline", "#", "state", "created", "duration", "branch", "error"):
         table.add_column(column)
@@ -71,13 +70,12 @@ def _reused_from(store: Store, job_id: str | None) -> str:
 def jobs(number: int, db: str | None, org: str | None, pipeline: str | None) -> None:
     """Show the jobs of build NUMBER in plan order."""
     try:
-        with open_store(db) as store:
+        with open_store(db, must_exist=True) as store:
             build = build_or_exit(store, number, org, pipeline)
             rows = store.list_jobs(build.id)
             notes = {j.id: _reused_from(store, j.reused_from_job_id) for j in rows}
     except ExecutorError as exc:
-        click.echo(f"harmont-exec: {exc}", err=True)
-        sys.exit(1)
+        fail(exc)
     table = Table(title=f"{build.org}/{build.pipeline} build #{build.number}: {build.state.value}")
     for column in ("job", "id", "state", "exit", "retries", "duration", "note"):
         table.add_column(column)
@@ -115,7 +113,7 @@ def logs(job_id: str, db: str | None, follow: bool) -> None:
     following; the job goes on)."""
     out = sys.stdout.buffer
     try:
-        with open_store(db) as store:
+        with open_store(db, must_exist=True) as store:
             job = store.get_job(job_id)
             if job is None:
                 short = (
@@ -148,8 +146,7 @@ def logs(job_id: str, db: str | None, follow: bool) -> None:
                     break
                 time.sleep(FOLLOW_POLL_S)
     except ExecutorError as exc:
-        click.echo(f"harmont-exec: {exc}", err=True)
-        sys.exit(1)
+        fail(exc)
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:  # `logs ... | head`: the reader is gone, so are we

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from executor.errors import StoreError
+from executor.errors import StoreError, StoreNotFoundError
 from executor.store.backend import Backend
 from executor.store.postgresql import postgresql_backend, redact
 from executor.store.record import Store
@@ -115,14 +115,27 @@ def resume_hint(build: LostBuild) -> str:
     )
 
 
-def open_store(url: str | Path | None = None, *, recover: bool = True) -> Store:
+def open_store(
+    url: str | Path | None = None, *, recover: bool = True, must_exist: bool = False
+) -> Store:
     """Open the store at ``url`` (see ``resolve_backend``), creating the SQLite file and its
     directory, and the schema, as needed. The result is a context manager that closes it.
 
     With ``recover`` (every harmont-exec command does it), builds whose executor is gone are
     finished first (``Store.recover_lost_builds``), each reported as a ``build_abandoned``
-    warning in the log."""
-    store = Store(resolve_backend(url))
+    warning in the log.
+
+    With ``must_exist`` (the commands that only read the record), a SQLite file that does not
+    exist is a StoreError instead of a new, empty store: a mistyped path must not look like a
+    record with no builds."""
+    backend = resolve_backend(url)
+    if must_exist and backend.path is not None and not backend.path.exists():
+        raise StoreNotFoundError(
+            f"no store at {backend.path}: nothing was recorded there; check --db / "
+            f"{DB_ENV} (or the current directory: the default is {DEFAULT_DB}), or run a "
+            "build first"
+        )
+    store = Store(backend)
     if recover:
         try:
             lost = store.recover_lost_builds(datetime.now(UTC))
