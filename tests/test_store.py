@@ -846,3 +846,24 @@ def test_store_refuses_a_libpq_key_value_string_instead_of_making_a_file_of_it(
         open_store("host=127.0.0.1 user=ci password='s 3cret' dbname=harmont")
     assert "s 3cret" not in str(info.value) and "password=***" in str(info.value)
     assert list(tmp_path.iterdir()) == []  # no SQLite file named after it
+
+
+@pytest.mark.parametrize(
+    ("message", "hint"),
+    [
+        ("connection failed: fe_sendauth: no password supplied", "user name and password"),
+        ('FATAL: password authentication failed for user "ci"', "user name and password"),
+        ("connection failed: Connection refused", "running and reachable"),
+    ],
+)
+def test_store_postgresql_connection_errors_get_the_right_hint(message: str, hint: str) -> None:
+    import psycopg
+
+    from executor.store.postgresql import postgresql_backend
+
+    backend = postgresql_backend("postgresql://ci:s3cret@db.example/harmont", "--db")
+    error = backend.error("connect", psycopg.OperationalError(message))
+    assert str(error).startswith(
+        "could not connect to the PostgreSQL store postgresql://ci:***@db.example/harmont: "
+    )
+    assert hint in str(error) and "s3cret" not in str(error)

@@ -199,6 +199,8 @@ def _hint(sqlstate: str | None, text: str, action: str) -> str:
     lowered = text.lower()
     if "database" in lowered and "does not exist" in lowered:
         return "create the database first (e.g. createdb NAME), or fix its name in the URL"
+    if "password" in lowered:  # none supplied, or a wrong one
+        return "check the user name and password in the URL (or ~/.pgpass)"
     if ("role" in lowered and "does not exist" in lowered) or "authentication failed" in lowered:
         return "check the user name and password in the URL (or ~/.pgpass)"
     if action == "connect" or "connection" in lowered or "timeout" in lowered:
