@@ -12,7 +12,7 @@ sequence numbers of the history and the log, and each job's changing columns, ar
 memory; the write methods must therefore not be called from two threads at once. Nothing here
 decides states: the transition table lives in ``executor.states`` and the runner applies it
 before it records; the store only refuses (as a bug) a change whose ``from_state`` is not the
-job's state in the file.
+job's state in the store.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class Store(Reader):
         self._job_columns: dict[str, list[Any]] = {}  # job id -> its sql.JOB_COLUMNS, as queued
 
     def __repr__(self) -> str:
-        return f"Store({self.url!r})"
+        return f"Store({self.location!r})"  # never the URL: it may carry a password
 
     def __enter__(self) -> Store:
         return self
