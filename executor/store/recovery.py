@@ -40,13 +40,13 @@ def abandon_build(
     db: Connection, dialect: sql.Dialect, build_id: str, state: str, executor: str, now: datetime
 ) -> tuple[list[str], int, int, int] | None:
     """Finish build ``build_id``, found in ``state`` with its executor gone, in ONE
-        ``BEGIN IMMEDIATE`` transaction that first re-reads the state (holding the build's row on
+    ``BEGIN IMMEDIATE`` transaction that first re-reads the state (holding the build's row on
     PostgreSQL, so a second process waits and then sees it finished): None (nothing done) when
-        another process got there first. Returns (the unfinished jobs' ids; how many were running
-        and are now failed; how many had not started, or waited to retry, and are now canceled;
-        how many were being stopped and ended as that stop would have). Every job change goes
-        through the transition table and gains its history row. driver errors propagate (the
-        caller names the store)."""
+    another process got there first. Returns (the unfinished jobs' ids; how many were running
+    and are now failed; how many had not started, or waited to retry, and are now canceled;
+    how many were being stopped and ended as that stop would have). Every job change goes
+    through the transition table and gains its history row. Driver errors propagate (the
+    caller names the store)."""
     at = format_time(now)
     message = f"the executor ({executor}) stopped before the build ended"
     db.execute("BEGIN IMMEDIATE")
