@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from executor.api import API_PREFIX
+from executor.store import Store
 
 T = TypeVar("T")
 TIMEOUT_S = 120.0
@@ -26,6 +27,30 @@ a hang reaches it."""
 
 
 # --- processes -------------------------------------------------------------------------------
+
+
+def cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m executor ARGS`` to its end (bounded), text output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "executor", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=TIMEOUT_S,
+        check=False,
+        env=env,
+    )
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def free_port() -> int:
@@ -139,3 +164,8 @@ def create_token(db: str | Path, cwd: Path) -> str:
     assert result.stdout == secret + "\n"  # the secret alone on stdout
     assert secret.startswith("hm_") and len(secret) == 3 + 43, secret
     return secret
+
+
+def job_log(store: Store, job_id: str) -> bytes:
+    """A job's whole recorded output."""
+    return b"".join(c.content for c in store.read_log(job_id))

@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -892,18 +892,25 @@ def test_cli_token_store_keeps_only_the_sha256(tmp_path: Path) -> None:
         assert secret.encode() not in path.read_bytes(), path
 
 
-def test_api_a_store_that_fails_is_a_503_envelope_saying_retry(tmp_path: Path) -> None:
-    """The record cannot be read (a table lost behind its back; a PostgreSQL server that is
-    down): 503 store_unavailable with Retry-After, no store address in it; other routes still
-    work."""
+@contextmanager
+def _tiny_record(tmp_path: Path, db: Path | str) -> Iterator[tuple[Store, str]]:
+    """The TINY build run into ``db`` as acme/tiny #1, the store open, and a token for it."""
     build = tmp_path / "b.json"
     build.write_text(json.dumps(TINY))
-    db = tmp_path / "harmont.db"
     _run(build, db, "acme", "tiny", 0)
     with open_store(db) as store:
         _, token = store.create_token(
             description=None, organizations=None, expires_at=None, now=NOW
         )
+        yield store, token
+
+
+def test_api_a_store_that_fails_is_a_503_envelope_saying_retry(tmp_path: Path) -> None:
+    """The record cannot be read (a table lost behind its back; a PostgreSQL server that is
+    down): 503 store_unavailable with Retry-After, no store address in it; other routes still
+    work."""
+    db = tmp_path / "harmont.db"
+    with _tiny_record(tmp_path, db) as (store, token):
         with sqlite3.connect(db) as raw:
             raw.execute("DROP TABLE job_dependencies")
 
@@ -925,14 +932,8 @@ def test_api_an_unexpected_failure_is_a_500_envelope_with_the_request_id(
 ) -> None:
     """A record this code cannot read (a job in a state it does not know): the client gets the
     envelope, never a bare page, and the request id to report; other routes still work."""
-    build = tmp_path / "b.json"
-    build.write_text(json.dumps(TINY))
     db = tmp_path / "harmont.db"
-    _run(build, db, "acme", "tiny", 0)
-    with open_store(db) as store:
-        _, token = store.create_token(
-            description=None, organizations=None, expires_at=None, now=NOW
-        )
+    with _tiny_record(tmp_path, db) as (store, token):
         build_row = store.get_build(1)
         assert build_row is not None
         job_id = store.list_jobs(build_row.id)[0].id
@@ -955,13 +956,7 @@ def test_api_reconnects_after_the_postgresql_server_dropped_its_connections(
 ) -> None:
     """The server ends every harmont-exec connection (as a restart does): requests answered
     with a dead connection are 503 store_unavailable, and the next ones reconnect."""
-    build = tmp_path / "b.json"
-    build.write_text(json.dumps(TINY))
-    _run(build, postgresql_url, "acme", "tiny", 0)
-    with open_store(postgresql_url) as store:
-        _, token = store.create_token(
-            description=None, organizations=None, expires_at=None, now=NOW
-        )
+    with _tiny_record(tmp_path, postgresql_url) as (store, token):
 
         async def check() -> None:
             async with _client(create_app(store=store), token) as client:

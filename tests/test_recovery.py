@@ -20,7 +20,7 @@ import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving import TIMEOUT_S, output, poll, start, stop
+from serving import TIMEOUT_S, cli, output, poll, start, stop
 
 from executor.api import create_app
 from executor.load import load_plan
@@ -125,22 +125,11 @@ def killed(tmp_path: Path, store_url: str) -> Iterator[Killed]:
             os.kill(pid, signal.SIGKILL)
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "executor", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
-
-
 def test_recovery_kill_9_leaves_processes_behind_until_the_next_start(killed: Killed) -> None:
     # The problem being solved: the jobs' processes outlive their executor...
     assert job_processes({killed.job_ids["work"], killed.job_ids["side"]})
     # ...until any harmont-exec command opens the store.
-    result = _cli("builds", "--db", killed.db, cwd=killed.work)
+    result = cli("builds", "--db", killed.db, cwd=killed.work)
     assert result.returncode == 0, result.stderr
     assert "build_abandoned" in result.stderr
     assert "harmont-exec resume 1 --pipeline b" in result.stderr  # exact, copyable
@@ -388,7 +377,7 @@ def test_heartbeat_is_recorded_while_a_build_runs(tmp_path: Path) -> None:
 
 def test_resume_runs_the_lost_jobs_again_and_keeps_the_finished_ones(killed: Killed) -> None:
     (killed.work / "go").touch()  # this time the waiting jobs can finish
-    result = _cli("resume", "1", "--db", str(killed.db), cwd=killed.work)
+    result = cli("resume", "1", "--db", str(killed.db), cwd=killed.work)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "build #1 passed" in result.stdout
     with open_store(killed.db) as store:
@@ -412,7 +401,7 @@ def test_resume_runs_the_lost_jobs_again_and_keeps_the_finished_ones(killed: Kil
 
 def test_resume_is_refused_for_a_live_build(tmp_path: Path) -> None:
     db, _ = _recorded_build(tmp_path)  # its executor, this test, is alive
-    result = _cli("resume", "1", "--db", str(db), cwd=tmp_path)
+    result = cli("resume", "1", "--db", str(db), cwd=tmp_path)
     assert result.returncode == 1
     assert "is scheduled: its executor (pid" in result.stderr
     assert "resume continues only a build whose executor is gone" in result.stderr
@@ -420,8 +409,8 @@ def test_resume_is_refused_for_a_live_build(tmp_path: Path) -> None:
 
 def test_resume_is_refused_for_a_build_that_finished_by_itself(tmp_path: Path) -> None:
     (tmp_path / "ok.yaml").write_text("steps:\n  - {key: a, command: 'true'}\n")
-    assert _cli("run", "ok.yaml", cwd=tmp_path).returncode == 0
-    result = _cli("resume", "1", cwd=tmp_path)
+    assert cli("run", "ok.yaml", cwd=tmp_path).returncode == 0
+    result = cli("resume", "1", cwd=tmp_path)
     assert result.returncode == 1
     assert "finished by itself (passed)" in result.stderr
     assert "harmont-exec retry 1 --pipeline ok" in result.stderr
@@ -496,7 +485,7 @@ def test_recovery_kill_9_at_any_point_then_resume_completes_the_build(
         if not abandoned:
             assert build.state.value == "passed"  # it ended before the kill
             return
-        resumed = _cli("resume", "1", "--db", str(db), cwd=work)
+        resumed = cli("resume", "1", "--db", str(db), cwd=work)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         with open_store(db) as store:
             build = store.get_build(1)
@@ -606,9 +595,9 @@ steps:
 
 def test_retry_failed_runs_only_what_did_not_pass_and_reuses_the_rest(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(RETRY_BUILD)
-    assert _cli("run", "r.yaml", cwd=tmp_path).returncode == 1  # b fails, c is skipped
+    assert cli("run", "r.yaml", cwd=tmp_path).returncode == 1  # b fails, c is skipped
     (tmp_path / "fixed").touch()
-    result = _cli("retry", "1", "--failed", cwd=tmp_path)
+    result = cli("retry", "1", "--failed", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "build #2 passed" in result.stdout
     with open_store(tmp_path / ".harmont" / "harmont.db") as store:
@@ -634,15 +623,15 @@ def test_retry_failed_runs_only_what_did_not_pass_and_reuses_the_rest(tmp_path: 
         assert (artifact.path, artifact.sha256) == (original.path, original.sha256)
         assert artifact.id != original.id
         assert_histories_are_legal(store, second.id)
-    listing = _cli("jobs", "2", cwd=tmp_path)
+    listing = cli("jobs", "2", cwd=tmp_path)
     assert "reused from build #1" in listing.stdout
 
 
 def test_retry_without_failed_runs_every_job_again(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(RETRY_BUILD)
     (tmp_path / "fixed").touch()
-    assert _cli("run", "r.yaml", cwd=tmp_path).returncode == 0
-    result = _cli("retry", "1", cwd=tmp_path)
+    assert cli("run", "r.yaml", cwd=tmp_path).returncode == 0
+    result = cli("retry", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     with open_store(tmp_path / ".harmont" / "harmont.db") as store:
         second = store.get_build(2)
@@ -654,7 +643,7 @@ def test_retry_without_failed_runs_every_job_again(tmp_path: Path) -> None:
 
 def test_retry_is_refused_for_a_build_still_running(tmp_path: Path) -> None:
     db, _ = _recorded_build(tmp_path)  # scheduled, its executor (this test) alive
-    result = _cli("retry", "1", "--db", str(db), cwd=tmp_path)
+    result = cli("retry", "1", "--db", str(db), cwd=tmp_path)
     assert result.returncode == 1
     assert "is scheduled; retry a build once it has finished" in result.stderr
 
@@ -709,7 +698,7 @@ def test_resume_of_a_build_whose_jobs_were_all_lost_is_running_from_its_first_st
         before = store.get_build(1)
         assert before is not None and before.started_at is not None
     (tmp_path / "go").touch()
-    result = _cli("resume", "1", "--db", str(db), cwd=tmp_path)
+    result = cli("resume", "1", "--db", str(db), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "build scheduled" not in result.stdout  # it never goes back to scheduled
     assert "retry after" not in result.stdout  # a resumed job is not a retry
@@ -745,16 +734,16 @@ def test_resume_is_refused_when_no_job_can_run_again(tmp_path: Path) -> None:
     with sqlite3.connect(db) as raw:
         for job in jobs:
             raw.execute("UPDATE jobs SET state = 'skipped' WHERE id = ?", (job.id,))
-    result = _cli("resume", "1", "--db", str(db), cwd=tmp_path)
+    result = cli("resume", "1", "--db", str(db), cwd=tmp_path)
     assert result.returncode == 1
     assert "has no job to run again" in result.stderr and "harmont-exec retry 1" in result.stderr
 
 
 def test_retry_warns_when_the_build_file_changed_since(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text("steps:\n  - {key: a, command: 'exit 1'}\n")
-    assert _cli("run", "r.yaml", cwd=tmp_path).returncode == 1
+    assert cli("run", "r.yaml", cwd=tmp_path).returncode == 1
     (tmp_path / "r.yaml").write_text("steps:\n  - {key: a, command: 'exit 0'}\n")
-    result = _cli("retry", "1", "--failed", cwd=tmp_path)
+    result = cli("retry", "1", "--failed", cwd=tmp_path)
     assert result.returncode == 1  # the recorded plan ran: still `exit 1`
     assert "build_file_changed" in result.stderr
     assert "harmont-exec run" in result.stderr

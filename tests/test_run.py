@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from serving import alive, job_log
 
 from executor import JobState
 from executor.run.build import run_build
@@ -45,18 +46,6 @@ def _resolved(path: Path) -> str:
 
 def _events(path: Path) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in path.read_text().splitlines()]  # type: ignore[misc]
-
-
-def _log(store: Store, job_id: str) -> bytes:
-    return b"".join(c.content for c in store.read_log(job_id))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _assert_legal_history(store: Store, job_id: str) -> None:
@@ -230,7 +219,7 @@ async def test_run_timeout_kills_a_term_trapping_child_and_its_grandchildren(
     assert job.error_code == "job_timeout"
     assert result.state is BuildState.FAILED
     pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(alive(pid) for pid in pids)
     _assert_legal_history(store, job.id)
 
 
@@ -300,7 +289,7 @@ async def test_run_missing_command_fails_with_127(tmp_path: Path, store: Store) 
     result = await _run(build, store)
     job = store.get_job(result.jobs["typo"].job_id)
     assert job is not None and (job.state, job.exit_code) == (JobState.FAILED, 127)
-    assert b"not found" in _log(store, job.id)
+    assert b"not found" in job_log(store, job.id)
 
 
 async def test_run_environment_working_dir_and_stdin(tmp_path: Path, store: Store) -> None:
@@ -320,7 +309,7 @@ async def test_run_environment_working_dir_and_stdin(tmp_path: Path, store: Stor
     cwd = _resolved(tmp_path)
     result = await _run(build, store, base_env={**os.environ, "FROM_EXECUTOR": "yes"})
     job = result.jobs["show"]
-    lines = _log(store, job.job_id).decode().splitlines()
+    lines = job_log(store, job.job_id).decode().splitlines()
     assert lines[0] == f"step b show 1 {result.number} {job.job_id}"
     assert lines[1] == cwd
     assert lines[2] == "[yes]"  # `cat` read nothing: stdin is /dev/null
