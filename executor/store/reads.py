@@ -126,6 +126,10 @@ class Reader:
         """Every organization, by slug."""
         return [OrganizationRow.from_db(r) for r in self._rows(sql.ORGANIZATIONS)]
 
+    def get_organization(self, slug: str) -> OrganizationRow | None:
+        rows = self._rows(sql.ORGANIZATION, (slug,))
+        return OrganizationRow.from_db(rows[0]) if rows else None
+
     def list_pipelines(self, org: str, *, after: str = "", limit: int = 50) -> list[PipelineRow]:
         """The organization's pipelines by slug, those after slug ``after`` (a page)."""
         rows = self._rows(sql.PIPELINES_PAGE, (org, after, max(limit, 0)))
@@ -233,6 +237,14 @@ class Reader:
     def log_page(self, job_id: str, *, after_seq: int = 0) -> list[LogChunk]:
         """Up to ``LOG_PAGE_ROWS`` of the job's chunks with ``seq > after_seq``, in order."""
         rows = self._rows(sql.LOG_PAGE, (job_id, after_seq, LOG_PAGE_ROWS))
+        return [LogChunk.from_db(r) for r in rows]
+
+    def log_tail(
+        self, job_id: str, stream: str, *, through_seq: int, limit: int = 3
+    ) -> list[LogChunk]:
+        """The last ``limit`` chunks of one of the job's streams with ``seq <= through_seq``,
+        newest first."""
+        rows = self._rows(sql.LOG_TAIL_OF_STREAM, (job_id, stream, through_seq, limit))
         return [LogChunk.from_db(r) for r in rows]
 
     def build_plan(self, build_id: str) -> tuple[str, str] | None:

@@ -60,7 +60,7 @@ __all__ = ["TOKEN_PREFIX", "LostBuild", "Store"]
 TOKEN_PREFIX = "hm_"
 """Every API token starts with this (Harmont's format: ``hm_`` + 43 url-safe characters)."""
 
-_STREAMS = frozenset({"stdout", "stderr"})
+_STREAMS = frozenset({"stdout", "stderr", "meta"})
 _NEW_JOB = (JobState.PENDING.value, None, 0, None, None, 0, None, None)  # sql.JOB_COLUMNS
 # When this process loaded the store: with host and pid it tells a live executor from a pid
 # that was reused after a crash.
@@ -473,10 +473,14 @@ class Store(Reader):
         *,
         at: datetime,
     ) -> None:
-        """Queue a chunk of a job's output, stored byte for byte; chunks are numbered per job
-        in call order from 1."""
+        """Queue a chunk of a job's output (``stream`` stdout or stderr), or one of
+        harmont-exec's own lines about the job (``meta``), stored byte for byte; chunks are
+        numbered per job in call order from 1."""
         if stream not in _STREAMS:
-            raise StoreError(f"log stream {stream!r} is not 'stdout' or 'stderr'")
+            raise StoreError(
+                f"log stream {stream!r} is not 'stdout', 'stderr' or 'meta' (harmont-exec's own "
+                "lines); this is a bug in harmont-exec"
+            )
         when = format_time(at)
         data = bytes(content)  # a copy: the caller may reuse its buffer before the write
         last = self._log_seq.get(job_id)

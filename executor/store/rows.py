@@ -346,7 +346,7 @@ class LogChunk:
     job_id: str
     seq: int  # 1, 2, ... per job, in the order the output arrived
     attempt: int
-    stream: str  # "stdout" or "stderr"
+    stream: str  # "stdout", "stderr" or "meta" (harmont-exec's own lines)
     content: bytes  # exactly as the process wrote it (not necessarily valid UTF-8)
     at: datetime
 

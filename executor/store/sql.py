@@ -16,7 +16,7 @@ a released one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import NamedTuple
@@ -251,7 +251,40 @@ _V4: tuple[str, ...] = (
     "ALTER TABLE jobs ADD COLUMN reused_from_job_id TEXT REFERENCES jobs (id)",
 )
 
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
+# A log chunk can be harmont-exec's own line (stream ``meta``: an artifact note, ...), not only
+# the job's stdout or stderr (Harmont's stream_kind 2). A CHECK constraint cannot be altered in
+# SQLite: the table is rebuilt there.
+_V5_LOG_CHUNKS = """CREATE TABLE log_chunks_v5 (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    seq INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    stream TEXT NOT NULL CHECK (stream IN ('stdout', 'stderr', 'meta')),
+    content {bytes_type} NOT NULL,
+    at TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+)"""
+_V5: Mapping[str, tuple[str, ...]] = {
+    "sqlite": (
+        _V5_LOG_CHUNKS,
+        "INSERT INTO log_chunks_v5 (job_id, seq, attempt, stream, content, at) "
+        "SELECT job_id, seq, attempt, stream, content, at FROM log_chunks",
+        "DROP TABLE log_chunks",
+        "ALTER TABLE log_chunks_v5 RENAME TO log_chunks",
+    ),
+    "postgresql": (
+        "ALTER TABLE log_chunks DROP CONSTRAINT log_chunks_stream_check",
+        "ALTER TABLE log_chunks ADD CONSTRAINT log_chunks_stream_check "
+        "CHECK (stream IN ('stdout', 'stderr', 'meta'))",
+    ),
+}
+
+_MIGRATIONS: tuple[tuple[str, ...] | Mapping[str, tuple[str, ...]], ...] = (
+    _V1,
+    _V2,
+    _V3,
+    _V4,
+    _V5,
+)
 
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version this code writes and understands."""
@@ -261,7 +294,8 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 def migrations(dialect: Dialect) -> tuple[tuple[str, ...], ...]:
     """The migrations' statements for ``dialect``, in order; entry n-1 is migration n."""
     words = {"bytes_type": dialect.bytes_type, "serial_key": dialect.serial_key}
-    return tuple(tuple(s.format(**words) for s in script) for script in _MIGRATIONS)
+    scripts = (m if isinstance(m, tuple) else m[dialect.name] for m in _MIGRATIONS)
+    return tuple(tuple(s.format(**words) for s in script) for script in scripts)
 
 
 # --- creating a build (one BEGIN IMMEDIATE transaction) ----------------------------------------
@@ -477,6 +511,11 @@ LOG_PAGE = (
     "SELECT job_id, seq, attempt, stream, content, at FROM log_chunks "
     "WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?"
 )
+# The last chunks of one stream up to a seq, newest first (a resumed live log's decoder state).
+LOG_TAIL_OF_STREAM = (
+    "SELECT job_id, seq, attempt, stream, content, at FROM log_chunks "
+    "WHERE job_id = ? AND stream = ? AND seq <= ? ORDER BY seq DESC LIMIT ?"
+)
 _ARTIFACTS = (
     "SELECT a.id, a.job_id, j.build_id, a.path, a.filename, a.mime_type, a.file_size, "
     "a.sha1_sum, a.sha256, a.state, a.created_at FROM artifacts a JOIN jobs j ON j.id = a.job_id"
@@ -498,6 +537,7 @@ ARTIFACTS_OF_JOB_PAGE = (
 )
 ARTIFACTS_OF_JOB_FIRST = f"{_ARTIFACTS} WHERE a.job_id = ? ORDER BY a.path, a.id LIMIT ?"
 ORGANIZATIONS = "SELECT slug, created_at FROM organizations ORDER BY slug"
+ORGANIZATION = "SELECT slug, created_at FROM organizations WHERE slug = ?"
 _PIPELINES = (
     "SELECT p.slug, p.created_at, o.slug AS org FROM pipelines p "
     "JOIN organizations o ON o.id = p.organization_id"
