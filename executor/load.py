@@ -9,8 +9,9 @@ field means (``executor.model``) or how steps relate (``executor.plan``).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,54 @@ def _duplicate_key(root: yaml.Node | None) -> tuple[str, yaml.Mark, yaml.Mark] |
     return None
 
 
+_KEY_TAGS = frozenset({"tag:yaml.org,2002:str", "tag:yaml.org,2002:merge"})
+_TAG_WORDS = {
+    "tag:yaml.org,2002:int": "a number",
+    "tag:yaml.org,2002:float": "a number",
+    "tag:yaml.org,2002:bool": "a boolean",
+    "tag:yaml.org,2002:null": "null",
+    "tag:yaml.org,2002:timestamp": "a date",
+}
+
+
+def _non_string_keys(root: yaml.Node | None) -> list[tuple[str, yaml.Mark]]:
+    """The mapping keys that are not text (YAML reads ``1:``, ``true:``, ``on:`` or ``~:`` as
+    values, and ``? [a]`` as a list), in file order: (message, where). Every key of a build
+    file is a name, so such a key is a mistake, wherever it is."""
+    found: list[tuple[str, yaml.Mark]] = []
+    stack = [root] if root is not None else []
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag in _KEY_TAGS:
+                    stack.append(value)
+                    continue
+                if isinstance(key, yaml.ScalarNode):
+                    text = key.value
+                    what = _TAG_WORDS.get(key.tag, f"a value of type {key.tag.rsplit(':', 1)[-1]}")
+                    message = (
+                        f"mapping key {text!r} is read as {what}, not a name (YAML reads unquoted "
+                        "numbers, true/false, yes/no, on/off and null as values); quote it: "
+                        f'"{text}"'
+                    )
+                else:
+                    message = (
+                        "a mapping key here is a list or a mapping; keys are names: write a "
+                        "quoted string"
+                    )
+                found.append((message, key.start_mark))
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
+    found.sort(key=lambda item: (item[1].line, item[1].column))
+    return found
+
+
 # --- the source --------------------------------------------------------------------------------
 
 
@@ -123,6 +172,7 @@ class _Source:
     path: Path | None = None
     to_source: Callable[[Loc], Loc] = field(default=lambda loc: loc)
     ignored: set[str] = field(default_factory=set)
+    graph_form: bool = False  # Harmont's graph form: messages name graph.nodes, not steps
 
     @classmethod
     def read(cls, path: Path) -> _Source:
@@ -240,6 +290,14 @@ class _Source:
             raise _error(
                 name, "the build file is empty; add a `steps:` list with at least one step"
             )
+        odd = _non_string_keys(root)
+        if odd:
+            raise BuildFileError(
+                [
+                    Diagnostic(message, file=name, line=mark.line + 1, column=mark.column + 1)
+                    for message, mark in odd
+                ]
+            )
         dup = _duplicate_key(root)
         if dup is not None:
             key, first, second = dup
@@ -286,6 +344,8 @@ class _Source:
         out = []
         for d in exc.diagnostics:
             pos = locator.find(self.to_source(d.loc), at_key=d.message.startswith("unknown field"))
+            if self.graph_form:
+                d = replace(d, message=_graph_words(d.message))
             out.append(d.located(self.name, *(pos or (None, None))))
         out.sort(key=lambda d: (d.line or 0, d.column or 0))
         return exc.with_diagnostics(out)
@@ -300,8 +360,53 @@ class _Source:
             data = self._from_graph(data)
         steps = data.get("steps")
         if isinstance(steps, list):
-            data["steps"] = [self._strip(s) if isinstance(s, Mapping) else s for s in steps]
+            problems: list[Diagnostic] = []
+            data["steps"] = [self._step(n, s, problems) for n, s in enumerate(steps)]
+            if problems:
+                raise self._located(BuildFileError(problems))
         return data
+
+    def _step(self, n: int, step: object, problems: list[Diagnostic]) -> object:
+        """A step with cloud-only fields dropped, and a newer IR's ``eval: {type: cmd, cmd}``
+        turned into ``cmd``."""
+        if not isinstance(step, Mapping):
+            return step
+        out = self._strip(step)
+        if "eval" not in out:
+            return out
+        how = out.pop("eval")
+        key = out.get("key") if isinstance(out.get("key"), str) else None
+        loc: Loc = ("steps", n, "eval")
+        kind = how.get("type") if isinstance(how, Mapping) else None
+        if kind == "cmd" and isinstance(how, Mapping) and set(how) <= {"type", "cmd"}:
+            if "cmd" in out or "command" in out:
+                problems.append(
+                    Diagnostic(
+                        "has both eval and cmd (or command); give the command once", loc, key
+                    )
+                )
+            elif "cmd" in how:
+                out["cmd"] = how["cmd"]
+        elif kind == "dynamic":
+            problems.append(
+                Diagnostic(
+                    "is a dynamic step (eval type 'dynamic'), whose steps are only known while "
+                    "the build runs in Harmont's cloud; harmont-exec runs steps whose commands "
+                    "are in the IR: give this step eval {type: cmd, cmd: ...} or a cmd",
+                    loc,
+                    key,
+                )
+            )
+        else:
+            problems.append(
+                Diagnostic(
+                    f"eval is {_show(how)}; use {{type: cmd, cmd: <shell command>}} (or give the "
+                    "command as cmd)",
+                    loc,
+                    key,
+                )
+            )
+        return out
 
     def _strip(self, mapping: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(mapping)
@@ -320,8 +425,9 @@ class _Source:
                     loc=("graph",),
                 )
             )
+        self.graph_form = True
         extra = set(graph) - {"nodes", "edges", "node_holes", "edge_property"}
-        for name in sorted(extra):
+        for name in sorted(extra, key=str):
             problems.append(
                 Diagnostic(
                     f"unknown field {name!r} in graph; its fields are nodes, edges, node_holes, "
@@ -371,13 +477,25 @@ class _Source:
                 )
                 steps.append({})
                 continue
-            for name in sorted(set(node) - {"step", "env"}):
+            node = self._strip(node)  # a node's `secrets` only mean something in the cloud
+            for name in sorted(set(node) - {"step", "env"}, key=str):
                 problems.append(
                     Diagnostic(
-                        f"unknown field {name!r} in a graph node; its fields are step and env",
+                        f"unknown field {name!r} in a graph node; its fields are step, env and "
+                        "secrets",
                         loc=("graph", "nodes", slot, name),
                     )
                 )
+            if node["step"].get("type", "command") == "wait":
+                problems.append(
+                    Diagnostic(
+                        "a graph node's step is a wait; the graph form orders steps by its "
+                        "edges: remove the node and add depends_on edges instead",
+                        loc=("graph", "nodes", slot, "step", "type"),
+                    )
+                )
+                steps.append({})
+                continue
             step = self._strip(node["step"])
             env = node.get("env") or {}
             if isinstance(env, Mapping) and isinstance(step.get("env", {}), Mapping):
@@ -454,6 +572,20 @@ class _Source:
 
         self.to_source = to_source
         return data
+
+
+_STEP_NUMBER = re.compile(r"(?<![\w'\"])step #(\d+)")
+
+
+def _graph_words(message: str) -> str:
+    """A message about steps, in the graph form's words: step #N is node N-1 of graph.nodes."""
+    message = _STEP_NUMBER.sub(lambda m: f"graph.nodes[{int(m.group(1)) - 1}]", message)
+    return message.replace("a list of steps", "a list of graph nodes")
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _at_mark(name: str, message: str, mark: yaml.Mark | None) -> BuildFileError:

@@ -244,7 +244,8 @@ Step = Annotated[
 
 
 class BuildSpec(_Spec):
-    """A whole build file, validated field by field, in file order."""
+    """A whole build file, validated field by field, in file order. ``steps`` may hold no
+    command step: such a build has no jobs and passes at once."""
 
     version: Literal["0"] = "0"
     env: Env = Field(default_factory=dict)
@@ -260,17 +261,11 @@ class BuildSpec(_Spec):
     @field_validator("steps", mode="before")
     @classmethod
     def _waits(cls, value: Any) -> Any:
+        # No command step at all is a valid pipeline (Harmont's too): its build has no jobs
+        # and passes at once.
         if isinstance(value, list | tuple):
-            if not value:
-                raise ValueError("is empty; add at least one command step")
             return [{"type": "wait"} if s == "wait" else s for s in value]
         return value
-
-    @model_validator(mode="after")
-    def _has_command(self) -> BuildSpec:
-        if not any(isinstance(s, StepSpec) for s in self.steps):
-            raise ValueError("has no command step; add at least one step with a key and command")
-        return self
 
     @property
     def command_steps(self) -> tuple[StepSpec, ...]:

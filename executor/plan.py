@@ -198,8 +198,11 @@ class Plan:
 
     @cached_property
     def critical_path(self) -> tuple[str, ...]:
-        """A longest chain of dependent steps (first in plan order among equals), first to last."""
+        """A longest chain of dependent steps (first in plan order among equals), first to last;
+        empty for a plan with no steps."""
         levels = self._levels
+        if not levels:
+            return ()
         pos = self._position
         depth = max(levels)
         node = min((i for i in range(len(levels)) if levels[i] == depth), key=pos.__getitem__)

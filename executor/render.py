@@ -59,9 +59,11 @@ def plan_to_text(plan: Plan, *, name: str | None = None) -> str:
         incoming.setdefault(edge.target, []).append(edge)
     path = plan.critical_path
     head = f"{name}: " if name else ""
+    if not len(plan):
+        return f"{head}no jobs: the build has no command step, so it passes at once\n"
     lines = [
         f"{head}{_count(len(plan), 'job')} in {_count(len(plan.levels), 'level')}; "
-        f"critical path ({len(path)} jobs): {' -> '.join(path)}",
+        f"critical path ({_count(len(path), 'job')}): {' -> '.join(path)}",
         "concurrency: "
         + (str(spec.concurrency) if spec.concurrency else "number of CPUs")
         + "; build timeout: "

@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 
 import executor
 from executor import BuildFileError, CycleError, EdgeKind, load_build, load_plan, plan_build_text
+from executor.store import open_store
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 INVALID = EXAMPLES / "invalid"
@@ -325,3 +326,98 @@ def test_load_yaml_exponent_number_gets_a_hint() -> None:
 
 def test_load_null_is_named_as_nothing() -> None:
     assert "steps must be a list, got nothing (null)" in _error("steps:\n")
+
+
+# --- IR that real Harmont pipelines use (SPEC §1) ---------------------------------------------
+
+
+def _graph(*nodes: dict[str, object], edges: list[list[object]] | None = None) -> str:
+    return json.dumps({"version": "0", "graph": {"nodes": list(nodes), "edges": edges or []}})
+
+
+def test_load_graph_node_secrets_are_ignored_with_the_cloud_warning() -> None:
+    text = _graph({"step": {"key": "a", "cmd": "echo a"}, "env": {}, "secrets": ["TOKEN"]})
+    with capture_logs() as logs:
+        plan = plan_build_text(text, name="g.json")
+    assert plan.order == ("a",)
+    (warning,) = [e for e in logs if e["event"] == "cloud_fields_ignored"]
+    assert warning["fields"] == ["secrets"]
+
+
+def test_load_graph_step_eval_cmd_is_its_command() -> None:
+    text = _graph(
+        {"step": {"key": "a", "eval": {"type": "cmd", "cmd": "echo a"}}, "env": {}},
+        {"step": {"key": "b", "cmd": "echo b"}, "env": {}},
+        edges=[[0, 1, "depends_on"]],
+    )
+    plan = plan_build_text(text, name="g.json")
+    assert plan.step("a").command == "echo a"
+    assert plan.prerequisites("b") == ("a",)
+
+
+def test_load_step_eval_dynamic_is_refused_saying_why() -> None:
+    text = _graph({"step": {"key": "gen", "eval": {"type": "dynamic", "script": "x"}}})
+    message = _error(text, name="g.json", json_format=True)
+    assert message.startswith("g.json:1:")
+    assert "step 'gen': is a dynamic step" in message
+    assert "eval {type: cmd, cmd: ...}" in message
+
+
+@pytest.mark.parametrize(
+    ("step", "says"),
+    [
+        ({"key": "a", "cmd": "x", "eval": {"type": "cmd", "cmd": "y"}}, "has both eval and cmd"),
+        ({"key": "a", "eval": "echo"}, "eval is 'echo'; use {type: cmd, cmd: <shell command>}"),
+        ({"key": "a", "eval": {"type": "cmd"}}, "has no command"),
+        ({"key": "a", "eval": {"type": "cmd", "cmd": "x", "extra": 1}}, "eval is {"),
+    ],
+)
+def test_load_step_eval_mistakes_are_located_errors(step: dict[str, object], says: str) -> None:
+    message = _error(_graph({"step": step}), name="g.json", json_format=True)
+    assert says in message and message.startswith("g.json:1:"), message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "steps: []\n",
+        "steps:\n  - wait\n",
+        '{"version": "0", "steps": []}',
+        '{"version": "0", "graph": {"nodes": [], "edges": []}}',
+    ],
+    ids=["yaml", "only-a-wait", "flat-ir", "graph-ir"],
+)
+def test_load_a_pipeline_with_no_steps_is_valid_and_its_build_passes(
+    text: str, tmp_path: Path
+) -> None:
+    plan = plan_build_text(text, name="empty")
+    assert len(plan) == 0 and plan.order == () and plan.levels == () and plan.critical_path == ()
+    result = executor.run_build_sync(plan, db=tmp_path / "h.db", pipeline="empty")
+    assert result.state.value == "passed" and result.exit_status == 0 and not result.jobs
+    with open_store(tmp_path / "h.db") as store:
+        (build,) = store.list_builds()
+    assert build.state.value == "passed" and build.finished_at is not None
+
+
+def test_load_graph_form_messages_name_graph_nodes_not_steps() -> None:
+    text = _graph({"step": {"key": "a", "cmd": "x"}}, {"step": {"key": "a", "cmd": "y"}})
+    message = _error(text, name="g.json", json_format=True)
+    assert "duplicate step key 'a': graph.nodes[0] already uses it" in message
+    assert "step #" not in message
+
+
+def test_load_graph_node_that_is_a_wait_is_refused() -> None:
+    text = _graph({"step": {"key": "a", "cmd": "x"}}, {"step": {"type": "wait"}})
+    message = _error(text, name="g.json", json_format=True)
+    assert "a graph node's step is a wait" in message and "depends_on edges" in message
+
+
+def test_load_yaml_keys_that_are_not_text_are_each_a_located_error() -> None:
+    text = "steps:\n  - key: a\n    command: x\n    1: y\n    true: z\n"
+    message = _error(text)
+    assert message.splitlines() == [
+        "build.yaml:4:5: mapping key '1' is read as a number, not a name (YAML reads unquoted "
+        'numbers, true/false, yes/no, on/off and null as values); quote it: "1"',
+        "build.yaml:5:5: mapping key 'true' is read as a boolean, not a name (YAML reads "
+        'unquoted numbers, true/false, yes/no, on/off and null as values); quote it: "true"',
+    ]

@@ -189,8 +189,10 @@ def _summary(console: Console, store: Store, result: BuildResult, tail_lines: in
         )
     if shown:
         console.print(table)
-    else:
+    elif jobs:
         console.print(f"{table.title}; {table.caption}")
+    else:
+        console.print(f"{table.title} (no jobs)")
     for job in jobs:
         if job.state in (JobState.FAILED, JobState.TIMED_OUT) and tail_lines:
             lines = _tail(store, job.job_id, tail_lines)
