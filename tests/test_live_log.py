@@ -4,7 +4,6 @@ Last-Event-ID; the log tokens' refusals; lossless bytes; heartbeats; `logs --fol
 
 from __future__ import annotations
 
-import base64
 import json
 import signal
 import subprocess
@@ -82,10 +81,8 @@ def _chunks(event: Event) -> list[dict[str, Any]]:
     return list(body["chunks"]) if event.name == "history" else [body]
 
 
-def _content(chunk: dict[str, Any]) -> bytes:
-    if chunk.get("encoding") == "base64":
-        return base64.b64decode(chunk["content"])
-    return str(chunk["content"]).encode("utf-8")
+def _text(chunks: list[dict[str, Any]]) -> str:
+    return "".join(str(c["content"]) for c in chunks)
 
 
 @dataclass(frozen=True)
@@ -142,6 +139,11 @@ def _recorded_log(live: Live) -> bytes:
         return b"".join(c.content for c in store.read_log(live.job["id"]))
 
 
+def _recorded_text(live: Live) -> str:
+    """The job's (stdout-only) log as the stream's text: decoded, invalid bytes replaced."""
+    return _recorded_log(live).decode("utf-8", "replace")
+
+
 def test_live_log_streams_chunks_while_the_job_runs_then_done(live: Live) -> None:
     stream = Stream()
     received: list[dict[str, Any]] = []
@@ -153,12 +155,12 @@ def test_live_log_streams_chunks_while_the_job_runs_then_done(live: Live) -> Non
                 assert json.loads(event.data) == {"state": "passed", "exit_code": 0}
                 break
             received.extend(_chunks(event))
-            text = b"".join(_content(c) for c in received)
-            if b"first" in text and not (live.work / "go").exists():
+            text = _text(received)
+            if "first" in text and not (live.work / "go").exists():
                 # Received while the command is still running: it waits for this file.
                 assert _job_state(live) == "running"
                 (live.work / "go").touch()
-            if b"second" in text and not (live.work / "go2").exists():
+            if "second" in text and not (live.work / "go2").exists():
                 assert _job_state(live) == "running"
                 (live.work / "go2").touch()
     assert stream.events[0].name == "history"
@@ -166,8 +168,10 @@ def test_live_log_streams_chunks_while_the_job_runs_then_done(live: Live) -> Non
     assert [c["seq"] for c in received] == list(range(1, len(received) + 1))
     for event in stream.events[1:-1]:
         assert event.id == str(json.loads(event.data)["seq"])
-    assert b"".join(_content(c) for c in received) == _recorded_log(live)
-    assert set(received[0]) >= {"seq", "stream_kind", "content", "ts"}
+    assert _text(received) == _recorded_text(live)
+    assert "\ufffd" in _text(received)  # the bytes that are not UTF-8, as Harmont sends them
+    assert set(received[0]) == {"seq", "stream_kind", "content", "ts", "attempt"}
+    assert {c["stream_kind"] for c in received} == {0}
 
 
 def test_live_log_resumes_from_last_event_id_without_gaps_or_duplicates(live: Live) -> None:
@@ -176,8 +180,9 @@ def test_live_log_resumes_from_last_event_id_without_gaps_or_duplicates(live: Li
     with httpx.stream("GET", live.stream_url, timeout=TIMEOUT_S) as response:
         for event in _events(response.iter_lines(), Stream()):
             first.extend(_chunks(event))
-            last_id = event.id
-            if b"first" in b"".join(_content(c) for c in first):
+            if first:
+                last_id = str(first[-1]["seq"])
+            if "first" in _text(first):
                 break  # the client goes away mid-job
     assert last_id is not None
     (live.work / "go").touch()
@@ -194,13 +199,13 @@ def test_live_log_resumes_from_last_event_id_without_gaps_or_duplicates(live: Li
             if event.name == "done":
                 break
             rest.extend(_chunks(event))
-            if b"second" in b"".join(_content(c) for c in rest):
+            if "second" in _text(rest):
                 (live.work / "go2").touch()
     assert stream.events[0].name == "history"
     assert rest and rest[0]["seq"] == int(last_id) + 1  # the history starts after the id
     seqs = [c["seq"] for c in first + rest]
     assert seqs == list(range(1, len(seqs) + 1))
-    assert b"".join(_content(c) for c in first + rest) == _recorded_log(live)
+    assert _text(first + rest) == _recorded_text(live)
 
 
 # --- the ASGI app over a finished build: tokens, content, heartbeats --------------------------
@@ -281,11 +286,12 @@ async def test_live_log_of_a_finished_job_is_history_then_done_and_lossless(
     events = list(_events(iter(response.text.split("\n")), stream))
     assert [e.name for e in events] == ["history", "done"]
     chunks = _chunks(events[0])
-    by_stream = {c["stream_kind"]: _content(c) for c in chunks}
-    assert by_stream == {"stdout": b"h\xc3\xa9llo\n", "stderr": b"\xff\xfe"}
-    assert any(c.get("encoding") == "base64" for c in chunks)  # the bytes that are not UTF-8
-    assert any(c["content"] == "h\u00e9llo\n" for c in chunks)  # UTF-8 stays text
-    assert events[0].id == str(chunks[-1]["seq"])
+    by_stream = {c["stream_kind"]: c["content"] for c in chunks}
+    assert by_stream == {0: "h\u00e9llo\n", 1: "\ufffd\ufffd"}  # stdout, stderr
+    assert events[0].id is None  # history has no id (Harmont's frames)
+    with open_store(finished.db) as store:  # the record keeps the bytes
+        raw = {c.stream: c.content for c in store.read_log(finished.job.id)}
+    assert raw == {"stdout": b"h\xc3\xa9llo\n", "stderr": b"\xff\xfe"}
 
 
 @pytest.mark.anyio
@@ -304,13 +310,11 @@ async def test_live_log_of_a_long_log_is_a_bounded_history_then_chunks(tmp_path:
     assert names[0] == "history" and names[-1] == "done"
     assert set(names[1:-1]) == {"chunk"}  # the rest of the log, after a bounded history
     history = _chunks(events[0])
-    assert sum(len(_content(c)) for c in history) < 8 * 1024 * 1024
+    assert sum(len(c["content"]) for c in history) < 8 * 1024 * 1024
     chunks = [c for e in events[:-1] for c in _chunks(e)]
     assert [c["seq"] for c in chunks] == list(range(1, len(chunks) + 1))
     with open_store(db) as store:
-        assert b"".join(_content(c) for c in chunks) == b"".join(
-            c.content for c in store.read_log(job_id)
-        )
+        assert _text(chunks) == b"".join(c.content for c in store.read_log(job_id)).decode()
 
 
 @pytest.mark.anyio
@@ -326,16 +330,26 @@ async def test_live_log_unusable_token_is_401(finished: Finished, case: str) -> 
         "missing": None,
     }[case]
     path = f"/v0/jobs/{finished.job.id}/logs" + ("" if token is None else f"?token={token}")
-    message = _refused(await _get(finished.db, path), 401, "unauthorized")
+    message = _flat_refusal(await _get(finished.db, path), 401, "log_stream_unauthorized")
     assert "log-token" in message  # says how to get a good one
     if case == "expired":
         assert "expired" in message
 
 
+def _flat_refusal(response: httpx.Response, status: int, code: str) -> str:
+    """Harmont's flat error body of the log stream: {"code", "message"}, no envelope."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"code", "message"}, body
+    assert body["code"] == code
+    return str(body["message"])
+
+
 @pytest.mark.anyio
-async def test_live_log_token_of_another_build_is_job_not_found(finished: Finished) -> None:
+async def test_live_log_token_of_another_build_is_forbidden(finished: Finished) -> None:
     other = _log_token(finished.db, finished.other_build_id, datetime.now(UTC) + LOG_TOKEN_TTL)
-    _refused(await _get(finished.db, _stream_path(finished, other)), 404, "job_not_found")
+    response = await _get(finished.db, _stream_path(finished, other))
+    assert finished.job.id in _flat_refusal(response, 403, "log_stream_forbidden")
 
 
 @pytest.mark.anyio
@@ -353,12 +367,20 @@ async def test_live_log_token_needs_a_bearer_token_and_a_visible_build(
 
 
 @pytest.mark.anyio
-async def test_live_log_garbage_last_event_id_is_422(finished: Finished) -> None:
+async def test_live_log_garbage_last_event_id_is_ignored_as_harmont_does(
+    finished: Finished,
+) -> None:
     token = _log_token(finished.db, finished.job.build_id, datetime.now(UTC) + LOG_TOKEN_TTL)
-    response = await _get(
+    plain = await _get(finished.db, _stream_path(finished, token))
+    garbage = await _get(
         finished.db, _stream_path(finished, token), headers={"Last-Event-ID": "abc"}
     )
-    assert "Last-Event-ID 'abc'" in _refused(response, 422, "invalid_request")
+    assert garbage.status_code == 200, garbage.text
+    history = [e for e in _events(iter(garbage.text.split("\n")), Stream()) if e.name == "history"]
+    assert _chunks(history[0]) == _chunks(
+        next(e for e in _events(iter(plain.text.split("\n")), Stream()) if e.name == "history")
+    )
+    assert len(_chunks(history[0])) == 2  # from the start: both chunks
 
 
 @pytest.mark.anyio

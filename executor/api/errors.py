@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DOC_BASE", "ApiError", "envelope", "not_found", "unauthorized"]
+__all__ = ["DOC_BASE", "ApiError", "LogStreamError", "envelope", "not_found", "unauthorized"]
 
 DOC_BASE = "docs/api.md#"
 """Where each error code is documented: the section of the repository's docs/api.md that has
@@ -46,3 +46,15 @@ def unauthorized(message: str) -> ApiError:
 
 def not_found(code: str, message: str) -> ApiError:
     return ApiError(404, "not_found", code, message)
+
+
+class LogStreamError(Exception):
+    """A refusal of the live log stream: Harmont answers those with a flat body,
+    ``{"code", "message"}``, not the envelope (``log_stream_unauthorized`` 401,
+    ``log_stream_forbidden`` 403)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message

@@ -1,26 +1,29 @@
-"""Live logs, Harmont's way (SPEC §6): a build-scoped log token, then a Server-Sent Events
-stream of one job's output.
+"""Live logs, Harmont's way (SPEC §6.2): a build-scoped log token, then a Server-Sent Events
+stream of one job's output, frame for frame as Harmont sends it.
 
 ``GET …/builds/{number}/log-token`` (Bearer auth) answers ``{"token", "expires_at"}``: an HMAC
 (SHA-256) over the build's id and an expiry an hour out, keyed by a secret kept in the store
 (``Store.store_key``), so every server of one record accepts it. ``GET /v0/jobs/{job_id}/logs
 ?token=…`` (no Bearer: browsers' EventSource cannot send headers) then streams:
 
-- ``event: history``: ``{"chunks": [chunk, ...]}``, the chunks after ``Last-Event-ID`` (all of
-  them on a first connection, up to about a megabyte: the rest of a long log follows as
-  ``chunk`` events); its ``id`` is the last chunk's seq;
-- ``event: chunk`` per new chunk, ``id: <seq>``, data ``{seq, stream_kind, content, ts,
-  attempt}``;
-- ``event: done`` with ``{"state", "exit_code"}`` once the job is terminal and every chunk was
-  sent, then the stream ends;
+- ``event: history`` with no ``id:``, ``{"chunks": [chunk, ...]}``: the chunks after the resume
+  point (all of them on a first connection, up to about a megabyte: the rest of a long log
+  follows as ``chunk`` events);
+- ``event: chunk`` per new chunk, ``id: <seq>``;
+- ``event: done`` with ``{"state", "exit_code"}`` (Harmont sends ``{}``; clients ignore extra
+  keys) once the job is terminal and every chunk was sent, then the stream ends;
 - a ``: heartbeat`` comment after ``heartbeat_s`` (15 s) without an event.
 
-When the server stops (``closing``), open streams end without ``done``.
+A chunk is ``{"seq", "stream_kind", "content", "ts", "attempt"}``: ``stream_kind`` 0 stdout,
+1 stderr, 2 meta (harmont-exec's own lines); ``ts`` unix nanoseconds; ``content`` text, decoded
+per stream and attempt so that a character is never split between chunks (``logtext``).
+The bytes stay exact on the raw log route. Resume: ``Last-Event-ID`` or ``?last_event_id=``
+(the header first) replays from seq N+1; a negative N counts as 0, one that is not an integer
+is ignored. Refusals are Harmont's flat bodies: 401 ``log_stream_unauthorized`` (no token, not
+ours, altered, expired), 403 ``log_stream_forbidden`` (a job that is not in the token's build).
 
-Chunks are the store's, byte for byte. ``content`` is the chunk decoded as UTF-8 when it is
-valid UTF-8; otherwise it is the chunk in base64 and the chunk carries ``"encoding": "base64"``
-(a chunk can also end inside a multi-byte character: it is then base64 too). Nothing is lost or
-replaced. The stream polls the store (``poll_s``): the writer commits at most every 50 ms.
+When the server stops (``closing``), open streams end without ``done``. The stream polls the
+store (``poll_s``): the writer commits at most every 50 ms.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the handlers' annotations at runtime.
@@ -29,6 +32,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -38,28 +42,33 @@ from typing import Annotated, Any
 import anyio
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
 
 from executor.api import models
-from executor.api.errors import ApiError, not_found, unauthorized
+from executor.api.errors import LogStreamError
+from executor.api.logtext import STREAM_KINDS, LogText, ends_of_streams
 from executor.api.lookup import API_PREFIX, STATUS_TEXT, Lookups, is_uuid
-from executor.store import JobRow, LogChunk, TokenRow
+from executor.store import JobRow, LogChunk, Store, TokenRow
 from executor.store.reads import LOG_PAGE_ROWS
 from executor.store.rows import format_time
 
-__all__ = ["LOG_TOKEN_TTL", "add_live_log_routes", "chunk_json", "mint_log_token"]
+__all__ = [
+    "LOG_TOKEN_TTL",
+    "add_live_log_routes",
+    "chunk_json",
+    "mint_log_token",
+    "resume_point",
+    "unix_ns",
+]
 
 LOG_TOKEN_TTL = timedelta(hours=1)
 READ_BUDGET_BYTES = 1 << 20
 """Output read from the store per hop: a long log goes out as a bounded ``history`` and then
 ``chunk`` events, never as one event the size of the log."""
 _KEY_NAME = "log_token_hmac"
-
-
-class LogToken(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    token: str
-    expires_at: str
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_INTEGER = re.compile(r"[+-]?[0-9]{1,30}")
+_MAX_SEQ = 1 << 62  # beyond any seq, and within what SQLite compares
 
 
 # One event of the stream, as OpenAPI 3.2 describes Server-Sent Events (the data is JSON text).
@@ -91,49 +100,113 @@ def mint_log_token(key: bytes, build_id: str, expires_at: datetime) -> str:
     return f"{_b64(payload)}.{_b64(mac)}"
 
 
-def _bad_token(why: str) -> ApiError:
-    return unauthorized(
-        f"{why}; mint a log token with GET {API_PREFIX}/organizations/{{org}}/pipelines/"
-        "{pipeline}/builds/{number}/log-token and pass it as ?token="
-    )
+_HOW = (
+    f"mint a log token with GET {API_PREFIX}/organizations/{{org}}/pipelines/{{pipeline}}/"
+    "builds/{number}/log-token and pass it as ?token="
+)
+
+
+def _unauthorized(why: str) -> LogStreamError:
+    return LogStreamError(401, "log_stream_unauthorized", f"{why}; {_HOW}")
 
 
 def verify_log_token(key: bytes, token: str, now: datetime) -> str:
-    """The build id a token is good for; ApiError 401 if it is not one of ours or expired."""
+    """The build id a token is good for; LogStreamError 401 if it is not one of ours or it
+    expired."""
     payload_text, _, mac_text = token.partition(".")
     try:
         payload, mac = _unb64(payload_text), _unb64(mac_text)
     except (ValueError, binascii.Error):
-        raise _bad_token("the log token is not one this server minted") from None
+        raise _unauthorized("the log token is not one this server minted") from None
     expected = hmac.new(key, payload, hashlib.sha256).digest()
     if not hmac.compare_digest(mac, expected):
-        raise _bad_token("the log token is not one this server minted (or it was altered)")
+        raise _unauthorized("the log token is not one this server minted (or it was altered)")
     data = json.loads(payload)
     expires = datetime.fromtimestamp(int(data["e"]), UTC)
     if expires <= now:
-        raise _bad_token(f"the log token expired at {format_time(expires)}")
+        raise _unauthorized(f"the log token expired at {format_time(expires)}")
     return str(data["b"])
 
 
-def chunk_json(chunk: LogChunk) -> dict[str, Any]:
-    """A log chunk on the wire (see the module docstring for ``encoding``)."""
-    body: dict[str, Any] = {
+def unix_ns(at: datetime) -> int:
+    """``at`` in unix nanoseconds (the store keeps microseconds: exact)."""
+    return (at - _EPOCH) // _MICROSECOND * 1000
+
+
+def chunk_json(chunk: LogChunk, text: str) -> dict[str, Any]:
+    """A log chunk on the wire, with its ``text`` (``LogText.decode``)."""
+    return {
         "seq": chunk.seq,
-        "stream_kind": chunk.stream,
-        "ts": format_time(chunk.at),
+        "stream_kind": STREAM_KINDS[chunk.stream],
+        "content": text,
+        "ts": unix_ns(chunk.at),
         "attempt": chunk.attempt,
     }
-    try:
-        body["content"] = chunk.content.decode("utf-8")
-    except UnicodeDecodeError:
-        body["content"] = base64.b64encode(chunk.content).decode("ascii")
-        body["encoding"] = "base64"
-    return body
+
+
+def resume_point(header: str | None, query: str | None) -> int:
+    """The seq a stream resumes after: the ``Last-Event-ID`` header, else the
+    ``last_event_id`` query parameter (as Harmont: a negative value counts as 0, one that is not
+    an integer is ignored); 0 (from the start) when neither says."""
+    for value in (header, query):
+        if value is not None and _INTEGER.fullmatch(value):
+            return min(max(int(value), 0), _MAX_SEQ)
+    return 0
 
 
 def _event(name: str, data: Any, event_id: int | None = None) -> bytes:
     head = "" if event_id is None else f"id: {event_id}\n"
-    return f"{head}event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"{head}event: {name}\ndata: {text}\n\n".encode()
+
+
+class _Reader:
+    """One stream's reads of the store (in a worker thread) and its text decoder."""
+
+    def __init__(self, store: Store, job_id: str, after: int) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.after = after
+        self.text = LogText()
+        self.primed = after == 0  # from the start, no earlier bytes to continue
+
+    def _prime(self) -> None:
+        # Resuming after seq N: each stream continues the bytes it had up to N.
+        for stream in STREAM_KINDS:
+            tail = self.store.log_tail(self.job_id, stream, through_seq=self.after)
+            if tail:
+                attempt = tail[0].attempt
+                before = b"".join(c.content for c in reversed(tail) if c.attempt == attempt)
+                self.text.prime(stream, attempt, before)
+        self.primed = True
+
+    def poll(self) -> tuple[bool, JobRow | None, list[dict[str, Any]]]:
+        """(the job is over and this is the last of its output, the job, the chunks after the
+        last poll as wire objects, at most about READ_BUDGET_BYTES of them)."""
+        if not self.primed:
+            self._prime()
+        # The state first, then the chunks: a job seen terminal has all its chunks in.
+        now = self.store.get_job(self.job_id)
+        chunks: list[LogChunk] = []
+        size = 0
+        after = self.after
+        over = False
+        while True:
+            page = self.store.log_page(self.job_id, after_seq=after)
+            chunks.extend(page)
+            size += sum(len(c.content) for c in page)
+            if len(page) < LOG_PAGE_ROWS:
+                # A job that is gone (its build was pruned) sends nothing more either.
+                over = now is None or now.state.is_terminal
+                break
+            after = page[-1].seq
+            if size >= READ_BUDGET_BYTES:
+                break  # more to read: the caller comes back at once
+        ends = ends_of_streams(chunks, complete=over)
+        wire = [chunk_json(c, self.text.decode(c, final=c.seq in ends)) for c in chunks]
+        if chunks:
+            self.after = chunks[-1].seq
+        return over, now, wire
 
 
 def add_live_log_routes(
@@ -149,16 +222,21 @@ def add_live_log_routes(
             keys.append(store.store_key(_KEY_NAME))
         return keys[0]
 
+    @app.exception_handler(LogStreamError)
+    async def log_stream_error(request: Request, exc: LogStreamError) -> JSONResponse:
+        return JSONResponse({"code": exc.code, "message": exc.message}, status_code=exc.status)
+
     builds_path = f"{API_PREFIX}/organizations/{{org}}/pipelines/{{pipeline}}/builds"
 
     @app.get(
         f"{builds_path}/{{number}}/log-token",
         tags=["builds"],
+        operation_id="getBuildLogToken",
         summary="Mint a build-scoped log token for the SSE log stream",
         responses={
-            200: {"model": LogToken},
+            200: {"model": models.LogTokenResponse},
             **{
-                status: {"model": models.ErrorEnvelope, "description": STATUS_TEXT[status]}
+                status: {"model": models.Error, "description": STATUS_TEXT[status]}
                 for status in (401, 404, 422)
             },
         },
@@ -180,6 +258,7 @@ def add_live_log_routes(
     @app.get(
         "/v0/jobs/{job_id}/logs",
         tags=["jobs"],
+        operation_id="streamJobLogs",
         summary="A job's log as Server-Sent Events (history, chunk, done)",
         openapi_extra={
             "parameters": [
@@ -187,8 +266,9 @@ def add_live_log_routes(
                     "name": "Last-Event-ID",
                     "in": "header",
                     "required": False,
-                    "description": "Resume after this chunk seq (EventSource sends it).",
-                    "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1},
+                    "description": "Resume after this chunk seq (EventSource sends it); a "
+                    "negative value counts as 0, one that is not an integer is ignored.",
+                    "schema": {"type": "string"},
                 }
             ]
         },
@@ -198,10 +278,15 @@ def add_live_log_routes(
                 "description": "history, then chunk events, then done (module docstring)",
                 "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}},
             },
-            **{
-                status: {"model": models.ErrorEnvelope, "description": STATUS_TEXT[status]}
-                for status in (401, 404, 422)
+            401: {
+                "model": models.LogStreamError,
+                "description": "No log token, not one this server minted, or expired",
             },
+            403: {
+                "model": models.LogStreamError,
+                "description": "The job is not in the log token's build",
+            },
+            422: {"model": models.Error, "description": STATUS_TEXT[422]},
         },
     )
     async def job_log_stream(
@@ -210,84 +295,55 @@ def add_live_log_routes(
         token: Annotated[
             str | None, Query(description="A token from …/builds/{number}/log-token.")
         ] = None,
+        last_event_id: Annotated[
+            str | None,
+            Query(description="Resume after this chunk seq (when no Last-Event-ID header)."),
+        ] = None,
     ) -> StreamingResponse:
         # Read here rather than declared: FastAPI would document an optional header as
-        # nullable, and "null" is no seq. Documented in openapi_extra.
-        raw_last = request.headers.get("last-event-id")
-        last_event_id = None
-        if raw_last is not None:
-            if not raw_last.strip().isdigit() or len(raw_last.strip()) > 18:
-                raise ApiError(
-                    422,
-                    "invalid_request",
-                    "invalid_request",
-                    f"Last-Event-ID {raw_last[:40]!r} is not a chunk seq; send the id of the "
-                    "last event received (EventSource does), or no header to start over",
-                )
-            last_event_id = int(raw_last)
+        # nullable. Documented in openapi_extra.
+        after = resume_point(request.headers.get("last-event-id"), last_event_id)
 
         def lookup() -> JobRow:
-            if token is None:
-                raise _bad_token("no ?token= on the log stream's URL")
+            if not token:
+                raise _unauthorized("no ?token= on the log stream's URL")
             build_id = verify_log_token(hmac_key(), token, datetime.now(UTC))
             job = store.get_job(job_id.lower()) if is_uuid(job_id) else None
             if job is None or job.build_id != build_id:
-                raise not_found(
-                    "job_not_found",
-                    f"no job {job_id!r} in the build this log token is for; log tokens are "
-                    "build-scoped: mint one for the job's build",
+                raise LogStreamError(
+                    403,
+                    "log_stream_forbidden",
+                    f"this log token is not scoped to job {job_id[:80]!r}: the token's build "
+                    "has no such job; mint a log token for the build the job belongs to",
                 )
             return job
 
         job = await lookups.read(lookup)
-
-        def poll(after: int) -> tuple[bool, JobRow | None, list[LogChunk]]:
-            """(the job is over and this is the last of its output, the job, the chunks after
-            ``after``, at most about READ_BUDGET_BYTES of them)."""
-            # The state first, then the chunks: a job seen terminal has all its chunks in.
-            now = store.get_job(job.id)
-            chunks: list[LogChunk] = []
-            size = 0
-            while True:
-                page = store.log_page(job.id, after_seq=after)
-                chunks.extend(page)
-                size += sum(len(c.content) for c in page)
-                if len(page) < LOG_PAGE_ROWS:
-                    over = now is not None and now.state.is_terminal
-                    return over, now, chunks
-                after = page[-1].seq
-                if size >= READ_BUDGET_BYTES:
-                    return False, now, chunks  # more to read: the caller comes back at once
+        reader = _Reader(store, job.id, after)
 
         async def events() -> AsyncIterator[bytes]:
-            after = last_event_id or 0
-            done, now, chunks = await lookups.read(poll, after)
+            done, now, chunks = await lookups.read(reader.poll)
             more = not done and len(chunks) > 0
-            if chunks:
-                after = chunks[-1].seq
-            yield _event(
-                "history",
-                {"chunks": [chunk_json(c) for c in chunks]},
-                after if after else None,
-            )
+            yield _event("history", {"chunks": chunks})
             quiet_since = time.monotonic()
             while not done:
                 if not more:
                     await anyio.sleep(poll_s)
                 if closing.is_set():
                     return  # the server is stopping: the client reconnects elsewhere
-                done, now, chunks = await lookups.read(poll, after)
+                done, now, chunks = await lookups.read(reader.poll)
                 more = not done and len(chunks) > 0
                 for chunk in chunks:
-                    yield _event("chunk", chunk_json(chunk), chunk.seq)
-                    after = chunk.seq
+                    yield _event("chunk", chunk, chunk["seq"])
                 if chunks:
                     quiet_since = time.monotonic()
                 elif time.monotonic() - quiet_since >= heartbeat_s:
                     yield b": heartbeat\n\n"
                     quiet_since = time.monotonic()
-            assert now is not None
-            yield _event("done", {"state": now.state.value, "exit_code": now.exit_code})
+            state = None if now is None else now.state.value
+            yield _event(
+                "done", {"state": state, "exit_code": None if now is None else now.exit_code}
+            )
 
         return StreamingResponse(
             events(),
