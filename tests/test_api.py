@@ -254,8 +254,10 @@ async def _everything(client: httpx.AsyncClient) -> list[tuple[str, Any]]:
     seen: list[tuple[str, Any]] = []
     orgs = _ok(await client.get(f"{API}/organizations"))
     seen.append(("OrganizationList", orgs))
+    seen.append(("CurrentUserResponse", _ok(await client.get(f"{API}/user"))))
     for org in orgs["data"]:
         seen.append(("Organization", org))
+        seen.append(("Organization", _ok(await client.get(f"{API}/organizations/{org['slug']}"))))
         pipelines = _ok(await client.get(f"{API}/organizations/{org['slug']}/pipelines"))
         seen.append(("PipelineList", pipelines))
         for listed in pipelines["data"]:
@@ -268,6 +270,8 @@ async def _everything(client: httpx.AsyncClient) -> list[tuple[str, Any]]:
                 seen.append(("Build", build))
                 number = build["number"]
                 seen.append(("Build", _ok(await client.get(f"{path}/builds/{number}"))))
+                token = _ok(await client.get(f"{path}/builds/{number}/log-token"))
+                seen.append(("LogTokenResponse", token))
                 jobs = _ok(await client.get(f"{path}/builds/{number}/jobs"))
                 seen.append(("JobList", jobs))
                 for job in jobs["data"]:
@@ -285,6 +289,8 @@ async def test_api_every_object_conforms_to_harmont_schemas(
     kinds = {name for name, _ in seen}
     assert kinds == {
         "OrganizationList",
+        "CurrentUserResponse",
+        "LogTokenResponse",
         "Organization",
         "PipelineList",
         "Pipeline",

@@ -164,6 +164,8 @@ OPERATIONS = [
     for path in (
         "/ping",
         "/organizations",
+        "/organizations/{org}",
+        "/user",
         "/organizations/{org}/pipelines",
         "/organizations/{org}/pipelines/{pipeline}",
         "/organizations/{org}/pipelines/{pipeline}/builds",
@@ -178,9 +180,11 @@ OPERATIONS = [
         "/organizations/{org}/pipelines/{pipeline}/builds/{number}/log-token",
     )
 ] + ["/v0/jobs/{job_id}/logs"]  # Harmont's live log stream is outside /api
-# /ping has no parameter to make invalid: no negative case exists for it.
+# /ping and /user have no parameter to make invalid: no negative case exists for them.
 CASES = [(path, GenerationMode.POSITIVE) for path in OPERATIONS] + [
-    (path, GenerationMode.NEGATIVE) for path in OPERATIONS[1:]
+    (path, GenerationMode.NEGATIVE)
+    for path in OPERATIONS
+    if path not in (f"{API_PREFIX}/ping", f"{API_PREFIX}/user")
 ]
 
 
@@ -270,6 +274,14 @@ def record(tmp_path_factory: pytest.TempPathFactory) -> Record:
                 # 400 is accepted here; _check_extra holds it to exactly that case.
                 "positive_data_acceptance": {"expected-statuses": [200, 400, 404]},
             },
+            # The live log stream answers a job outside the token's build (any schema-valid
+            # job id but the build's own) with Harmont's 403 log_stream_forbidden.
+            "operations": [
+                {
+                    "include-path": "/v0/jobs/{job_id}/logs",
+                    "checks": {"positive_data_acceptance": {"expected-statuses": [200, 403]}},
+                }
+            ],
         }
     )
     return Record(db, config)
@@ -293,6 +305,13 @@ def _check_extra(case: Any, response: Any) -> None:
     cursor this server did not hand out, and an error's request id is the header's."""
     request_id = _header(response, "x-request-id")
     assert request_id.startswith("req_"), response.headers
+    if case.path == "/v0/jobs/{job_id}/logs" and response.status_code in (401, 403):
+        body = response.json()  # Harmont's flat body, not the envelope
+        assert set(body) == {"code", "message"}, body
+        assert body["code"] == {401: "log_stream_unauthorized", 403: "log_stream_forbidden"}[
+            response.status_code
+        ]
+        return
     if response.status_code >= 400:
         assert response.json()["error"]["request_id"] == request_id
     if response.status_code == 400:

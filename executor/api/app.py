@@ -15,7 +15,7 @@ import importlib.metadata
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
@@ -33,6 +33,7 @@ from executor.api.artifacts import add_artifact_routes
 from executor.api.errors import ApiError, envelope, not_found
 from executor.api.live import add_live_log_routes
 from executor.api.lookup import API_PREFIX, STATUS_TEXT, Lookups, clamp, documented
+from executor.api.middleware import CorsMiddleware, HeadMiddleware, add_head_routes
 from executor.errors import StoreError
 from executor.store import (
     AttemptRow,
@@ -145,6 +146,7 @@ def create_app(
     poll_s: float = 0.1,
     closing: threading.Event | None = None,
     recover_every_s: float | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The ASGI app over the store at ``db`` (path or URL, default as for ``run``; opened now,
     so a bad path fails here, and closed when the app shuts down), or over an already open
@@ -152,7 +154,8 @@ def create_app(
     log stream (``live``): a comment after that long without an event, and how often it reads
     the store for new chunks; once ``closing`` is set (the server is stopping), open streams
     end. With ``recover_every_s``, builds whose executor died are finished that often while
-    the app runs (``Store.recover_lost_builds``)."""
+    the app runs (``Store.recover_lost_builds``). ``cors_origins`` are the browser origins
+    allowed to call the API (``serve --cors-origin``; none by default)."""
     own = store is None
     opened = open_store(db) if store is None else store
 
@@ -185,14 +188,18 @@ def create_app(
 
     app = FastAPI(
         lifespan=lifespan,
-        title="harmont-exec read API",
+        title="harmont-exec API",
         version=importlib.metadata.version("harmont-exec"),
-        description="Harmont's v0 read API over a harmont-exec record. Paths marked "
-        "x-harmont-extension are not in Harmont's API.",
+        description="Harmont's v0 API over a harmont-exec record: Harmont's paths, operationIds "
+        "and schema names. Operations marked x-harmont-extension are not in Harmont's API.",
         openapi_url=f"{API_PREFIX}/openapi.json",
         docs_url=None,
         redoc_url=None,
     )
+    # Outermost last: the request id first, then CORS (its refusals carry the id), then HEAD.
+    app.add_middleware(HeadMiddleware)
+    if cors_origins:
+        app.add_middleware(CorsMiddleware, origins=tuple(cors_origins))
     app.add_middleware(RequestIdMiddleware)
 
     lookups = Lookups(opened)
@@ -255,6 +262,7 @@ def create_app(
     @app.get(
         f"{prefix}/ping",
         tags=["meta"],
+        operation_id="ping",
         summary="Liveness (no auth)",
         responses={200: {"model": models.Ping}},
     )
@@ -264,6 +272,7 @@ def create_app(
     @app.get(
         f"{prefix}/organizations",
         tags=["organizations"],
+        operation_id="listOrganizations",
         summary="The organizations the token may see",
         **documented(models.OrganizationList, 400),
     )
@@ -286,8 +295,29 @@ def create_app(
         )
 
     @app.get(
+        f"{prefix}/organizations/{{org}}",
+        tags=["organizations"],
+        operation_id="getOrganization",
+        summary="An organization",
+        **documented(models.Organization),
+    )
+    async def organization(org: str, token: Caller) -> JSONResponse:
+        return JSONResponse(wire.organization_json(await read(lookups.organization_of, token, org)))
+
+    @app.get(
+        f"{prefix}/user",
+        tags=["user"],
+        operation_id="getCurrentUser",
+        summary="The token's user (locally one fixed user)",
+        **documented(models.CurrentUserResponse),
+    )
+    async def current_user(token: Caller) -> JSONResponse:
+        return JSONResponse(wire.current_user_json())
+
+    @app.get(
         f"{prefix}/organizations/{{org}}/pipelines",
         tags=["pipelines"],
+        operation_id="listPipelines",
         summary="An organization's pipelines",
         **documented(models.PipelineList, 400),
     )
@@ -316,6 +346,7 @@ def create_app(
     @app.get(
         f"{prefix}/organizations/{{org}}/pipelines/{{pipeline}}",
         tags=["pipelines"],
+        operation_id="getPipeline",
         summary="A pipeline",
         **documented(models.Pipeline),
     )
@@ -331,6 +362,7 @@ def create_app(
     @app.get(
         builds_path,
         tags=["builds"],
+        operation_id="listBuilds",
         summary="A pipeline's builds, newest first",
         **documented(models.BuildList, 400),
     )
@@ -355,7 +387,11 @@ def create_app(
         )
 
     @app.get(
-        f"{builds_path}/{{number}}", tags=["builds"], summary="A build", **documented(models.Build)
+        f"{builds_path}/{{number}}",
+        tags=["builds"],
+        operation_id="getBuild",
+        summary="A build",
+        **documented(models.Build),
     )
     async def build(org: str, pipeline: str, number: int, token: Caller) -> JSONResponse:
         return JSONResponse(wire.build_json(await read(build_of, token, org, pipeline, number)))
@@ -363,6 +399,7 @@ def create_app(
     @app.get(
         f"{builds_path}/{{number}}/jobs",
         tags=["jobs"],
+        operation_id="listJobs",
         summary="A build's jobs, in topological order",
         **documented(models.JobList),
     )
@@ -375,6 +412,7 @@ def create_app(
     @app.get(
         f"{builds_path}/{{number}}/jobs/{{job_id}}",
         tags=["jobs"],
+        operation_id="getJob",
         summary="A job",
         **documented(models.Job),
     )
@@ -385,6 +423,7 @@ def create_app(
     @app.get(
         f"{builds_path}/{{number}}/jobs/{{job_id}}/attempts",
         tags=["jobs"],
+        operation_id="listJobAttempts",
         summary="A job's attempts (extension)",
         **documented(models.AttemptList, openapi_extra={"x-harmont-extension": True}),
     )
@@ -399,13 +438,14 @@ def create_app(
     @app.get(
         f"{builds_path}/{{number}}/jobs/{{job_id}}/log",
         tags=["jobs"],
+        operation_id="getJobLog",
         summary="A job's raw output, every attempt (extension)",
         openapi_extra={"x-harmont-extension": True},
         response_class=StreamingResponse,
         responses={
             200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
             **{
-                status: {"model": models.ErrorEnvelope, "description": STATUS_TEXT[status]}
+                status: {"model": models.Error, "description": STATUS_TEXT[status]}
                 for status in (401, 404, 422)
             },
         },
@@ -432,4 +472,5 @@ def create_app(
     add_live_log_routes(
         app, lookups, heartbeat_s=heartbeat_s, poll_s=poll_s, closing=closing or threading.Event()
     )
+    add_head_routes(app)
     return app

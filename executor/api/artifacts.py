@@ -67,6 +67,7 @@ def add_artifact_routes(app: FastAPI, lookups: Lookups) -> None:
     @app.get(
         f"{builds_path}/{{number}}/artifacts",
         tags=["artifacts"],
+        operation_id="listBuildArtifacts",
         summary="A build's artifacts: its jobs in plan order, then by path (extension)",
         **documented(models.ArtifactList, 400, openapi_extra=extension),
     )
@@ -94,6 +95,7 @@ def add_artifact_routes(app: FastAPI, lookups: Lookups) -> None:
     @app.get(
         f"{builds_path}/{{number}}/jobs/{{job_id}}/artifacts",
         tags=["artifacts"],
+        operation_id="listJobArtifacts",
         summary="A job's artifacts, by path (extension)",
         **documented(models.ArtifactList, 400, openapi_extra=extension),
     )
@@ -129,6 +131,7 @@ def add_artifact_routes(app: FastAPI, lookups: Lookups) -> None:
     @app.get(
         f"{builds_path}/{{number}}/artifacts/{{artifact_id}}/download",
         tags=["artifacts"],
+        operation_id="downloadArtifact",
         summary="An artifact's content (extension)",
         response_class=FileResponse,
         openapi_extra=extension,
@@ -138,7 +141,7 @@ def add_artifact_routes(app: FastAPI, lookups: Lookups) -> None:
                 "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
             },
             **{
-                status: {"model": models.ErrorEnvelope, "description": STATUS_TEXT[status]}
+                status: {"model": models.Error, "description": STATUS_TEXT[status]}
                 for status in (401, 404, 422)
             },
         },

@@ -19,7 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from executor.api import models
 from executor.api.errors import ApiError, not_found, unauthorized
-from executor.store import BuildRow, JobRow, Store, TokenRow
+from executor.store import BuildRow, JobRow, OrganizationRow, Store, TokenRow
 
 __all__ = ["API_PREFIX", "STATUS_TEXT", "Lookups", "clamp", "documented", "is_uuid"]
 
@@ -54,7 +54,7 @@ def documented(model: type[Any], *errors: int, **extra: Any) -> dict[str, Any]:
     """Route options: the 200 body's model and the error statuses, as the envelope."""
     responses: dict[int | str, Any] = {200: {"model": model}}
     for status in (401, 404, 422, 503, *errors):
-        responses[status] = {"model": models.ErrorEnvelope, "description": STATUS_TEXT[status]}
+        responses[status] = {"model": models.Error, "description": STATUS_TEXT[status]}
     return {"responses": responses, **extra}
 
 
@@ -106,9 +106,11 @@ class Lookups:
             f"GET {API_PREFIX}/organizations",
         )
 
-    def organization_of(self, token: TokenRow, org: str) -> None:
-        if not token.sees(org) or not any(o.slug == org for o in self.store.list_organizations()):
+    def organization_of(self, token: TokenRow, org: str) -> OrganizationRow:
+        row = self.store.get_organization(org) if token.sees(org) else None
+        if row is None:
             raise self.org_missing(org)
+        return row
 
     def pipeline_of(self, token: TokenRow, org: str, pipeline: str) -> None:
         if not token.sees(org):

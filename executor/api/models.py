@@ -9,7 +9,9 @@ more than the rest of the request.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
+from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
@@ -20,10 +22,13 @@ __all__ = [
     "AttemptList",
     "Build",
     "BuildList",
+    "CurrentUserResponse",
+    "Error",
     "ErrorBody",
-    "ErrorEnvelope",
     "Job",
     "JobList",
+    "LogStreamError",
+    "LogTokenResponse",
     "Organization",
     "OrganizationList",
     "Ping",
@@ -60,13 +65,20 @@ class Ping(_Model):
 class Organization(_Model):
     slug: str
     name: str
-    created_at: str
+    created_at: datetime
     url: str | None
 
 
 class OrganizationList(_Model):
     data: list[Organization]
     next_cursor: str | None
+
+
+class CurrentUserResponse(_Model):
+    uuid: UUID
+    email: str
+    name: str | None
+    personal_org_slug: str | None
 
 
 class Pipeline(_Model):
@@ -78,7 +90,7 @@ class Pipeline(_Model):
     default_branch: str
     visibility: Literal["private", "public"]
     allow_manual: bool
-    created_at: str
+    created_at: datetime
 
 
 class PipelineList(_Model):
@@ -96,10 +108,10 @@ class Build(_Model):
     message: str | None
     error_code: str | None
     error_message: str | None
-    created_at: str
-    scheduled_at: str | None
-    started_at: str | None
-    finished_at: str | None
+    created_at: datetime
+    scheduled_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
 
 
 class BuildList(_Model):
@@ -108,7 +120,7 @@ class BuildList(_Model):
 
 
 class Job(_Model):
-    id: str
+    id: UUID
     step_key: str | None
     name: str | None
     command: str | None
@@ -120,14 +132,19 @@ class Job(_Model):
     retry_policy: dict[str, Any] | None
     soft_fail_policy: dict[str, Any] | None
     retries_count: int
-    depends_on: list[str]
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
+    depends_on: list[UUID]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
 
 
 class JobList(_Model):
     data: list[Job]
+
+
+class LogTokenResponse(_Model):
+    token: str
+    expires_at: datetime
 
 
 class Attempt(_Model):
@@ -135,8 +152,8 @@ class Attempt(_Model):
     outcome: str | None
     exit_code: int | None
     signal: int | None
-    started_at: str
-    finished_at: str | None
+    started_at: datetime
+    finished_at: datetime | None
 
 
 class AttemptList(_Model):
@@ -151,13 +168,22 @@ class ErrorBody(_Model):
     request_id: str
 
 
-class ErrorEnvelope(_Model):
+class Error(_Model):
+    """Harmont's error envelope (its schema is named ``Error``)."""
+
     error: ErrorBody
 
 
+class LogStreamError(_Model):
+    """The live log stream's refusals: Harmont's flat body, not the envelope."""
+
+    code: Literal["log_stream_unauthorized", "log_stream_forbidden"]
+    message: str
+
+
 class Artifact(_Model):
-    id: str
-    job_id: str
+    id: UUID
+    job_id: UUID
     path: str
     filename: str
     mime_type: str

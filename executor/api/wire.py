@@ -27,9 +27,11 @@ from executor.store import (
 from executor.store.rows import format_time
 
 __all__ = [
+    "LOCAL_USER_ID",
     "artifact_json",
     "attempt_json",
     "build_json",
+    "current_user_json",
     "decode_cursor",
     "encode_cursor",
     "invalid_cursor",
@@ -41,6 +43,20 @@ __all__ = [
 
 def _time(value: datetime | None) -> str | None:
     return None if value is None else format_time(value)
+
+
+LOCAL_USER_ID = "4c0ca1e5-0000-4000-8000-000000000001"
+"""harmont-exec has no user accounts: every token belongs to this one local user."""
+
+
+def current_user_json() -> dict[str, Any]:
+    """Harmont's CurrentUserResponse for the local user (SPEC §6.1)."""
+    return {
+        "uuid": LOCAL_USER_ID,
+        "email": "local@localhost",
+        "name": "local",
+        "personal_org_slug": "local",
+    }
 
 
 def organization_json(org: OrganizationRow) -> dict[str, Any]:

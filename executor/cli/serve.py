@@ -6,6 +6,7 @@ import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from types import FrameType
+from urllib.parse import urlsplit
 
 import click
 from rich.table import Table
@@ -21,12 +22,50 @@ SHUTDOWN_GRACE_S = 3
 """How long `serve` waits for open requests after SIGINT/SIGTERM before cutting them."""
 
 
+def _origin(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """``--cors-origin`` values: each exactly an origin, ``scheme://host[:port]``."""
+    out = []
+    for value in values:
+        parts = urlsplit(value)
+        if value == "*" or "*" in value:
+            raise click.BadParameter(
+                f"{value!r}: a wildcard would let every web page on the internet call this "
+                "server with a token a user pasted; name each origin, e.g. https://ci.example.com"
+            )
+        ok = (
+            parts.scheme in ("http", "https")
+            and parts.netloc
+            and not parts.path
+            and not parts.query
+            and not parts.fragment
+            and "@" not in parts.netloc
+        )
+        if not ok:
+            raise click.BadParameter(
+                f"{value!r} is not an origin; give scheme://host[:port] with no path or "
+                "trailing slash, e.g. http://localhost:5173"
+            )
+        out.append(value)
+    return tuple(out)
+
+
 @cli.command()
 @db_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
-def serve(db: str | None, host: str, port: int) -> None:
-    """Serve the record over HTTP in Harmont's wire format (GET /api/v0/...; needs a token)."""
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port."
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    callback=_origin,
+    metavar="ORIGIN",
+    help="Let a browser client on this origin (scheme://host[:port]) call the API and the "
+    "log stream; repeat for several [default: none].",
+)
+def serve(db: str | None, host: str, port: int, cors_origins: tuple[str, ...]) -> None:
+    """Serve the record over HTTP in Harmont's wire format (/api/v0/...; needs a token)."""
     import uvicorn  # here: only serve needs the web stack
 
     from executor.api import API_PREFIX, create_app
@@ -52,7 +91,12 @@ def serve(db: str | None, host: str, port: int) -> None:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
-        create_app(store=store, closing=closing, recover_every_s=RECOVER_EVERY_S),
+        create_app(
+            store=store,
+            closing=closing,
+            recover_every_s=RECOVER_EVERY_S,
+            cors_origins=cors_origins,
+        ),
         host=host,
         port=port,
         log_level="warning",
