@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from hypothesis import HealthCheck, settings
 
@@ -80,3 +82,17 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "postgresql":
         return str(request.getfixturevalue("postgresql_url"))
     return str(tmp_path / "db" / "harmont.db")
+
+
+# --- Harmont's API document: the wire's reference --------------------------------------------
+
+HARMONT_OPENAPI = Path(__file__).resolve().parent / "harmont-openapi.json"
+"""The excerpt of Harmont's OpenAPI document the contract names (SPEC §6), kept with the tests
+so that the conformance tests always run; ``HARMONT_OPENAPI`` points them at another copy."""
+
+
+@pytest.fixture(scope="session")
+def harmont_openapi() -> dict[str, Any]:
+    path = Path(os.environ.get("HARMONT_OPENAPI") or HARMONT_OPENAPI)
+    document: dict[str, Any] = json.loads(path.read_text())
+    return document

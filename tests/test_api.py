@@ -229,17 +229,9 @@ def _inline(node: Any, schemas: dict[str, Any]) -> Any:
 
 
 @pytest.fixture(scope="module")
-def harmont() -> dict[str, Any]:
-    """Harmont's component schemas, read from the document next to the repository (or
-    HARMONT_OPENAPI); the tests that need them skip when it is absent."""
-    default = Path(__file__).resolve().parents[2] / "shared" / "harmont-openapi.json"
-    path = Path(os.environ.get("HARMONT_OPENAPI") or default)
-    if not path.is_file():
-        pytest.skip(
-            f"Harmont's OpenAPI document is not at {path}: put harmont-openapi.json there "
-            "(next to the repository, in ../shared/) or set HARMONT_OPENAPI to its path"
-        )
-    schemas: dict[str, Any] = json.loads(path.read_text())["components"]["schemas"]
+def harmont(harmont_openapi: dict[str, Any]) -> dict[str, Any]:
+    """Harmont's component schemas (conftest's ``harmont_openapi``)."""
+    schemas: dict[str, Any] = harmont_openapi["components"]["schemas"]
     return schemas
 
 

@@ -308,9 +308,10 @@ def _check_extra(case: Any, response: Any) -> None:
     if case.path == "/v0/jobs/{job_id}/logs" and response.status_code in (401, 403):
         body = response.json()  # Harmont's flat body, not the envelope
         assert set(body) == {"code", "message"}, body
-        assert body["code"] == {401: "log_stream_unauthorized", 403: "log_stream_forbidden"}[
-            response.status_code
-        ]
+        assert (
+            body["code"]
+            == {401: "log_stream_unauthorized", 403: "log_stream_forbidden"}[response.status_code]
+        )
         return
     if response.status_code >= 400:
         assert response.json()["error"]["request_id"] == request_id
