@@ -19,7 +19,7 @@ import structlog
 import yaml
 
 from executor.errors import BuildFileError, Diagnostic, Loc
-from executor.model import BuildSpec, parse_build_spec
+from executor.model import BuildSpec, describe_type, parse_build_spec, show_value
 from executor.plan import Plan, build_plan
 
 __all__ = ["CLOUD_FIELDS", "load_build", "load_plan", "parse_build_text", "plan_build_text"]
@@ -173,6 +173,12 @@ class _Source:
     to_source: Callable[[Loc], Loc] = field(default=lambda loc: loc)
     ignored: set[str] = field(default_factory=set)
     graph_form: bool = False  # Harmont's graph form: messages name graph.nodes, not steps
+    # Problems found while reshaping (graph edges, a step's eval), at source locations;
+    # reported together with the fields' own.
+    problems: list[Diagnostic] = field(default_factory=list)
+    from_eval: set[int] = field(default_factory=set)  # steps whose cmd came from eval
+    bad_steps: set[int] = field(default_factory=set)  # graph nodes that are no step at all
+    bad_evals: set[int] = field(default_factory=set)  # steps whose eval was refused
 
     @classmethod
     def read(cls, path: Path) -> _Source:
@@ -202,19 +208,16 @@ class _Source:
     @classmethod
     def parse(cls, text: str, name: str, *, json_format: bool) -> _Source:
         if not text.strip():
-            raise _error(
-                name, "the build file is empty; add a `steps:` list with at least one step"
-            )
+            raise _error(name, "the build file is empty; add a `steps:` list of steps")
         if json_format or name.lower().endswith(".json"):
             return cls._parse_json(text, name)
         if text.lstrip().startswith("{"):
             try:
                 return cls._parse_json(text, name)
             except BuildFileError as not_json:
-                try:  # a YAML flow mapping is still a valid build file
-                    return cls._parse_yaml(text, name)
-                except BuildFileError:
+                if _compose(text) is None:  # not YAML either: the JSON error says more
                     raise not_json from None
+                # A YAML flow mapping (`{steps: [...]}`): valid, or wrong in YAML's terms.
         return cls._parse_yaml(text, name)
 
     @classmethod
@@ -322,7 +325,11 @@ class _Source:
         try:
             spec = parse_build_spec(data)
         except BuildFileError as exc:
-            raise self._located(exc) from None
+            # A graph node that is no step at all has its own problem: not the fields it lacks.
+            own = [d for d in exc.diagnostics if not self._in_bad_step(d)]
+            raise self._located(exc.with_diagnostics([*self.problems, *own])) from None
+        if self.problems:  # the graph's edges or a step's eval: reported with the fields'
+            raise self._located(BuildFileError(self.problems))
         if self.ignored:
             log.warning(
                 "cloud_fields_ignored",
@@ -338,6 +345,15 @@ class _Source:
             return build_plan(spec, source=self.path)
         except BuildFileError as exc:
             raise self._located(exc) from None
+
+    def _in_bad_step(self, diagnostic: Diagnostic) -> bool:
+        loc = diagnostic.loc
+        if len(loc) < 2 or loc[0] != "steps":
+            return False
+        if loc[1] in self.bad_steps:
+            return True
+        # a bad eval is that step's command problem: not also "has no command"
+        return loc[1] in self.bad_evals and diagnostic.message.startswith("has no command")
 
     def _located(self, exc: BuildFileError) -> BuildFileError:
         locator = self.locator()
@@ -360,19 +376,26 @@ class _Source:
             data = self._from_graph(data)
         steps = data.get("steps")
         if isinstance(steps, list):
-            problems: list[Diagnostic] = []
-            data["steps"] = [self._step(n, s, problems) for n, s in enumerate(steps)]
-            if problems:
-                raise self._located(BuildFileError(problems))
+            data["steps"] = [self._step(n, s) for n, s in enumerate(steps)]
+        graph_to_source = self.to_source
+
+        def to_source(loc: Loc) -> Loc:
+            # A cmd that came from eval is at eval.cmd in the file.
+            if len(loc) >= 3 and loc[:1] == ("steps",) and loc[2] == "cmd":
+                if loc[1] in self.from_eval:
+                    loc = (*loc[:2], "eval", *loc[2:])
+            return graph_to_source(loc)
+
+        self.to_source = to_source
         return data
 
-    def _step(self, n: int, step: object, problems: list[Diagnostic]) -> object:
+    def _step(self, n: int, step: object) -> object:
         """A step with cloud-only fields dropped, and a newer IR's ``eval: {type: cmd, cmd}``
-        turned into ``cmd``."""
+        turned into its ``cmd`` (a wait has no eval: its fields say so)."""
         if not isinstance(step, Mapping):
             return step
         out = self._strip(step)
-        if "eval" not in out:
+        if "eval" not in out or out.get("type", "command") != "command":
             return out
         how = out.pop("eval")
         key = out.get("key") if isinstance(out.get("key"), str) else None
@@ -380,15 +403,17 @@ class _Source:
         kind = how.get("type") if isinstance(how, Mapping) else None
         if kind == "cmd" and isinstance(how, Mapping) and set(how) <= {"type", "cmd"}:
             if "cmd" in out or "command" in out:
-                problems.append(
+                self.problems.append(
                     Diagnostic(
                         "has both eval and cmd (or command); give the command once", loc, key
                     )
                 )
             elif "cmd" in how:
                 out["cmd"] = how["cmd"]
+                self.from_eval.add(n)
         elif kind == "dynamic":
-            problems.append(
+            self.bad_evals.add(n)
+            self.problems.append(
                 Diagnostic(
                     "is a dynamic step (eval type 'dynamic'), whose steps are only known while "
                     "the build runs in Harmont's cloud; harmont-exec runs steps whose commands "
@@ -397,11 +422,28 @@ class _Source:
                     key,
                 )
             )
-        else:
-            problems.append(
+        elif isinstance(how, Mapping) and kind != "cmd":
+            self.bad_evals.add(n)
+            self.problems.append(
                 Diagnostic(
-                    f"eval is {_show(how)}; use {{type: cmd, cmd: <shell command>}} (or give the "
-                    "command as cmd)",
+                    f"eval type is {show_value(kind)}; harmont-exec knows eval "
+                    "{type: cmd, cmd: <shell command>} (or give the command as cmd)",
+                    loc,
+                    key,
+                )
+            )
+        else:
+            self.bad_evals.add(n)
+            extra = sorted(set(how) - {"type", "cmd"}, key=str) if isinstance(how, Mapping) else []
+            what = (
+                f"has the unknown field {', '.join(map(show_value, extra))}"
+                if extra
+                else f"is {describe_type(how)} {show_value(how)}"
+            )
+            self.problems.append(
+                Diagnostic(
+                    f"eval {what}; use {{type: cmd, cmd: <shell command>}} (or give the command "
+                    "as cmd)",
                     loc,
                     key,
                 )
@@ -458,7 +500,17 @@ class _Source:
             )
             raise self._located(BuildFileError(problems))
         # petgraph's StableGraph: node indices skip the holes left by removed nodes.
-        hole_set = {h for h in holes if isinstance(h, int)}
+        for n, hole in enumerate(holes):
+            if not isinstance(hole, int) or isinstance(hole, bool) or hole < 0:
+                problems.append(
+                    Diagnostic(
+                        f"graph.node_holes[{n}] is {describe_type(hole)} {show_value(hole)}; "
+                        "node_holes lists the indices (integers from 0) left free by removed "
+                        "nodes",
+                        loc=("graph", "node_holes", n),
+                    )
+                )
+        hole_set = {h for h in holes if isinstance(h, int) and not isinstance(h, bool)}
         slot_of_index: dict[int, int] = {}
         index = 0
         for slot in range(len(nodes)):
@@ -469,12 +521,25 @@ class _Source:
         steps: list[Any] = []
         for slot, node in enumerate(nodes):
             if not isinstance(node, Mapping) or not isinstance(node.get("step"), Mapping):
-                problems.append(
-                    Diagnostic(
-                        "a graph node must be a mapping {step: {...}, env: {...}}",
-                        loc=("graph", "nodes", slot),
+                if not isinstance(node, Mapping):
+                    message = (
+                        f"graph.nodes[{slot}] is {describe_type(node)} {show_value(node)}; a "
+                        "graph node is a mapping {step: {...}, env: {...}}"
                     )
-                )
+                    where: Loc = ("graph", "nodes", slot)
+                else:
+                    step_value = node.get("step")
+                    message = (
+                        f"graph.nodes[{slot}].step is {describe_type(step_value)} "
+                        f"{show_value(step_value)}; it must be a mapping with key and cmd"
+                    )
+                    where = (
+                        ("graph", "nodes", slot, "step")
+                        if "step" in node
+                        else ("graph", "nodes", slot)
+                    )
+                problems.append(Diagnostic(message, loc=where))
+                self.bad_steps.add(slot)
                 steps.append({})
                 continue
             node = self._strip(node)  # a node's `secrets` only mean something in the cloud
@@ -494,6 +559,7 @@ class _Source:
                         loc=("graph", "nodes", slot, "step", "type"),
                     )
                 )
+                self.bad_steps.add(slot)
                 steps.append({})
                 continue
             step = self._strip(node["step"])
@@ -506,31 +572,41 @@ class _Source:
         edge_locs: dict[tuple[int, str], list[Loc]] = {}
         for n, edge in enumerate(edges):
             loc: Loc = ("graph", "edges", n)
-            ok = (
-                isinstance(edge, list)
-                and len(edge) == 3
-                and edge[2] in ("builds_in", "depends_on")
-                and all(isinstance(e, int) and not isinstance(e, bool) for e in edge[:2])
+            shape = isinstance(edge, list) and len(edge) == 3
+            indices = shape and all(
+                isinstance(e, int) and not isinstance(e, bool) for e in edge[:2]
             )
-            if not ok:
+            if not shape or not indices:
                 problems.append(
                     Diagnostic(
-                        f'edge {edge!r} must be [from, to, "builds_in" | "depends_on"] with node '
-                        "indices",
+                        f"graph.edges[{n}] is {show_value(edge)}; an edge is [from, to, kind] "
+                        'with the node indices from and to and kind "depends_on" or "builds_in"',
                         loc=loc,
+                    )
+                )
+                continue
+            if edge[2] not in ("builds_in", "depends_on"):
+                problems.append(
+                    Diagnostic(
+                        f"graph.edges[{n}] has the kind {show_value(edge[2])}; an edge's kind is "
+                        '"depends_on" or "builds_in"',
+                        loc=(*loc, 2),
                     )
                 )
                 continue
             src, dst = slot_of_index.get(edge[0]), slot_of_index.get(edge[1])
             if src is None or dst is None:
+                bad = 0 if src is None else 1
                 problems.append(
                     Diagnostic(
-                        f"edge {edge!r} names node index {edge[0] if src is None else edge[1]}, "
-                        "which is not a node of the graph; fix the index or remove the edge",
-                        loc=loc,
+                        f"graph.edges[{n}] names the node index {edge[bad]}, which is not a node "
+                        "of the graph; fix the index or remove the edge",
+                        loc=(*loc, bad),
                     )
                 )
                 continue
+            if src in self.bad_steps or dst in self.bad_steps:
+                continue  # that node's own problem is reported
             source_key, target = steps[src].get("key"), steps[dst]
             if edge[2] == "builds_in":
                 if "builds_in" in target:
@@ -550,8 +626,7 @@ class _Source:
                 if isinstance(deps, list):
                     deps.append(source_key)
                     edge_locs.setdefault((dst, "depends_on"), []).append(loc)
-        if problems:
-            raise self._located(BuildFileError(problems))
+        self.problems.extend(problems)  # reported with the steps' field problems
         data["steps"] = steps
 
         def to_source(loc: Loc) -> Loc:
@@ -581,11 +656,6 @@ def _graph_words(message: str) -> str:
     """A message about steps, in the graph form's words: step #N is node N-1 of graph.nodes."""
     message = _STEP_NUMBER.sub(lambda m: f"graph.nodes[{int(m.group(1)) - 1}]", message)
     return message.replace("a list of steps", "a list of graph nodes")
-
-
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _at_mark(name: str, message: str, mark: yaml.Mark | None) -> BuildFileError:

@@ -40,7 +40,9 @@ __all__ = [
     "SoftFailPolicy",
     "StepSpec",
     "WaitSpec",
+    "describe_type",
     "parse_build_spec",
+    "show_value",
 ]
 
 MAX_TIMEOUT_S = 7 * 24 * 3600
@@ -113,11 +115,11 @@ def _exit_codes(value: object) -> ExitCodes:
     if value == "*":
         return "*"
     if not isinstance(value, list | tuple) or not value:
-        raise ValueError(f'must be a non-empty list of exit codes or "*", got {_show(value)}')
+        raise ValueError(f'must be a non-empty list of exit codes or "*", got {show_value(value)}')
     codes: list[int] = []
     for item in value:
         if isinstance(item, bool) or not isinstance(item, int):
-            raise ValueError(f"contains {_show(item)}, which is not an integer exit code")
+            raise ValueError(f"contains {show_value(item)}, which is not an integer exit code")
         if not 1 <= item <= 255:
             raise ValueError(f"contains {item}, but exit codes run from 1 to 255")
         if item not in codes:
@@ -344,14 +346,17 @@ _KINDS: Mapping[str, str] = {
 }
 
 
-def _show(value: object) -> str:
+def show_value(value: object) -> str:
+    """A value from a build file, for a message: its repr, cut at 80 characters; null as
+    "(null)"."""
     if value is None:
         return "(null)"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _describe_type(value: object) -> str:
+def describe_type(value: object) -> str:
+    """What kind of value it is, in the build file's words (mapping, list, string, ...)."""
     if value is None:
         return "nothing"
     names = {
@@ -413,15 +418,15 @@ def _message(err: Mapping[str, Any], loc: Loc, kind: str) -> str:
     if loc and loc[-1] == "[key]" and len(loc) >= 3 and loc[-3] == "resources":
         name = loc[-2]
         if etype == "string_type":
-            return f"resource name {name!r} must be a string, got {_describe_type(value)}; quote it"
+            return f"resource name {name!r} must be a string, got {describe_type(value)}; quote it"
         return (
-            f"resource name {_show(name)} is empty or has control characters; name the "
+            f"resource name {show_value(name)} is empty or has control characters; name the "
             f"resource as the Dask workers offer it, e.g. cpus"
         )
     if loc and loc[-1] == "[key]":  # a mapping key (an env variable's name)
         name = loc[-2]
         if etype == "string_type":
-            return f"env name {name!r} must be a string, got {_describe_type(value)}; quote it"
+            return f"env name {name!r} must be a string, got {describe_type(value)}; quote it"
         if etype == "string_too_short":
             return "env has a variable with an empty name; give it a name or remove it"
         return f"env name {name!r} contains '=' or a NUL byte; rename the variable"
@@ -444,12 +449,15 @@ def _message(err: Mapping[str, Any], loc: Loc, kind: str) -> str:
     if etype == "step_type":
         if isinstance(value, dict):
             return (
-                f"step type {_show(value.get('type'))} is not supported; harmont-exec runs "
+                f"step type {show_value(value.get('type'))} is not supported; harmont-exec runs "
                 "command steps (type: command) and barriers (type: wait)"
             )
-        return f"step is {_show(value)}; a step is a mapping with key and command, or the word wait"
+        return (
+            f"step is {show_value(value)}; a step is a mapping with key and command, or the "
+            "word wait"
+        )
     if etype == "literal_error" and field == "version":
-        return f'version is {_show(value)}; the only build-file version is "0": {hint}'
+        return f'version is {show_value(value)}; the only build-file version is "0": {hint}'
     is_step = len(loc) == 2 and loc[0] == "steps"
     if etype in _KINDS:
         if is_step:
@@ -459,24 +467,23 @@ def _message(err: Mapping[str, Any], loc: Loc, kind: str) -> str:
                 else ""
             )
             return (
-                f"step #{int(loc[1]) + 1} is {_describe_type(value)} {_show(value)}; {guess}"
+                f"step #{int(loc[1]) + 1} is {describe_type(value)} {show_value(value)}; {guess}"
                 "a step is a mapping with key and command, or the word wait"
             )
         if field == "env" and loc[-1] != "env":
             return (
-                f"env value {loc[-1]!s} must be a string, got {_describe_type(value)} "
-                f"{_show(value)}; {_HINTS['env']}"
+                f"env value {loc[-1]!s} must be a string, got {describe_type(value)} "
+                f"{show_value(value)}; {_HINTS['env']}"
             )
         if field in ("command", "cmd") and isinstance(value, list):
             return (
-                f"command must be one shell string, got a list {_show(value)}; join the "
+                f"command must be one shell string, got a list {show_value(value)}; join the "
                 "commands with && or write them on separate lines under `command: |`"
             )
         if isinstance(value, str) and etype in ("int_type", "float_type") and _numeric(value):
             hint = f"YAML 1.1 reads {value} as text: write it as 1000 or 1.0e+3; {hint}"
-        return (
-            f"{where} must be {_KINDS[etype]}, got {_describe_type(value)} {_show(value)}; {hint}"
-        )
+        got = f"{describe_type(value)} {show_value(value)}"
+        return f"{where} must be {_KINDS[etype]}, got {got}; {hint}"
     detail = str(err.get("msg", "is invalid"))
     if etype == "value_error":
         detail = detail.removeprefix("Value error, ")
@@ -486,7 +493,7 @@ def _message(err: Mapping[str, Any], loc: Loc, kind: str) -> str:
             return f"the build {detail}"
         return f"{where} {detail}; {hint}" if hint else f"{where} {detail}"
     if etype == "string_too_long" and field == "key":
-        return f"key {_show(value)} is longer than 200 characters; {hint}"
+        return f"key {show_value(value)} is longer than 200 characters; {hint}"
     ctx = err.get("ctx") or {}
     bounds = {
         "greater_than_equal": ("must be at least", "ge"),
@@ -498,7 +505,7 @@ def _message(err: Mapping[str, Any], loc: Loc, kind: str) -> str:
         words, name = bounds[etype]
         detail = f"{words} {ctx.get(name):g}"
     detail = detail[:1].lower() + detail[1:]
-    return f"{where} is {_show(value)}: {detail}; {hint}" if hint else f"{where}: {detail}"
+    return f"{where} is {show_value(value)}: {detail}; {hint}" if hint else f"{where}: {detail}"
 
 
 def _step_key_at(data: Mapping[str, Any], loc: Loc) -> str | None:
@@ -537,7 +544,7 @@ def parse_build_spec(data: object) -> BuildSpec:
     """
     if not isinstance(data, Mapping):
         raise BuildFileError.single(
-            f"the build file must be a mapping with a `steps` list, got {_describe_type(data)}; "
+            f"the build file must be a mapping with a `steps` list, got {describe_type(data)}; "
             "start the file with `steps:`"
         )
     try:

@@ -200,6 +200,11 @@ async def test_api_current_user_is_the_local_user_and_needs_a_token(record: Reco
     }
     assert refused.status_code == 401
     assert refused.json()["error"]["code"] == "unauthorized"
+    # A token limited to other organizations: its user's organization is one it can open.
+    async with _client(app, record.acme_token) as acme:
+        limited = (await acme.get(f"{API}/user")).json()
+        opened = await acme.get(f"{API}/organizations/{limited['personal_org_slug']}")
+    assert limited["personal_org_slug"] == "acme" and opened.status_code == 200
 
 
 # --- HEAD on every GET route -----------------------------------------------------------------
@@ -400,10 +405,14 @@ def test_serve_cors_refuses_another_origin(cors_server: str, record: Record) -> 
     ("value", "says"),
     [
         ("*", "wildcard"),
+        ("https://*.example.com", "wildcard"),
         ("http://localhost:5173/", "is not an origin"),
         ("localhost:5173", "is not an origin"),
         ("ftp://host", "is not an origin"),
         ("http://user@host", "is not an origin"),
+        ("http://x:99999", "is not an origin"),
+        ("http://x:0", "is not an origin"),
+        (" http://x", "is not an origin"),
     ],
 )
 def test_cli_serve_refuses_a_cors_origin_that_is_not_one(
@@ -413,3 +422,35 @@ def test_cli_serve_refuses_a_cors_origin_that_is_not_one(
     assert result.returncode == 2, result.stderr
     assert says in result.stderr and repr(value) in result.stderr, result.stderr
     assert not (tmp_path / "h.db").exists()  # refused before anything was opened
+
+
+@pytest.mark.anyio
+async def test_api_cors_origins_match_as_a_browser_sends_them(record: Record) -> None:
+    """`--cors-origin` values are kept as a browser writes its Origin header: lowercase, no
+    default port."""
+    from executor.cli.serve import _origin
+
+    given = ("http://LocalHost:5173", "https://X.example:443", "http://h:80", "http://[::1]:8")
+    normalized = _origin(None, None, given)  # type: ignore[arg-type]
+    assert normalized == (
+        "http://localhost:5173",
+        "https://x.example",
+        "http://h",
+        "http://[::1]:8",
+    )
+    app = create_app(db=record.db, cors_origins=normalized)
+    async with _client(app) as client:
+        preflight = await client.options(
+            f"{API}/organizations",
+            headers={"Origin": "https://x.example", "Access-Control-Request-Method": "GET"},
+        )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://x.example"
+
+
+@pytest.mark.anyio
+async def test_api_405_allows_get_and_head(record: Record) -> None:
+    async with _client(create_app(db=record.db), record.token) as client:
+        response = await client.post(f"{API}/user")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, HEAD"

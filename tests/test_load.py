@@ -121,6 +121,39 @@ def test_load_file_starting_with_brace_is_json_or_else_yaml_flow() -> None:
     plan = plan_build_text("{steps: [{key: a, command: x}]}", name="build.yaml")
     assert plan.order == ("a",)
     assert "invalid JSON" in _error('{"steps": [{"key": "a",]}', name="build.yaml")
+    # Valid YAML that is not JSON is judged as YAML: its own mistakes, at their place.
+    message = _error("{steps: [{key: a, cmd: x, env: {true: y}}]}", name="build.yaml")
+    assert message.startswith("build.yaml:1:33: mapping key 'true' is read as a boolean")
+
+
+def test_load_graph_form_reports_node_and_edge_problems_with_the_field_problems() -> None:
+    text = json.dumps(
+        {
+            "version": "0",
+            "graph": {
+                "nodes": [
+                    {"step": "echo"},
+                    {"step": {"key": "b", "cmd": "x", "timeout_seconds": "z"}},
+                    {"step": {"key": "c", "cmd": "y"}},
+                ],
+                "edges": [[False, True, "depends_on"], [1, 2, "blocks"], [1, 9, "depends_on"]],
+                "node_holes": ["x"],
+            },
+        }
+    )
+    lines = [line.split(": ", 1)[1] for line in _error(text, name="g.json").splitlines()]
+    assert lines == [
+        "graph.nodes[0].step is string 'echo'; it must be a mapping with key and cmd",
+        "step 'b': timeout_seconds must be a number, got string 'z'; use a number of seconds "
+        "above 0 and at most 604800 (7 days), or leave it out",
+        "graph.edges[0] is [False, True, 'depends_on']; an edge is [from, to, kind] with the "
+        'node indices from and to and kind "depends_on" or "builds_in"',
+        'graph.edges[1] has the kind \'blocks\'; an edge\'s kind is "depends_on" or "builds_in"',
+        "graph.edges[2] names the node index 9, which is not a node of the graph; fix the index "
+        "or remove the edge",
+        "graph.node_holes[0] is string 'x'; node_holes lists the indices (integers from 0) left "
+        "free by removed nodes",
+    ]
 
 
 def test_load_missing_file(tmp_path: Path) -> None:
@@ -253,7 +286,9 @@ def test_load_graph_form_bad_edge_points_at_the_edge() -> None:
     text = '{"version": "0", "graph": {"nodes": [{"step": {"key": "a", "cmd": "x"}}],\n'
     text += '"edges": [[0, 5, "depends_on"]]}}'
     message = _error(text, name="g.json")
-    assert message.startswith("g.json:2:11: edge [0, 5, 'depends_on'] names node index 5")
+    assert message.startswith(
+        "g.json:2:15: graph.edges[0] names the node index 5, which is not a node of the graph"
+    )
 
 
 def test_load_graph_form_error_inside_a_node_points_into_it() -> None:
@@ -367,9 +402,10 @@ def test_load_step_eval_dynamic_is_refused_saying_why() -> None:
     ("step", "says"),
     [
         ({"key": "a", "cmd": "x", "eval": {"type": "cmd", "cmd": "y"}}, "has both eval and cmd"),
-        ({"key": "a", "eval": "echo"}, "eval is 'echo'; use {type: cmd, cmd: <shell command>}"),
+        ({"key": "a", "eval": "echo"}, "eval is string 'echo'; use {type: cmd, cmd: <shell"),
         ({"key": "a", "eval": {"type": "cmd"}}, "has no command"),
-        ({"key": "a", "eval": {"type": "cmd", "cmd": "x", "extra": 1}}, "eval is {"),
+        ({"key": "a", "eval": {"type": "cmd", "cmd": "x", "extra": 1}}, "unknown field 'extra'"),
+        ({"key": "a", "eval": {"type": "shell"}}, "eval type is 'shell'"),
     ],
 )
 def test_load_step_eval_mistakes_are_located_errors(step: dict[str, object], says: str) -> None:

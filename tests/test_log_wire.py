@@ -342,10 +342,16 @@ def _expected(pieces: list[Piece], stream: str) -> str:
     )
 
 
+def _ends(pieces: list[Piece]) -> set[int]:
+    """The ends of streams of a finished job's whole log."""
+    newest = max((p.attempt for p in pieces), default=0)
+    return ends_of_streams(pieces, finished_attempt=newest, complete=True)
+
+
 @given(logs())
 def test_logtext_of_a_whole_log_is_each_stream_decoded_as_a_whole(pieces: list[Piece]) -> None:
     decoder = LogText()
-    ends = ends_of_streams(pieces, complete=True)
+    ends = _ends(pieces)
     texts = [(p, decoder.decode(p, final=p.seq in ends)) for p in pieces]
     for stream in ("stdout", "stderr", "meta"):
         assert "".join(t for p, t in texts if p.stream == stream) == _expected(pieces, stream)
@@ -356,7 +362,7 @@ def test_logtext_of_a_whole_log_is_each_stream_decoded_as_a_whole(pieces: list[P
 def test_logtext_resumed_anywhere_gives_the_same_chunks(
     pieces: list[Piece], data: st.DataObject
 ) -> None:
-    ends = ends_of_streams(pieces, complete=True)
+    ends = _ends(pieces)
     whole = LogText()
     full = [whole.decode(p, final=p.seq in ends) for p in pieces]
     k = data.draw(st.integers(0, len(pieces)))
@@ -387,3 +393,58 @@ def test_logtext_live_stream_holds_an_unfinished_character_until_its_end_arrives
     second = LogChunk("j", 2, 1, "stdout", "€".encode()[2:] + b"b", datetime.now(UTC))
     assert decoder.decode(first) == "a"  # the job is running: the rest may come
     assert decoder.decode(second) == "€b"
+
+
+def test_logtext_an_attempt_that_finished_ends_its_streams_when_all_was_read() -> None:
+    first = Piece(1, 1, "stdout", b"x")
+    second = Piece(2, 2, "stdout", b"y")
+    # Between attempts (attempt 1 finished, its output all read): its last chunk is its end.
+    assert ends_of_streams([first], finished_attempt=1, complete=True) == {1}
+    # ...unless the read was cut short (more may follow it), or attempt 1 is still running.
+    assert ends_of_streams([first], finished_attempt=1, complete=False) == set()
+    assert ends_of_streams([first], finished_attempt=0, complete=True) == set()
+    # A chunk of a later attempt ends the earlier attempt's streams whatever else is known.
+    assert ends_of_streams([first, second], finished_attempt=0, complete=False) == {1}
+
+
+@SQLITE_ONLY
+def test_log_stream_ends_an_attempts_unfinished_character_once_the_attempt_is_over(
+    server: Server, tmp_path: Path
+) -> None:
+    """Attempt 1 ends inside a character and the job waits for its retry (an hour's backoff):
+    a client connecting now gets the attempt's text with the character replaced."""
+    (tmp_path / "retry.yaml").write_text(
+        "steps:\n"
+        "  - key: cut\n"
+        "    command: printf 'x\\342\\202'; exit 1\n"
+        "    retry_policy: {limit: 1, backoff: {initial_seconds: 3600, jitter: false}}\n"
+    )
+    out = tmp_path / "run"
+    run = start(["run", "retry.yaml", "--db", server.db], tmp_path, out)
+    try:
+        headers = {"Authorization": f"Bearer {create_token(server.db, tmp_path)}"}
+        build = f"{server.url}/organizations/local/pipelines/retry/builds/1"
+
+        def waiting() -> str | None:
+            response = httpx.get(f"{build}/jobs", headers=headers, timeout=TIMEOUT_S)
+            if response.status_code != 200:
+                return None
+            (job,) = response.json()["data"]
+            return str(job["id"]) if job["state"] == "scheduled" and job["retries_count"] else None
+
+        job_id = poll(waiting, "the job to wait for its retry", (run, out))
+        token = httpx.get(f"{build}/log-token", headers=headers, timeout=TIMEOUT_S).json()["token"]
+        base = server.url.removesuffix("/api/v0")
+        with httpx.stream(
+            "GET", f"{base}/v0/jobs/{job_id}/logs", params={"token": token}, timeout=TIMEOUT_S
+        ) as response:
+            lines = []
+            for line in response.iter_lines():
+                if line == "" and lines:
+                    break  # the first frame is complete
+                lines.append(line)
+        (history,) = _frames("\n".join(lines) + "\n\n")
+        assert history.event == "history"
+        assert [c["content"] for c in history.data["chunks"]] == ["x\ufffd"]
+    finally:
+        stop(run)

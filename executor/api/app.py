@@ -232,7 +232,12 @@ def create_app(
             )
         else:
             error = ApiError(exc.status_code, "invalid_request", "invalid_request", str(exc.detail))
-        return _error_response(error, _request_id(request), exc.headers)
+        headers = dict(exc.headers or {})
+        allow = headers.get("Allow") or headers.get("allow")
+        if allow is not None and "GET" in allow.split(", ") and "HEAD" not in allow:
+            headers["Allow"] = allow + ", HEAD"  # every GET route answers HEAD too
+            headers.pop("allow", None)
+        return _error_response(error, _request_id(request), headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -312,7 +317,16 @@ def create_app(
         **documented(models.CurrentUserResponse),
     )
     async def current_user(token: Caller) -> JSONResponse:
-        return JSONResponse(wire.current_user_json())
+        # The user's "personal" organization is local, unless the token may not see it: then
+        # the first one it sees (so a front-end that starts there finds one).
+        def first_org() -> str | None:
+            if token.sees("local"):
+                return "local"
+            return next(
+                (o.slug for o in the_store().list_organizations() if token.sees(o.slug)), None
+            )
+
+        return JSONResponse(wire.current_user_json(await read(first_org)))
 
     @app.get(
         f"{prefix}/organizations/{{org}}/pipelines",

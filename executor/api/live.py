@@ -47,7 +47,7 @@ from executor.api import models
 from executor.api.errors import LogStreamError
 from executor.api.logtext import STREAM_KINDS, LogText, ends_of_streams
 from executor.api.lookup import API_PREFIX, STATUS_TEXT, Lookups, is_uuid
-from executor.store import JobRow, LogChunk, Store, TokenRow
+from executor.store import JobProgress, JobRow, LogChunk, Store, TokenRow
 from executor.store.reads import LOG_PAGE_ROWS
 from executor.store.rows import format_time
 
@@ -180,29 +180,33 @@ class _Reader:
                 self.text.prime(stream, attempt, before)
         self.primed = True
 
-    def poll(self) -> tuple[bool, JobRow | None, list[dict[str, Any]]]:
-        """(the job is over and this is the last of its output, the job, the chunks after the
-        last poll as wire objects, at most about READ_BUDGET_BYTES of them)."""
+    def poll(self) -> tuple[bool, JobProgress | None, list[dict[str, Any]]]:
+        """(the job is over and this is the last of its output, where the job stands, the
+        chunks after the last poll as wire objects, at most about READ_BUDGET_BYTES of them)."""
         if not self.primed:
             self._prime()
-        # The state first, then the chunks: a job seen terminal has all its chunks in.
-        now = self.store.get_job(self.job_id)
+        # The job first, then the chunks: a job seen terminal has all its chunks in, and so
+        # has every attempt seen finished.
+        now = self.store.job_progress(self.job_id)
         chunks: list[LogChunk] = []
         size = 0
         after = self.after
         over = False
+        read_all = False
         while True:
             page = self.store.log_page(self.job_id, after_seq=after)
             chunks.extend(page)
             size += sum(len(c.content) for c in page)
             if len(page) < LOG_PAGE_ROWS:
+                read_all = True
                 # A job that is gone (its build was pruned) sends nothing more either.
                 over = now is None or now.state.is_terminal
                 break
             after = page[-1].seq
             if size >= READ_BUDGET_BYTES:
                 break  # more to read: the caller comes back at once
-        ends = ends_of_streams(chunks, complete=over)
+        finished = now.finished_attempt if now is not None and not over else 1 << 30
+        ends = ends_of_streams(chunks, finished_attempt=finished, complete=read_all)
         wire = [chunk_json(c, self.text.decode(c, final=c.seq in ends)) for c in chunks]
         if chunks:
             self.after = chunks[-1].seq
@@ -275,7 +279,8 @@ def add_live_log_routes(
         response_class=StreamingResponse,
         responses={
             200: {
-                "description": "history, then chunk events, then done (module docstring)",
+                "description": "A history event (no id), then a chunk event per new piece of "
+                "output (id: its seq), then done once the job has ended",
                 "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}},
             },
             401: {

@@ -88,25 +88,32 @@ class LogText:
         return text
 
 
-def ends_of_streams(chunks: Sequence[Chunk], *, complete: bool) -> set[int]:
+def ends_of_streams(
+    chunks: Sequence[Chunk], *, finished_attempt: int = 0, complete: bool = False
+) -> set[int]:
     """The seqs of the chunks in ``chunks`` (in seq order) known to be the last of their
-    stream and attempt: those followed by a chunk of a later attempt (an attempt's output is
-    all recorded before the next attempt starts), and, when ``complete`` (the job has ended
-    and nothing follows ``chunks``), the last of each stream and attempt."""
+    stream and attempt. An attempt's output is all in the record once the attempt has
+    finished, so the last chunk of each stream of an attempt up to ``finished_attempt`` is its
+    last, provided ``complete``: nothing recorded after ``chunks`` is missing from them
+    (``chunks`` were read after ``finished_attempt`` was, to their end). A chunk followed in
+    ``chunks`` by one of a later attempt is the last of its stream and attempt too."""
     last: dict[tuple[str, int], int] = {}
     for chunk in chunks:
         last[chunk.stream, chunk.attempt] = chunk.seq
     if not last:
         return set()
-    if complete:
-        return set(last.values())
     newest = max(attempt for _, attempt in last)
-    return {seq for (_, attempt), seq in last.items() if attempt < newest}
+    return {
+        seq
+        for (_, attempt), seq in last.items()
+        if attempt < newest or (complete and attempt <= finished_attempt)
+    }
 
 
 def text_of(chunks: Iterable[Chunk]) -> str:
-    """The whole text of a job's chunks (all of them, in seq order)."""
+    """The whole text of a finished job's chunks (all of them, in seq order)."""
     listed = list(chunks)
-    ends = ends_of_streams(listed, complete=True)
+    newest = max((c.attempt for c in listed), default=0)
+    ends = ends_of_streams(listed, finished_attempt=newest, complete=True)
     decoder = LogText()
     return "".join(decoder.decode(c, final=c.seq in ends) for c in listed)

@@ -49,13 +49,13 @@ LOCAL_USER_ID = "4c0ca1e5-0000-4000-8000-000000000001"
 """harmont-exec has no user accounts: every token belongs to this one local user."""
 
 
-def current_user_json() -> dict[str, Any]:
+def current_user_json(personal_org: str | None) -> dict[str, Any]:
     """Harmont's CurrentUserResponse for the local user (SPEC §6.1)."""
     return {
         "uuid": LOCAL_USER_ID,
         "email": "local@localhost",
         "name": "local",
-        "personal_org_slug": "local",
+        "personal_org_slug": personal_org,
     }
 
 

@@ -22,30 +22,46 @@ SHUTDOWN_GRACE_S = 3
 """How long `serve` waits for open requests after SIGINT/SIGTERM before cutting them."""
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def _origin(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
-    """``--cors-origin`` values: each exactly an origin, ``scheme://host[:port]``."""
+    """``--cors-origin`` values, each exactly an origin, ``scheme://host[:port]``, in the form a
+    browser sends in its Origin header (lowercase, no default port), so it can match."""
     out = []
     for value in values:
-        parts = urlsplit(value)
-        if value == "*" or "*" in value:
+        if "*" in value:
             raise click.BadParameter(
                 f"{value!r}: a wildcard would let every web page on the internet call this "
                 "server with a token a user pasted; name each origin, e.g. https://ci.example.com"
             )
+        parts = urlsplit(value)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
         ok = (
-            parts.scheme in ("http", "https")
-            and parts.netloc
+            parts.scheme in _DEFAULT_PORTS
+            and bool(parts.hostname)
             and not parts.path
             and not parts.query
             and not parts.fragment
             and "@" not in parts.netloc
+            and value == value.strip()
+            and not any(c.isspace() for c in value)
+            and (port is None or 1 <= port <= 65535)
         )
         if not ok:
             raise click.BadParameter(
-                f"{value!r} is not an origin; give scheme://host[:port] with no path or "
-                "trailing slash, e.g. http://localhost:5173"
+                f"{value!r} is not an origin; give scheme://host[:port] (http or https, a port "
+                "from 1 to 65535) with no path or trailing slash, e.g. http://localhost:5173"
             )
-        out.append(value)
+        host = str(parts.hostname)
+        host = f"[{host}]" if ":" in host else host
+        shown = f"{parts.scheme}://{host}"
+        if port is not None and port != _DEFAULT_PORTS[parts.scheme]:
+            shown += f":{port}"
+        out.append(shown)
     return tuple(out)
 
 

@@ -24,6 +24,7 @@ from executor.store.rows import (
     ArtifactRow,
     AttemptRow,
     BuildRow,
+    JobProgress,
     JobRow,
     JobText,
     LogChunk,
@@ -214,6 +215,12 @@ class Reader:
             return None
         deps = tuple(r[0] for r in self._rows(sql.DEPENDENCIES_OF_JOB, (rows[0]["id"],)))
         return JobRow.from_db(rows[0], deps)
+
+    def job_progress(self, job_id: str) -> JobProgress | None:
+        """The job's state, exit code and last finished attempt, in one read (a live log
+        stream asks this several times a second)."""
+        rows = self._rows(sql.JOB_PROGRESS, (job_id,))
+        return JobProgress.from_db(rows[0]) if rows else None
 
     def job_transitions(self, job_id: str) -> list[TransitionRow]:
         """The job's history in order, from its creation (seq 0)."""

@@ -23,6 +23,7 @@ __all__ = [
     "AttemptRow",
     "BuildRow",
     "CreatedBuild",
+    "JobProgress",
     "JobRow",
     "JobText",
     "LogChunk",
@@ -339,6 +340,20 @@ class AttemptRow:
             started_at=_time(r["started_at"]),
             finished_at=parse_time(r["finished_at"]),
         )
+
+
+class JobProgress(NamedTuple):
+    """Where a job stands, for a live log stream: its state, exit code, and the number of its
+    last finished attempt (0 before the first one ends; every chunk of a finished attempt is
+    in the record)."""
+
+    state: JobState
+    exit_code: int | None
+    finished_attempt: int
+
+    @classmethod
+    def from_db(cls, r: Record) -> JobProgress:
+        return cls(JobState(r["state"]), r["exit_code"], int(r["finished_attempt"] or 0))
 
 
 @dataclass(frozen=True, slots=True)

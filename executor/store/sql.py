@@ -496,6 +496,11 @@ DEPENDENCIES_OF_BUILD = (
     "WHERE j.build_id = ? ORDER BY j.position, p.position"
 )
 JOB_BY_ID = "SELECT * FROM jobs WHERE id = ?"
+# A live log stream's one read per poll: where the job is, and its last finished attempt.
+JOB_PROGRESS = (
+    "SELECT j.state, j.exit_code, (SELECT MAX(a.number) FROM attempts a WHERE a.job_id = j.id "
+    "AND a.finished_at IS NOT NULL) AS finished_attempt FROM jobs j WHERE j.id = ?"
+)
 # Ids are lowercase hex and '-', all below '~': the range is an index scan of the id prefix.
 JOBS_BY_ID_PREFIX = "SELECT * FROM jobs WHERE id >= ? AND id < ? ORDER BY id LIMIT 2"
 DEPENDENCIES_OF_JOB = (
