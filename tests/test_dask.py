@@ -428,7 +428,7 @@ async def test_dask_lost_worker_fails_the_attempt_executor_lost(
     ]
     assert result.exit_status == 1
     assert (tmp_path / "starts.log").read_text() == "1\n"
-    _wait_gone(_pids(tmp_path / "sleep.pid"))  # the watcher killed the lost job's group
+    _wait_gone(_pids(tmp_path / "sleep.pid"))  # the worker's watchdog killed the lost job
 
 
 @pytest.mark.anyio

@@ -125,19 +125,25 @@ def killed(tmp_path: Path, store_url: str) -> Iterator[Killed]:
             os.kill(pid, signal.SIGKILL)
 
 
-def test_recovery_kill_9_leaves_processes_behind_until_the_next_start(killed: Killed) -> None:
-    # The problem being solved: the jobs' processes outlive their executor...
-    assert job_processes({killed.job_ids["work"], killed.job_ids["side"]})
-    # ...until any harmont-exec command opens the store.
-    result = cli("builds", "--db", killed.db, cwd=killed.work)
-    assert result.returncode == 0, result.stderr
-    assert "build_abandoned" in result.stderr
-    assert "harmont-exec resume 1 --pipeline b" in result.stderr  # exact, copyable
+def test_recovery_kill_9_leaves_no_job_process_behind_without_another_command(
+    killed: Killed,
+) -> None:
+    """The executor's watchdog kills its jobs' processes (their `sleep 300` grandchildren
+    too) the moment it dies: no other harmont-exec command is run, and the record still says
+    the build runs (nobody has looked at it yet)."""
 
     def gone() -> bool | None:
         return True if not job_processes(set(killed.job_ids.values())) else None
 
-    poll(gone, "the lost jobs' processes (sleep 300 included) to be killed")
+    poll(gone, "the killed run's job processes to be gone")
+    with open_store(killed.db, recover=False) as store:
+        build = store.get_build(1)
+        assert build is not None and not build.state.is_terminal  # no command recovered it
+    # The next command finishes the build and says how to resume it.
+    result = cli("builds", "--db", killed.db, cwd=killed.work)
+    assert result.returncode == 0, result.stderr
+    assert "build_abandoned" in result.stderr
+    assert "harmont-exec resume 1 --pipeline b" in result.stderr  # exact, copyable
 
 
 def test_recovery_finishes_the_lost_build_as_the_spec_says(killed: Killed) -> None:

@@ -14,8 +14,9 @@ stop before the attempt started cancels the task and tells every worker to refus
 Losing a worker: the attempt ends ``EXECUTOR_LOST``. Dask must not run it again elsewhere:
 the task claims its attempt in the scheduler's metadata before it starts the command and
 refuses to run an attempt that was claimed before (run the scheduler with
-``distributed.scheduler.allowed-failures: 0`` so it does not even try). A watcher process on the
-worker's machine kills the attempt's process group when the worker process dies.
+``distributed.scheduler.allowed-failures: 0`` so it does not even try). The worker's own
+``LocalProcessRunner`` has a watchdog (``watchdog.py``) that kills the attempt's processes on
+the worker's machine the moment the worker process dies, whatever the build does next.
 
 Losing the executor (the harmont-exec process that submitted the attempt): the scheduler
 releases its tasks, and the worker stops an attempt whose task was released (checked every
@@ -31,8 +32,6 @@ import asyncio
 import itertools
 import os
 import re
-import signal
-import subprocess
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -430,14 +429,8 @@ async def _run_on_loop(worker: Worker, attempt_id: str, topic: str, spec: Attemp
         if attempt_id in _refused:
             return ["refused", "stopped before it started"]
         stop = _running[attempt_id] = StopRequest()
-    if _local_runner is None:
+    if _local_runner is None:  # one per worker process: its watchdog outlives a killed worker
         _local_runner = LocalProcessRunner()
-    watcher: _Watcher | None = None
-
-    def on_spawn(pid: int) -> None:
-        nonlocal watcher
-        watcher = _Watcher.start(pid)
-
     orphaned = asyncio.ensure_future(_stop_when_orphaned(worker, _task_key(attempt_id), stop))
     try:
         result = await _local_runner.run(
@@ -445,12 +438,9 @@ async def _run_on_loop(worker: Worker, attempt_id: str, topic: str, spec: Attemp
             on_start=lambda: send("start", worker.address, os.getpid()),
             on_output=lambda stream, data: send("out", stream.value, data),
             stop=stop,
-            on_spawn=on_spawn,
         )
     finally:
         orphaned.cancel()
-        if watcher is not None:
-            watcher.close()
         with _lock:
             del _running[attempt_id]
             _remember(_finished, attempt_id)
@@ -494,38 +484,3 @@ def _stop_attempt(attempt_id: str, kill: bool) -> str:
     else:
         stop.stop(Reason.CANCELED)
     return "running"
-
-
-@dataclass(slots=True)
-class _Watcher:
-    """A tiny shell in its own session that SIGKILLs the attempt's process group when the
-    worker process dies (its end of a pipe closes). Normally it is killed first, unused."""
-
-    proc: subprocess.Popen[bytes]
-    pipe: int
-
-    @classmethod
-    def start(cls, pgid: int) -> _Watcher | None:
-        read_end, write_end = os.pipe()  # both close-on-exec; the watcher gets the read end
-        try:
-            proc = subprocess.Popen(
-                ["/bin/sh", "-c", f"read _ignored; kill -9 -{pgid} 2>/dev/null"],
-                stdin=read_end,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        except OSError:
-            os.close(write_end)
-            return None  # no watcher: only a lost worker's leftovers are at stake
-        finally:
-            os.close(read_end)
-        return cls(proc, write_end)
-
-    def close(self) -> None:
-        try:
-            self.proc.send_signal(signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        os.close(self.pipe)

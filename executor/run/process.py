@@ -19,7 +19,7 @@ import signal
 import subprocess
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import partial
@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Protocol
 
 import anyio
+import structlog
+
+from executor.run.watchdog import MARK_ENV, Watchdog
 
 __all__ = [
     "AttemptResult",
@@ -38,6 +41,8 @@ __all__ = [
     "StopRequest",
     "Stream",
 ]
+
+log = structlog.get_logger("executor.run")
 
 _READ_SIZE = 64 * 1024
 
@@ -179,12 +184,42 @@ class LocalProcessRunner:
     It drives the pipes and the exit through the event loop's reader callbacks (a pidfd for the
     exit), which costs a fraction of a task per pipe: with thousands of short jobs that is what
     keeps harmont-exec close to ninja. It therefore needs anyio's asyncio backend (the default).
+
+    Its first attempt starts a ``Watchdog`` (``watchdog.py``) that kills every job process of
+    this runner the moment the process holding it dies, even by ``kill -9``; ``close`` (or the
+    runner's garbage collection) ends it, killing any job process still left (a daemon that
+    left its job's process group).
     """
 
     def __init__(self) -> None:
         self._pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Poller] = (
             weakref.WeakKeyDictionary()
         )
+        self._watchdog: Watchdog | None = None
+        self._no_watchdog = False
+
+    def _mark(self) -> str | None:
+        """The mark this runner's job processes carry (its watchdog started on first use)."""
+        if self._watchdog is None and not self._no_watchdog:
+            try:
+                self._watchdog = Watchdog()
+            except OSError as exc:
+                self._no_watchdog = True
+                log.warning(
+                    "watchdog_unavailable",
+                    error=str(exc),
+                    consequence="job processes outlive a killed executor until the next "
+                    "harmont-exec command finds its build abandoned",
+                )
+                return None
+            weakref.finalize(self, self._watchdog.close)
+        return None if self._watchdog is None else self._watchdog.mark
+
+    def close(self) -> None:
+        """End the watchdog: whatever is left of this runner's job processes is killed."""
+        if self._watchdog is not None:
+            self._watchdog.close()
+            self._watchdog = None
 
     def _poller(self, loop: asyncio.AbstractEventLoop) -> _Poller:
         poller = self._pollers.get(loop)
@@ -199,13 +234,12 @@ class LocalProcessRunner:
         on_start: Callable[[], None],
         on_output: OutputSink,
         stop: StopRequest,
-        on_spawn: Callable[[int], None] | None = None,
     ) -> AttemptResult:
-        """``on_spawn(pid)`` (optional, beyond the protocol) is told the shell's pid, which is
-        also its process group's id, before ``on_start``: the Dask worker uses it to watch the
-        group."""
         loop = asyncio.get_running_loop()
         started_at = _now()
+        mark = self._mark()
+        if mark is not None:
+            spec = replace(spec, env={**spec.env, MARK_ENV: mark})
         try:
             process = _spawn(spec)
         except OSError as exc:
@@ -218,8 +252,6 @@ class LocalProcessRunner:
                 error=f"cannot start /bin/sh in {spec.cwd}: {exc.strerror or exc}; check that the "
                 "working directory exists and /bin/sh is executable",
             )
-        if on_spawn is not None:
-            on_spawn(process.pid)
         on_start()
         watch = _Watch(loop, self._poller(loop), process, on_output, spec.grace_period_s)
         stop.on_stop(watch.stop)
