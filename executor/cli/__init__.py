@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from executor.cli import artifacts, record, run, serve  # noqa: F401  (registers the commands)
 from executor.cli.common import EXIT_INVALID, cli
+from executor.cli.output import guard_standard_streams
 
 __all__ = ["EXIT_INVALID", "cli", "main"]
 
 
 def main() -> None:
+    guard_standard_streams()  # a closed stdout or stderr never touches a build
     cli(prog_name="harmont-exec")
