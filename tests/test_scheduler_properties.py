@@ -51,19 +51,17 @@ class FakeRunner:
         self.plan = plan
         self.outcomes = outcomes
         self.limit = limit
-        self.statuses: dict[str, JobStatus] = {}
         self.running = 0
         self.peak = 0
         self.starts = 0
         self.attempts: dict[str, int] = {}
         self.on_first_hang: Callable[[], None] = lambda: None
         self.hung = False
+        self.scheduler: Scheduler | None = None  # whose knowledge a start is checked against
+        self.shown: list[Change] = []
 
     def observe(self, change: Change) -> None:
-        if change.key is not None and JobState(change.state).is_terminal:
-            self.statuses[change.key] = JobStatus(
-                JobState(change.state), soft_failed=change.soft_failed
-            )
+        self.shown.append(change)
 
     async def run(
         self,
@@ -77,7 +75,10 @@ class FakeRunner:
         attempt = int(spec.env["HARMONT_ATTEMPT"])
         assert attempt == self.attempts.get(key, 0) + 1
         self.attempts[key] = attempt
-        statuses = {k: s for k, s in self.statuses.items() if k != key}
+        assert self.scheduler is not None
+        statuses = {
+            k: s for k, s in self.scheduler.statuses.items() if k != key and s.state.is_terminal
+        }
         decision = self.plan.readiness(key, statuses)
         assert decision.readiness is Readiness.READY, (key, decision, statuses)
         started_at = datetime.now(UTC)
@@ -140,6 +141,7 @@ def test_scheduler_invariants_under_random_outcomes_and_cancels(
             runner=runner,
             on_change=runner.observe,
         )
+        runner.scheduler = scheduler
         cancel = lambda: scheduler.cancel("test")  # noqa: E731
         runner.on_first_hang = cancel if cancel_at is not None else (lambda: None)
 
@@ -181,3 +183,8 @@ def test_scheduler_invariants_under_random_outcomes_and_cancels(
         )
         assert build.state is expected
         assert runner.peak <= concurrency
+        # What on_change showed is what was recorded, in the record's order (it waits for
+        # each change's commit): the last change shown for each job is its recorded state.
+        last = {c.key: c.state for c in runner.shown if c.key is not None}
+        assert last == {j.step_key: j.state.value for j in jobs}
+        assert [c.state for c in runner.shown if c.key is None][-1] == build.state.value

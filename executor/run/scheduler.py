@@ -12,6 +12,7 @@ recording never blocks a job from starting.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import os
 import random
@@ -196,8 +197,15 @@ class Scheduler:
         self.store = store
         self.build = build
         self.options = options or RunOptions()
-        self.runner: ProcessRunner = runner or LocalProcessRunner()
+        # A runner made here is closed at the end (its watchdog kills any job process left);
+        # one passed in belongs to the caller.
+        self._own_runner = LocalProcessRunner() if runner is None else None
+        self.runner: ProcessRunner = runner or self._own_runner  # type: ignore[assignment]
         self._on_change = on_change
+        # Durable before shown (SPEC §5): each change waits here, with the count of store
+        # writes it follows, until the writer has committed that many.
+        self._unshown: deque[tuple[int, Change]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Bound once: the module's lazy logger re-reads the configuration at every call.
         self._log = log.bind(build=build.number)
         self._jobs = {s.key: _Job(s.key, build.job_ids[s.key], s) for s in plan}
@@ -236,7 +244,23 @@ class Scheduler:
 
     async def run(self) -> BuildResult:
         """Run every job to a terminal state; return the build's outcome. Never raises for a
-        job's failure; store errors surface from the final flush."""
+        job's failure; store errors surface from the final flush. ``on_change`` sees each
+        change once it is committed to the store, never before (SPEC §5)."""
+        self._loop = asyncio.get_running_loop()
+        stop_listening = self.store.add_commit_listener(self._on_commit)
+        try:
+            try:
+                await self._run_to_the_end()
+            finally:
+                if self._own_runner is not None:
+                    with anyio.CancelScope(shield=True):  # even when cancelled: nothing is left
+                        await anyio.to_thread.run_sync(self._own_runner.close)
+            return await self._flushed_result()
+        finally:
+            stop_listening()
+            self._release()  # what the last commits carried (after a failure: only those)
+
+    async def _run_to_the_end(self) -> None:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             if self.plan.spec.timeout_seconds is not None:
@@ -251,6 +275,8 @@ class Scheduler:
             self._advance()
             await self._done.wait()
             tg.cancel_scope.cancel()  # only timers and idle workers are left
+
+    async def _flushed_result(self) -> BuildResult:
         try:
             await anyio.to_thread.run_sync(self.store.flush)
         except StoreError as exc:
@@ -264,6 +290,12 @@ class Scheduler:
                 f"{build.pipeline}{org}` runs its unfinished jobs again"
             ) from None
         return self._result()
+
+    @property
+    def statuses(self) -> Mapping[str, JobStatus]:
+        """Every job's status as this scheduler knows it now: ahead of ``on_change``, which
+        waits for the store to commit each change."""
+        return {k: JobStatus(j.state, j.soft_failed) for k, j in self._jobs.items()}
 
     def cancel(self, reason: str = "the build was canceled") -> None:
         """Cancel gracefully (first SIGINT/SIGTERM): stop what runs, cancel what waits."""
@@ -346,7 +378,7 @@ class Scheduler:
             **record,
         )
         if self._on_change is not None:
-            self._on_change(
+            self._show(
                 Change(
                     job.key,
                     new.value,
@@ -370,6 +402,38 @@ class Scheduler:
                         self._stop_everything(f"--fail-fast: {job.key!r} {new.value}")
             if self._count.terminal == len(self._jobs):
                 self._roll_up(at)
+
+    # --- showing what is recorded -----------------------------------------------------------
+
+    def _show(self, change: Change) -> None:
+        """Hand ``change`` to ``on_change`` once the store has committed the write it comes
+        with (at once if it has, and nothing shown before it waits)."""
+        if self._on_change is None or self._store_error is not None:
+            return  # after a failed write nothing more is shown: it may not be recorded
+        ticket = self.store.queued
+        if not self._unshown and ticket <= self.store.committed:
+            self._on_change(change)
+            return
+        self._unshown.append((ticket, change))
+
+    def _on_commit(self, committed: int) -> None:
+        # The writer's thread: only hand the news to the event loop.
+        loop = self._loop
+        if loop is not None and self._unshown:
+            try:
+                loop.call_soon_threadsafe(self._release, committed)
+            except RuntimeError:
+                pass  # the loop is closed: the run is over, its end showed what was committed
+
+    def _release(self, committed: int | None = None) -> None:
+        """Show, in order, every waiting change whose write is committed."""
+        committed = self.store.committed if committed is None else committed
+        unshown = self._unshown
+        on_change = self._on_change
+        while unshown and unshown[0][0] <= committed:
+            _, change = unshown.popleft()
+            if on_change is not None:
+                on_change(change)
 
     def _settle(self, settled: tuple[Settled, ...]) -> None:
         for item in settled:
@@ -444,7 +508,7 @@ class Scheduler:
         self._write(self.store.record_build, self.build.id, state=state, at=at, **fields)
         self._log.info("build_state", state=state.value)
         if self._on_change is not None:
-            self._on_change(Change(None, state.value, at))
+            self._show(Change(None, state.value, at))
 
     # --- stopping -----------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import secrets
 import socket
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -113,6 +113,7 @@ class Store(Reader):
         self._transition_seq: dict[str, int] = {}  # job id -> next history seq
         self._log_seq: dict[str, int] = {}  # job id -> last log chunk seq
         self._job_columns: dict[str, list[Any]] = {}  # job id -> its sql.JOB_COLUMNS, as queued
+        self._commit_listeners: list[Callable[[int], None]] = []
 
     def __repr__(self) -> str:
         return f"Store({self.location!r})"  # never the URL: it may carry a password
@@ -554,12 +555,36 @@ class Store(Reader):
         self._check_writable()
         if self._writer is None:
             try:
-                self._writer = Writer(self._backend)
+                self._writer = Writer(self._backend, on_commit=self._committed_to)
             except self._errors as exc:
                 raise self._backend.error("start recording", exc) from None
             # A store dropped without close() still commits its queue (at exit at the latest).
             weakref.finalize(self, self._writer.close)
         self._writer.put(change)
+
+    # --- what is on disk --------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """How many changes were queued so far (the ``record_*`` and ``append_log`` calls)."""
+        return 0 if self._writer is None else self._writer.queued
+
+    @property
+    def committed(self) -> int:
+        """How many of the queued changes are committed (on disk, synced): every change up
+        to this count. A caller that must not show a change before it is durable (SPEC §5)
+        compares ``queued`` right after its write with this."""
+        return 0 if self._writer is None else self._writer.committed
+
+    def add_commit_listener(self, listener: Callable[[int], None]) -> Callable[[], None]:
+        """Call ``listener(committed)`` after every commit, from the writer's thread (so it
+        must only hand the news to its own thread); returns a function that removes it."""
+        self._commit_listeners.append(listener)
+        return lambda: self._commit_listeners.remove(listener)
+
+    def _committed_to(self, count: int) -> None:
+        for listener in list(self._commit_listeners):
+            listener(count)
 
     def _execute_in_writer(self, statement: str) -> None:
         """Test hook: queue a raw statement on the writer's connection (e.g. ``PRAGMA

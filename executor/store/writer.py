@@ -23,6 +23,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 from executor.errors import StoreError
@@ -68,12 +69,17 @@ class Writer:
     """The writer thread and its connection. ``put`` may be called from one thread at a time;
     ``flush`` from any thread."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, on_commit: Callable[[int], None] | None = None) -> None:
+        """``on_commit(n)`` is called (in the writer thread) after each commit, with the
+        number of changes committed so far: the first ``n`` changes ``put`` are on disk."""
         self._backend = backend
         self._db = backend.connect()  # opened here so that a bad store fails in the caller
         self._queue: queue.SimpleQueue[Change | _Flush | _Stop] = queue.SimpleQueue()
         self._urgent = threading.Event()  # a flush or close is waiting: commit now
         self._error: StoreError | None = None
+        self._on_commit = on_commit
+        self.queued = 0  # changes put so far (by the one thread that puts)
+        self.committed = 0  # of those, committed (written by the writer thread)
         self._thread = threading.Thread(target=self._loop, name="harmont-store-writer", daemon=True)
         self._thread.start()
 
@@ -83,6 +89,7 @@ class Writer:
         return self._error
 
     def put(self, change: Change) -> None:
+        self.queued += 1
         self._queue.put(change)
 
     def flush(self) -> None:
@@ -132,6 +139,10 @@ class Writer:
                 if changes and self._error is None:
                     self._apply(changes)
                     last_commit = time.monotonic()
+                    if self._error is None:
+                        self.committed += len(changes)
+                        if self._on_commit is not None:
+                            self._on_commit(self.committed)
                 for flush in flushes:
                     flush.done.set()
                 if stop:
