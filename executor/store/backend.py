@@ -64,6 +64,16 @@ class Backend:
     describe: Callable[[str, Exception], StoreError]  # (what we were doing, the driver's error)
     blob_root: Path  # where artifact files live
     path: Path | None = None  # the SQLite file, if it is one
+    # Before the first connection: create the store's directory and file privately, tighten
+    # an existing one (SPEC §5); returns what it tightened, for the caller to say once.
+    prepare: Callable[[], list[str]] = lambda: []
+    # Whether a driver error says the disk is full, and, if so, free the reserve kept for
+    # that moment (the bytes it freed): the final writes of a stopped build land in it.
+    is_full: Callable[[Exception], bool] = lambda exc: False
+    release_reserve: Callable[[], int] = lambda: 0
+    # Whether the store cannot be written now (a read-only file system or file): reads work,
+    # the recovery writes are skipped.
+    read_only: Callable[[], bool] = lambda: False
 
     def error(self, action: str, exc: Exception) -> StoreError:
         return self.describe(action, exc)
@@ -96,6 +106,12 @@ def migrate(db: Connection, backend: Backend) -> int:
     _refuse_newer(version, backend.location)
     if version == sql.SCHEMA_VERSION:
         return version
+    if backend.read_only():
+        raise StoreError(
+            f"the store {backend.location} has schema version {version} and this harmont-exec "
+            f"reads version {sql.SCHEMA_VERSION}, but it cannot be upgraded: it is read-only; "
+            "open it once where it can be written (or use the harmont-exec that wrote it)"
+        )
     db.execute("BEGIN IMMEDIATE")
     try:
         if dialect.migration_lock is not None:

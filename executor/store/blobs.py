@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from executor.errors import StoreError
+from executor.store.private import make_private_dirs
 
 __all__ = ["CHUNK_BYTES", "Blob", "BlobStore"]
 
@@ -46,17 +47,18 @@ class BlobStore:
             raise StoreError(f"{sha256!r} is not a SHA-256 in hex; artifact records hold one")
         return self.root / "sha256" / sha256[:2] / sha256
 
-    def put(self, source: BinaryIO) -> Blob:
-        """Store what is left to read of ``source``; return its hashes and size. A failure to
-        write (disk full, permissions) is a StoreError; a failure to read ``source`` is the
-        OSError it raised. Either way nothing is left behind."""
+    def put(self, source: BinaryIO, *, max_bytes: int | None = None) -> Blob:
+        """Store what is left to read of ``source`` (StoreError past ``max_bytes``: a file
+        that grows while it is copied); return its hashes and size. A failure to write (disk
+        full, permissions) is a StoreError; a failure to read ``source`` is the OSError it
+        raised. Either way nothing is left behind."""
         sha1 = hashlib.sha1(usedforsecurity=False)
         sha256 = hashlib.sha256()
         size = 0
         try:
             tmp_dir = self.root / "tmp"
-            tmp_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix="incoming-")
+            make_private_dirs(tmp_dir, top=self.root)
+            fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix="incoming-")  # 0600
         except OSError as exc:
             raise self._error("create a file", self.root, exc) from None
         tmp = Path(tmp_name)
@@ -66,6 +68,11 @@ class BlobStore:
                     sha1.update(chunk)
                     sha256.update(chunk)
                     size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise StoreError(
+                            f"it grew past the limit of {max_bytes / (1 << 20):g} MB per file "
+                            "while it was copied; raise --max-artifact-mb or keep it smaller"
+                        )
                     try:
                         out.write(chunk)
                     except OSError as exc:
@@ -81,8 +88,8 @@ class BlobStore:
                 tmp.unlink()
             else:
                 try:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    tmp.chmod(0o444)  # never modified once in place
+                    make_private_dirs(target.parent, top=self.root)
+                    tmp.chmod(0o400)  # never modified once in place; only this user reads it
                     os.replace(tmp, target)
                 except OSError as exc:
                     raise self._error("store", target, exc) from None

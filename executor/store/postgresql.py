@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from executor.errors import StoreError
 from executor.store import sql
 from executor.store.backend import Backend
+from executor.store.private import make_private_dirs
 
 __all__ = [
     "APPLICATION_NAME",
@@ -267,4 +268,17 @@ def postgresql_backend(url: str, origin: str) -> Backend:
         errors=(psycopg.Error,),
         describe=describe,
         blob_root=artifacts_root(),
+        prepare=lambda: _prepare_artifacts(artifacts_root()),
+        is_full=lambda exc: getattr(exc, "sqlstate", None) == "53100",  # disk_full
     )
+
+
+def _prepare_artifacts(root: Path) -> list[str]:
+    """The artifact directory is private when harmont-exec creates it (an existing one, maybe
+    shared between the executors' and the server's users on purpose, is left as it is)."""
+    if not root.exists():
+        try:
+            make_private_dirs(root)
+        except OSError:
+            pass  # said when an artifact is first stored there
+    return []

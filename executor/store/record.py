@@ -89,8 +89,7 @@ class Store(Reader):
     def __init__(self, backend: Backend) -> None:
         opening: tuple[type[Exception], ...] = (OSError, *backend.errors)
         try:
-            if backend.path is not None:
-                backend.path.parent.mkdir(parents=True, exist_ok=True)
+            self.tightened = backend.prepare()  # private, whatever the umask (SPEC §5)
             db = backend.connect()
         except opening as exc:
             raise StoreError(
@@ -110,6 +109,7 @@ class Store(Reader):
         self._writer: Writer | None = None
         self._closed = False
         self._reported: StoreError | None = None
+        self._trouble_reported: StoreError | None = None
         self._transition_seq: dict[str, int] = {}  # job id -> next history seq
         self._log_seq: dict[str, int] = {}  # job id -> last log chunk seq
         self._job_columns: dict[str, list[Any]] = {}  # job id -> its sql.JOB_COLUMNS, as queued
@@ -576,6 +576,17 @@ class Store(Reader):
         compares ``queued`` right after its write with this."""
         return 0 if self._writer is None else self._writer.committed
 
+    @property
+    def trouble(self) -> StoreError | None:
+        """The disk filled (the last writes went to the reserve): the build must stop now;
+        its state changes are still recorded, its output no more."""
+        return None if self._writer is None else self._writer.trouble
+
+    @property
+    def dropped_output(self) -> dict[str, int]:
+        """Job id -> bytes of its output not recorded since the disk filled."""
+        return {} if self._writer is None else dict(self._writer.dropped_output)
+
     def add_commit_listener(self, listener: Callable[[int], None]) -> Callable[[], None]:
         """Call ``listener(committed)`` after every commit, from the writer's thread (so it
         must only hand the news to its own thread); returns a function that removes it."""
@@ -595,7 +606,8 @@ class Store(Reader):
 
     def flush(self) -> None:
         """Block until everything queued before this call is committed. Raises StoreError if
-        any queued write failed (then nothing queued after it was saved). Thread-safe."""
+        any queued write failed (then nothing queued after it was saved), or once if the disk
+        filled (``trouble``: state changes are still saved, output no more). Thread-safe."""
         writer = self._writer
         if writer is None:
             return
@@ -603,6 +615,9 @@ class Store(Reader):
         if writer.error is not None:
             self._reported = writer.error
             raise writer.error
+        if writer.trouble is not None and writer.trouble is not self._trouble_reported:
+            self._trouble_reported = writer.trouble  # once: its writes still go on
+            raise writer.trouble
 
     def close(self) -> None:
         """Flush, stop the writer and close the connections. Idempotent. Raises a failed

@@ -1,6 +1,6 @@
 """The SQLite backend: one file in WAL mode, safe beside concurrent readers (the default).
 
-Every connection comes from ``connect`` (WAL, synchronous=NORMAL, foreign keys on, a busy
+Every connection comes from ``connect`` (WAL, synchronous=FULL, foreign keys on, a busy
 timeout) and every sqlite3 exception is translated by ``store_error``, so no sqlite3 exception
 leaves the package. Artifact files live in ``artifacts/`` beside the database file. This module
 builds no queries of its own: the SQL text lives in ``sql.py``.
@@ -8,13 +8,16 @@ builds no queries of its own: the SQL text lives in ``sql.py``.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from executor.errors import StoreError
 from executor.store import sql
 from executor.store.backend import Backend
+from executor.store.private import create_private_file, make_private_dirs, tighten
 
 __all__ = ["BUSY_TIMEOUT_S", "MIN_SQLITE", "connect", "sqlite_backend", "store_error"]
 
@@ -24,12 +27,33 @@ MIN_SQLITE = (3, 33, 0)
 BUSY_TIMEOUT_S = 30.0
 """How long a statement waits for another connection's write lock before failing."""
 
+SYNCHRONOUS = "FULL"
+"""Every commit is synced to disk before it returns (in WAL mode: the WAL, at each commit):
+a crash, a power loss or a filesystem that turns read-only loses at most the batch being
+written, never one that was committed, so nothing shown is lost (SPEC §5). NORMAL would sync
+only at checkpoints; ``benchmarks.bench_run --tools harmont,harmont-normal`` measures the
+difference."""
+
+
+RESERVE_BYTES = 8 << 20
+"""The most space kept in reserve beside the database (``<file>.reserve``): freed when the
+disk is full, so that the writes that stop a build land (SPEC §5). On a small disk it is a
+quarter of the free space."""
+
 
 def sqlite_backend(path: Path) -> Backend:
     """The store in the SQLite file ``path`` (an absolute path; see ``url.resolve_db_path``)."""
 
     def describe(action: str, exc: Exception) -> StoreError:
         return store_error(action, exc, path)
+
+    def prepare() -> list[str]:
+        _check_version()  # before anything is made: nothing is left at the path
+        make_private_dirs(path.parent)
+        created = create_private_file(path)
+        tightened = [] if created else tighten(path, path.parent / "artifacts")
+        keep_reserve(path)
+        return tightened
 
     return Backend(
         dialect=sql.SQLITE,
@@ -40,7 +64,59 @@ def sqlite_backend(path: Path) -> Backend:
         describe=describe,
         blob_root=path.parent / "artifacts",
         path=path,
+        prepare=prepare,
+        is_full=is_full,
+        release_reserve=lambda: release_reserve(path),
+        read_only=lambda: read_only(path),
     )
+
+
+def _reserve_of(path: Path) -> Path:
+    return path.with_name(path.name + ".reserve")
+
+
+def keep_reserve(path: Path) -> None:
+    """Make the reserve file beside the database if it is missing (a quarter of the free
+    space, at most RESERVE_BYTES); a disk too full for it has none."""
+    reserve = _reserve_of(path)
+    if reserve.exists():
+        return
+    try:
+        free = os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize
+        size = min(RESERVE_BYTES, free // 4)
+        if size < 64 << 10:
+            return
+        fd = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    try:
+        block = b"\0" * (1 << 20)  # written, not sparse: the space must really be taken
+        left = size
+        while left > 0:
+            left -= os.write(fd, block[: min(left, len(block))])
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        reserve.unlink(missing_ok=True)
+        return
+    os.close(fd)
+
+
+def release_reserve(path: Path) -> int:
+    """Free the reserve; how many bytes it held (0: there was none)."""
+    reserve = _reserve_of(path)
+    try:
+        size = reserve.stat().st_size
+        reserve.unlink()
+    except OSError:
+        return 0
+    return size
+
+
+def is_full(exc: Exception) -> bool:
+    """Whether SQLite said the disk (or the file's size limit) is full."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or "database or disk is full" in str(exc)
 
 
 def store_error(action: str, exc: Exception, path: Path) -> StoreError:
@@ -51,7 +127,10 @@ def store_error(action: str, exc: Exception, path: Path) -> StoreError:
     if "full" in lowered:
         hint = "free disk space where the database lives, then run the build again"
     elif "readonly" in lowered or "read-only" in lowered:
-        hint = "make the database file and its directory writable"
+        hint = (
+            "make the database file and its directory writable (read commands work on a "
+            "read-only store; recording needs to write)"
+        )
     elif "locked" in lowered or "busy" in lowered:
         hint = "another process held the database too long; retry when it is done"
     elif "not a database" in lowered or "malformed" in lowered:
@@ -78,15 +157,47 @@ def _wal(db: sqlite3.Connection) -> str:
             time.sleep(0.01)
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """A connection to ``path`` in autocommit mode (transactions are explicit BEGIN/COMMIT),
-    usable from any thread (callers serialize access)."""
+def _check_version() -> None:
     if sqlite3.sqlite_version_info < MIN_SQLITE:
         raise StoreError(
             f"the store needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer, but this Python "
             f"uses SQLite {sqlite3.sqlite_version}; use a Python built with a newer SQLite "
             "(python.org and distribution builds since 2021 have one)"
         )
+
+
+def read_only(path: Path) -> bool:
+    """Whether the database cannot be written: its file system is mounted read-only, or the
+    file (or its directory, where SQLite keeps the -wal and -shm) is not writable by us."""
+    try:
+        if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
+            return True
+    except OSError:
+        return False
+    return path.exists() and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection to a store that cannot be written (SPEC §5: read commands work
+    on a full or read-only disk, or a copied file): through the -wal and -shm if they are
+    there (SQLite reads them on read-only media), else as an immutable file (a cleanly
+    closed database: nothing is in a -wal to miss)."""
+    location = quote(str(path))
+    wal = path.with_name(path.name + "-wal")
+    shm = path.with_name(path.name + "-shm")
+    uri = f"file:{location}?mode=ro" + ("" if wal.exists() and shm.exists() else "&immutable=1")
+    db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    return db
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to ``path`` in autocommit mode (transactions are explicit BEGIN/COMMIT),
+    usable from any thread (callers serialize access); read-only when the store cannot be
+    written (``read_only``)."""
+    _check_version()
+    if read_only(path):
+        return _connect_read_only(path)
     db = sqlite3.connect(
         path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
     )
@@ -99,7 +210,7 @@ def connect(path: Path) -> sqlite3.Connection:
                 f"could not switch {path} to WAL mode (it stays in {mode!r} mode); put the "
                 "database on a local file system that supports shared memory"
             )
-        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
         db.execute("PRAGMA foreign_keys = ON")
     except BaseException:
         db.close()

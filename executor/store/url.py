@@ -136,7 +136,21 @@ def open_store(
             "build first"
         )
     store = Store(backend)
-    if recover:
+    if store.tightened:
+        log.warning(
+            "store_permissions_tightened",
+            paths=store.tightened,
+            reason="the record holds every log, the API tokens' hashes and the log-token key: "
+            "only its owner may read it (directories 0700, files 0600)",
+        )
+    if recover and backend.read_only():
+        log.warning(
+            "recovery_skipped",
+            store=store.location,
+            reason="the store is read-only: builds whose executor died are shown as they were "
+            "left, not marked abandoned",
+        )
+    elif recover:
         try:
             lost = store.recover_lost_builds(datetime.now(UTC))
         except BaseException:

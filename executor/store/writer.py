@@ -10,7 +10,13 @@ of this thread, takes the GIL from the event loop for a moment. What a batch doe
 is ``changes.apply_batch``; this module only runs the thread, the transactions and the errors.
 
 Failures are never dropped. A batch that the database refuses (disk full, read-only file, ...) is
-rolled back. A change whose guard does not hold (a bug: the store and the runner disagree about
+rolled back. On a full disk the backend's reserve (a file kept beside a SQLite database) is
+freed and the batch saved again, in order: from then on the writer is in ``trouble`` (the store
+tells the running build to stop) and keeps every state change but job output only while it fits
+in a quarter of the reserve, so the writes that stop the build land and nothing shown is lost
+(SPEC §5).
+
+A change whose guard does not hold (a bug: the store and the runner disagree about
 a job's state) makes the writer roll the batch back and replay it one change at a time, keeping
 the changes before the bad one. Either way the writer remembers the first error and applies
 nothing after it; ``Writer.error`` exposes it for the store to raise.
@@ -28,7 +34,7 @@ from typing import NamedTuple
 
 from executor.errors import StoreError
 from executor.store.backend import Backend, Cursor
-from executor.store.changes import Change, apply_batch, apply_one
+from executor.store.changes import Change, LogAppended, apply_batch, apply_one
 
 __all__ = ["BATCH_LIMIT", "COMMIT_INTERVAL_S", "WRITER_NICE", "Writer"]
 
@@ -80,6 +86,11 @@ class Writer:
         self._on_commit = on_commit
         self.queued = 0  # changes put so far (by the one thread that puts)
         self.committed = 0  # of those, committed (written by the writer thread)
+        # The disk filled and the reserve took the last writes: the build must stop. From then
+        # on the job's output is dropped (counted here), its state changes still recorded.
+        self.trouble: StoreError | None = None
+        self.dropped_output: dict[str, int] = {}  # job id -> bytes of output not recorded
+        self._output_budget = 0  # bytes of output the reserve may still take
         self._thread = threading.Thread(target=self._loop, name="harmont-store-writer", daemon=True)
         self._thread.start()
 
@@ -151,6 +162,60 @@ class Writer:
             self._db.close()
 
     def _apply(self, changes: list[Change]) -> None:
+        """Commit ``changes`` in one transaction; on a full disk, free the reserve and go on
+        in ``trouble`` (``_save_what_fits``); any other failure is the error."""
+        if self.trouble is not None:
+            failed = self._save_what_fits(changes)
+        else:
+            failed = self._commit(changes)
+            if failed is not None and self._backend.is_full(failed):
+                freed = self._backend.release_reserve()
+                if freed:
+                    self.trouble = self._backend.error(
+                        "save queued writes: the disk is full (the space kept in reserve took "
+                        "the writes that stop the build)",
+                        failed,
+                    )
+                    self._output_budget = freed // 4
+                    failed = self._save_what_fits(changes)
+        if failed is not None:
+            self._error = self._backend.error(
+                f"save {len(changes)} queued writes (none of them, nor any later one, is recorded)",
+                failed,
+            )
+
+    def _save_what_fits(self, changes: list[Change]) -> Exception | None:
+        """The disk is full and the reserve freed: keep the changes' order, every state change
+        (what stops the build), and job output only while it fits in a quarter of the
+        reserve; a job's output after a chunk that did not fit is dropped (no gap in its
+        seq), counted in ``dropped_output``. None, or the error that even the state changes
+        met."""
+        group: list[Change] = []
+        for change in changes:
+            if not isinstance(change, LogAppended):
+                group.append(change)
+                continue
+            if group:
+                failed = self._commit(group)
+                group = []
+                if failed is not None:
+                    return failed
+            size = len(change.content)
+            if change.job_id in self.dropped_output or size > self._output_budget:
+                self._drop(change)
+            elif self._commit([change]) is None:
+                self._output_budget -= size
+            else:
+                self._drop(change)
+        return self._commit(group) if group else None
+
+    def _drop(self, change: LogAppended) -> None:
+        dropped = self.dropped_output
+        dropped[change.job_id] = dropped.get(change.job_id, 0) + len(change.content)
+
+    def _commit(self, changes: list[Change]) -> Exception | None:
+        """One transaction of ``changes``: None once committed, else the driver's error (the
+        transaction rolled back). A change whose guard fails is ``_error`` (a bug)."""
         cursor = self._db.cursor()
         try:
             cursor.execute("BEGIN IMMEDIATE")
@@ -161,10 +226,7 @@ class Writer:
             cursor.execute("COMMIT")
         except self._backend.errors as exc:
             self._rollback()
-            self._error = self._backend.error(
-                f"save {len(changes)} queued writes (none of them, nor any later one, is recorded)",
-                exc,
-            )
+            return exc
         except Exception as exc:  # a bug (a bad parameter type, ...): still never silent
             self._rollback()
             self._error = StoreError(
@@ -173,6 +235,7 @@ class Writer:
             )
         finally:
             cursor.close()
+        return None
 
     def _apply_one_by_one(self, cursor: Cursor, changes: list[Change]) -> None:
         """Keep the changes before the first whose guard fails; record that one as the error."""
