@@ -16,6 +16,7 @@ __all__ = [
     "ExecutorError",
     "InternalError",
     "InvalidTransitionError",
+    "RecordFailedError",
     "StoreError",
     "StoreNotFoundError",
 ]
@@ -120,3 +121,18 @@ class StoreNotFoundError(StoreError):
     (a mistyped --db); the CLI exits 2, as for other bad arguments."""
 
     code = "store_not_found"
+
+
+class RecordFailedError(StoreError):
+    """A build was stopped because its record could not be written (a full disk, a file
+    turned read-only, a database gone): its number and pipeline, for the message and the
+    summary (read back from what the record holds)."""
+
+    code = "record_failed"
+
+    def __init__(self, message: str, *, build_id: str, number: int, org: str, pipeline: str):
+        super().__init__(message)
+        self.build_id = build_id
+        self.number = number
+        self.org = org
+        self.pipeline = pipeline

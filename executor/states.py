@@ -75,6 +75,7 @@ class Event(StrEnum):
     EXECUTOR_LOST = "executor_lost"
     RESUMED = "resumed"
     REUSED = "reused"
+    ARTIFACT_UPLOAD_FAILED = "artifact_upload_failed"
 
 
 TERMINAL_JOB_STATES = frozenset(
@@ -111,6 +112,9 @@ def _table() -> dict[tuple[JobState, Event], JobState]:
         # Extension: `harmont-exec retry --failed` takes a job's result from the build it
         # retries instead of running it (recorded with a reference to that job).
         (_S.PENDING, _E.REUSED): _S.PASSED,
+        # Extension (SPEC §7): the final attempt's process is gone but a file its
+        # artifact_paths matched could not be kept: the job fails, whatever it exited with.
+        (_S.RUNNING, _E.ARTIFACT_UPLOAD_FAILED): _S.FAILED,
     }
     for state in (_S.PENDING, _S.SCHEDULED, _S.ASSIGNED):
         table[(state, _E.CANCEL_REQUESTED)] = _S.CANCELED

@@ -31,8 +31,9 @@ from executor.cli.common import (
     duration_text,
     make_console,
 )
-from executor.errors import BuildFileError, ExecutorError
+from executor.errors import BuildFileError, ExecutorError, RecordFailedError
 from executor.load import load_plan
+from executor.run.artifacts import DEFAULT_MAX_BYTES
 from executor.run.build import resume_build, retry_build, run_build
 from executor.run.dask import check_address, open_dask_runner
 from executor.run.process import ProcessRunner
@@ -213,6 +214,32 @@ def _summary(console: Console, store: Store, result: BuildResult, tail_lines: in
         console.print(f"[red]{build.error_message}[/]")
 
 
+def _recorded_summary(console: Console, store: Store, failed: RecordFailedError) -> None:
+    """The jobs as the record has them, after a build stopped because the record could not be
+    written (reads still work on a full or read-only disk)."""
+    try:
+        build = store.get_build_by_id(failed.build_id)
+        jobs = store.list_jobs(failed.build_id)
+    except ExecutorError:
+        return  # the database cannot even be read: the error says why
+    if build is None:
+        return
+    table = Table(
+        title=f"{failed.org}/{failed.pipeline} build #{failed.number}, as recorded: "
+        f"{build.state.value}"
+    )
+    for column in ("job", "state", "exit", "note"):
+        table.add_column(column)
+    for job in jobs:
+        table.add_row(
+            job.step_key,
+            f"[{STATE_STYLE.get(job.state.value, 'white')}]{job.state.value}[/]",
+            "" if job.exit_code is None else str(job.exit_code),
+            (f"{job.error_code}: " if job.error_code else "") + (job.error_message or ""),
+        )
+    console.print(table)
+
+
 def _tail(store: Store, job_id: str, count: int) -> list[str]:
     data = b"".join(chunk.content for chunk in store.read_log(job_id))
     return data.decode("utf-8", "replace").splitlines()[-count:]
@@ -245,6 +272,16 @@ _tail_option = click.option(
     help="Log lines shown for each failed job at the end.",
 )
 
+
+_artifact_limit_option = click.option(
+    "--max-artifact-mb",
+    "max_artifact_mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_MAX_BYTES / (1 << 20),
+    show_default=True,
+    help="Largest file kept as one artifact, in MB; a bigger one fails its job "
+    "(artifact_upload_failed).",
+)
 
 _executor_option = click.option(
     "--executor",
@@ -318,6 +355,7 @@ def _job_count(number: int, org: str | None, pipeline: str | None, store: Store)
     help="Override the log format for this command.",
 )
 @_tail_option
+@_artifact_limit_option
 @_executor_option
 @_scheduler_option
 @click.pass_context
@@ -332,6 +370,7 @@ def run(
     grace_seconds: float,
     log_format: str | None,
     tail_lines: int,
+    max_artifact_mb: float,
     executor: str,
     scheduler: str | None,
 ) -> None:
@@ -347,7 +386,12 @@ def run(
     # What exists now (modules, the plan) lives until exit: keep the cyclic garbage collector
     # from walking it again and again while jobs run (~10% of the CPU of 10k short jobs).
     gc.freeze()
-    options = RunOptions(concurrency=concurrency, fail_fast=fail_fast, grace_period_s=grace_seconds)
+    options = RunOptions(
+        concurrency=concurrency,
+        fail_fast=fail_fast,
+        grace_period_s=grace_seconds,
+        max_artifact_bytes=int(max_artifact_mb * (1 << 20)),
+    )
 
     def start(
         store: Store, on_change: Callable[[Change], None], runner: ProcessRunner | None
@@ -397,7 +441,12 @@ def _drive(
     started = time.monotonic()
     try:
         with open_store(db) as store:
-            result = anyio.run(go, store)
+            try:
+                result = anyio.run(go, store)
+            except RecordFailedError as failed:
+                # What the record says, not what this process thought: they must agree.
+                _recorded_summary(console, store, failed)
+                raise
             _summary(console, store, result, tail_lines)
     except ExecutorError as exc:
         click.echo(f"harmont-exec: {exc}", err=True)
@@ -417,6 +466,7 @@ def _drive(
 @_jobs_option
 @_grace_option
 @_tail_option
+@_artifact_limit_option
 @_executor_option
 @_scheduler_option
 @click.pass_context
@@ -429,18 +479,24 @@ def resume(
     concurrency: int | None,
     grace_seconds: float,
     tail_lines: int,
+    max_artifact_mb: float,
     executor: str,
     scheduler: str | None,
 ) -> None:
     """Continue build NUMBER, abandoned when its executor died, in place.
 
     Its finished jobs keep their results; the jobs that were running (failed, executor_lost)
-    or had not started (canceled, build_abandoned) run again, their earlier attempts kept in
+    or had not started or were stopped (canceled, build_abandoned or record_failed) run again,
+    their earlier attempts kept in
     the history. Refused for a build that is still running or that finished by itself. Exits
     like `run`."""
     address = _executor_choice(ctx, executor, scheduler)
     gc.freeze()
-    options = RunOptions(concurrency=concurrency, grace_period_s=grace_seconds)
+    options = RunOptions(
+        concurrency=concurrency,
+        grace_period_s=grace_seconds,
+        max_artifact_bytes=int(max_artifact_mb * (1 << 20)),
+    )
 
     def start(
         store: Store, on_change: Callable[[Change], None], runner: ProcessRunner | None
@@ -474,6 +530,7 @@ def resume(
 @_fail_fast_option
 @_grace_option
 @_tail_option
+@_artifact_limit_option
 @_executor_option
 @_scheduler_option
 @click.pass_context
@@ -488,6 +545,7 @@ def retry(
     fail_fast: bool,
     grace_seconds: float,
     tail_lines: int,
+    max_artifact_mb: float,
     executor: str,
     scheduler: str | None,
 ) -> None:
@@ -498,7 +556,12 @@ def retry(
     takes its result, artifacts included, recorded as reused from that job. Exits like `run`."""
     address = _executor_choice(ctx, executor, scheduler)
     gc.freeze()
-    options = RunOptions(concurrency=concurrency, fail_fast=fail_fast, grace_period_s=grace_seconds)
+    options = RunOptions(
+        concurrency=concurrency,
+        fail_fast=fail_fast,
+        grace_period_s=grace_seconds,
+        max_artifact_bytes=int(max_artifact_mb * (1 << 20)),
+    )
 
     def start(
         store: Store, on_change: Callable[[Change], None], runner: ProcessRunner | None

@@ -11,8 +11,9 @@ absolute patterns and ``..``; what is left is symlinks (a link pointing out, or 
 swapped for a link between the match and the copy), so the check is made on the OPENED file:
 its real path (``/proc/self/fd/N``) must be inside the working directory's real path, and it
 must be a regular file. Everything refused, vanished or unreadable, and every glob that matched
-nothing, is a note for the job's log, never a failure of the job; so is a failure to write the
-copy into the store (a full disk), which names the store's directory and what to do.
+nothing, is a note for the job's log, never a failure of the job. A matched file that could not
+be kept (the store's disk is full, an I/O error, over the size limit) is a failure: the
+scheduler fails the job with ``artifact_upload_failed`` (SPEC §7).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from executor.errors import StoreError
 from executor.store import Blob, BlobStore
 
-__all__ = ["Collected", "Collection", "collect_artifacts", "match_artifacts"]
+__all__ = ["DEFAULT_MAX_BYTES", "Collected", "Collection", "collect_artifacts", "match_artifacts"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +39,15 @@ class Collected:
     blob: Blob
 
 
+DEFAULT_MAX_BYTES = 1024 * 1024 * 1024
+"""The largest file kept as one artifact (``--max-artifact-mb``, default 1024)."""
+
+
 @dataclass(slots=True)
 class Collection:
     artifacts: list[Collected] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # lines for the job's log
+    failures: list[str] = field(default_factory=list)  # files that matched but were not kept
 
 
 _MAGIC = frozenset("*?[")
@@ -147,10 +153,18 @@ def _opened_path(fd: int, name: Path) -> str:
         return os.path.realpath(name)
 
 
-def collect_artifacts(working_dir: Path, paths: Sequence[str], blobs: BlobStore) -> Collection:
+def collect_artifacts(
+    working_dir: Path,
+    paths: Sequence[str],
+    blobs: BlobStore,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Collection:
     """Copy each of ``paths`` (from ``match_artifacts``) into ``blobs``; refuse any that is not
-    a regular file inside ``working_dir`` once opened."""
+    a regular file inside ``working_dir`` once opened; fail (``failures``) one that is over
+    ``max_bytes`` or that the store cannot take."""
     result = Collection()
+    limit_mb = f"{max_bytes / (1 << 20):g} MB"
     root = os.path.realpath(working_dir)
     for rel in paths:
         try:
@@ -184,13 +198,21 @@ def collect_artifacts(working_dir: Path, paths: Sequence[str], blobs: BlobStore)
                     f"directory {root}"
                 )
                 continue
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
                 result.notes.append(f"artifact {rel}: skipped, not a regular file")
                 continue
+            if info.st_size > max_bytes:  # said by its size, before a byte is copied
+                result.failures.append(
+                    f"artifact {rel} is {info.st_size / (1 << 20):.1f} MB, over the limit of "
+                    f"{limit_mb} per file: make it smaller (an archive), or raise "
+                    "--max-artifact-mb"
+                )
+                continue
             try:
-                blob = blobs.put(source)
-            except StoreError as exc:  # writing into the store: say so, keep the job's result
-                result.notes.append(f"artifact {rel}: not collected: {exc}")
+                blob = blobs.put(source, max_bytes=max_bytes)
+            except StoreError as exc:  # writing into the store (a full disk): the job fails
+                result.failures.append(f"artifact {rel} could not be kept: {exc}")
                 continue
             except OSError as exc:  # reading the job's file
                 result.notes.append(f"artifact {rel}: cannot read it: {exc.strerror}")

@@ -144,10 +144,12 @@ async def resume_build(
     on_change: Callable[[Change], None] | None = None,
     handle_signals: bool = False,
 ) -> BuildResult:
-    """Continue build ``number``, abandoned by an executor that died, in place (``harmont-exec
-    resume``): its finished jobs keep their results; the jobs that were running when it died
-    (``executor_lost``) or never started (``build_abandoned``) run again, with their earlier
-    attempts kept. Raises ExecutorError, saying why, for a build that is still alive or that
+    """Continue build ``number``, abandoned by an executor that died (``build_abandoned``) or
+    stopped because its record could not be written (``record_failed``: a full disk), in
+    place (``harmont-exec resume``): its finished jobs keep their results; the jobs that were
+    running when it died (``executor_lost``) or were stopped or never started (``canceled``
+    with one of those codes) run again, with their earlier attempts kept. Raises
+    ExecutorError, saying why, for a build that is still alive or that
     finished by itself."""
     build = _recorded_build(store, number, org, pipeline)
     name = f"build #{build.number} of {build.org}/{build.pipeline}"
@@ -157,7 +159,7 @@ async def resume_build(
             f"{build.executor_host}) is alive; resume continues only a build whose executor "
             "is gone (stop that one first, or wait for it)"
         )
-    if build.error_code != "build_abandoned":
+    if build.error_code not in ("build_abandoned", "record_failed"):
         raise ExecutorError(
             f"{name} finished by itself ({build.state.value}); resume continues only a build "
             f"abandoned by a dead executor: run it again with `harmont-exec retry "
@@ -168,7 +170,11 @@ async def resume_build(
         j
         for j in store.list_jobs(build.id)
         if (j.state, j.error_code)
-        in ((JobState.FAILED, "executor_lost"), (JobState.CANCELED, "build_abandoned"))
+        in (
+            (JobState.FAILED, "executor_lost"),
+            (JobState.CANCELED, "build_abandoned"),
+            (JobState.CANCELED, "record_failed"),
+        )
     ]
     if not again:
         raise ExecutorError(

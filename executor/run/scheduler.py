@@ -26,10 +26,15 @@ from typing import NamedTuple
 import anyio
 import structlog
 
-from executor.errors import StoreError
+from executor.errors import RecordFailedError, StoreError
 from executor.model import StepSpec
 from executor.plan import Plan, Settled
-from executor.run.artifacts import Collected, collect_artifacts, match_artifacts
+from executor.run.artifacts import (
+    DEFAULT_MAX_BYTES,
+    Collected,
+    collect_artifacts,
+    match_artifacts,
+)
 from executor.run.process import (
     AttemptResult,
     AttemptSpec,
@@ -60,7 +65,9 @@ DEPENDENCY_FAILED = "dependency_failed"
 PIPELINE_TIMEOUT = "pipeline_timeout"
 JOB_TIMEOUT = "job_timeout"
 BUILD_CANCELED = "build_canceled"
+RECORD_FAILED = "record_failed"
 SPAWN_FAILED = "spawn_failed"
+ARTIFACT_UPLOAD_FAILED = "artifact_upload_failed"
 _MAX_NOTES = 50  # artifact notes per job in its log (a glob over a big tree could make many)
 
 
@@ -77,6 +84,7 @@ class RunOptions:
     grace_period_s: float = 10.0
     working_dir: Path | None = None
     base_env: Mapping[str, str] | None = None  # default: this process's environment
+    max_artifact_bytes: int = DEFAULT_MAX_BYTES  # per file (--max-artifact-mb)
 
 
 class Change(NamedTuple):
@@ -206,6 +214,7 @@ class Scheduler:
         # writes it follows, until the writer has committed that many.
         self._unshown: deque[tuple[int, Change]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._trouble_seen = False
         # Bound once: the module's lazy logger re-reads the configuration at every call.
         self._log = log.bind(build=build.number)
         self._jobs = {s.key: _Job(s.key, build.job_ids[s.key], s) for s in plan}
@@ -277,19 +286,51 @@ class Scheduler:
             tg.cancel_scope.cancel()  # only timers and idle workers are left
 
     async def _flushed_result(self) -> BuildResult:
+        """The result, once everything queued is committed; RecordFailedError if the record
+        could not be written (the message says what happened and how to resume)."""
         try:
             await anyio.to_thread.run_sync(self.store.flush)
         except StoreError as exc:
-            build = self.build
-            org = "" if build.org == "local" else f" --org {build.org}"
-            raise StoreError(
-                f"{exc}. Build #{build.number} was stopped there: its running jobs were stopped "
-                "and the others canceled; the record keeps everything written before the "
-                "failure. Once that is fixed, any harmont-exec command marks the build "
-                f"abandoned, and `harmont-exec resume {build.number} --pipeline "
-                f"{build.pipeline}{org}` runs its unfinished jobs again"
-            ) from None
+            if exc is not self.store.trouble or not self._trouble_seen:
+                raise self._record_failed(
+                    f"{exc}. Build #{self.build.number} was stopped there: its running jobs "
+                    "were stopped and the others canceled; the record keeps everything "
+                    "written before the failure. Once that is fixed, any harmont-exec command "
+                    f"marks the build abandoned, and {self._resume_hint()} runs its unfinished "
+                    "jobs again"
+                ) from None
+        if self._trouble_seen:
+            keys = {j.id: j.key for j in self._jobs.values()}
+            dropped = {keys[j]: n for j, n in self.store.dropped_output.items() if j in keys}
+            lost = (
+                " (not recorded, the output written after the disk filled: "
+                + ", ".join(f"{n} bytes of {key!r}" for key, n in dropped.items())
+                + ")"
+                if dropped
+                else ""
+            )
+            raise self._record_failed(
+                f"{self.store.trouble}. Build #{self.build.number} was stopped and recorded as "
+                "stopped: its running jobs were stopped, the others canceled (record_failed), "
+                f"and everything shown is in the record{lost}. Free space there, then "
+                f"{self._resume_hint()} runs its unfinished jobs again"
+            )
         return self._result()
+
+    def _resume_hint(self) -> str:
+        build = self.build
+        org = "" if build.org == "local" else f" --org {build.org}"
+        return f"`harmont-exec resume {build.number} --pipeline {build.pipeline}{org}`"
+
+    def _record_failed(self, message: str) -> RecordFailedError:
+        build = self.build
+        return RecordFailedError(
+            message,
+            build_id=build.id,
+            number=build.number,
+            org=build.org,
+            pipeline=build.pipeline,
+        )
 
     @property
     def statuses(self) -> Mapping[str, JobStatus]:
@@ -419,11 +460,31 @@ class Scheduler:
     def _on_commit(self, committed: int) -> None:
         # The writer's thread: only hand the news to the event loop.
         loop = self._loop
-        if loop is not None and self._unshown:
-            try:
+        if loop is None:
+            return
+        try:
+            if self._unshown:
                 loop.call_soon_threadsafe(self._release, committed)
-            except RuntimeError:
-                pass  # the loop is closed: the run is over, its end showed what was committed
+            if self.store.trouble is not None and not self._trouble_seen:
+                self._trouble_seen = True
+                loop.call_soon_threadsafe(self._stop_for_trouble)
+        except RuntimeError:
+            pass  # the loop is closed: the run is over, its end showed what was committed
+
+    def _stop_for_trouble(self) -> None:
+        """The disk filled: the reserve took the last writes. Stop now, recorded as stopped
+        (``record_failed``), while the space lasts."""
+        if self._state.is_terminal:
+            return
+        self._log.error("record_failed", error=str(self.store.trouble))
+        self._error = (
+            RECORD_FAILED,
+            f"stopped: the record could not be written ({self.store.trouble})",
+        )
+        self._stop_everything(
+            "the record's disk is full (the error is at the end)", error_code=RECORD_FAILED
+        )
+        self._roll_up(_now())
 
     def _release(self, committed: int | None = None) -> None:
         """Show, in order, every waiting change whose write is committed."""
@@ -493,6 +554,8 @@ class Scheduler:
         state = roll_up(statuses, cancel_requested=self._cancel_requested)
         if state is BuildState.SCHEDULED and self._state is not BuildState.SCHEDULED:
             state = BuildState.RUNNING  # a resumed build: it started long ago, whatever waits
+        if state is BuildState.CANCELED and self._error and self._error[0] == RECORD_FAILED:
+            state = BuildState.FAILED  # nobody canceled it: its record could not be written
         if state is self._state:
             return
         fields: dict[str, object] = {}
@@ -512,7 +575,7 @@ class Scheduler:
 
     # --- stopping -----------------------------------------------------------------------------
 
-    def _stop_everything(self, reason: str) -> None:
+    def _stop_everything(self, reason: str, *, error_code: str = BUILD_CANCELED) -> None:
         """Cancel waiting jobs, stop running ones; used by cancel and --fail-fast."""
         self._stopping = True
         at = _now()
@@ -523,7 +586,7 @@ class Scheduler:
                     job,
                     Event.CANCEL_REQUESTED,
                     at=at,
-                    error_code=BUILD_CANCELED,
+                    error_code=error_code,
                     error_message=reason,
                 )
                 if job.stop is not None:  # the runner may already be starting it
@@ -534,7 +597,7 @@ class Scheduler:
                     job,
                     Event.CANCEL_REQUESTED,
                     at=at,
-                    error_code=BUILD_CANCELED,
+                    error_code=error_code,
                     error_message=reason,
                 )
                 if job.stop is not None:  # None: the process is gone, artifacts are collected
@@ -646,25 +709,36 @@ class Scheduler:
                 # waiting for its slot is not.
                 job.attempts -= 1
                 return
+            failures: list[str] = []
             if job.step.artifact_paths and not self._retry_wanted(job, attempt, result):
-                await self._collect_artifacts(job, attempt)
-            self._attempt_finished(job, attempt, result)
+                failures = await self._collect_artifacts(job, attempt)
+            self._attempt_finished(job, attempt, result, failures)
         finally:
             self._count.running -= 1  # the slot is held until the attempt's task ends
             self._count.tasks -= 1
             self._advance()
 
-    async def _collect_artifacts(self, job: _Job, attempt: int) -> None:
+    async def _collect_artifacts(self, job: _Job, attempt: int) -> list[str]:
         """After the final attempt, before the job's terminal state is recorded (so whatever
         runs next, e.g. a dependent job or a client polling the state, finds them): copy the
-        step's artifacts into the store and record them; notes go to the job's log."""
+        step's artifacts into the store and record them; notes go to the job's log. Returns
+        the files that matched but could not be kept (the job fails for them)."""
 
-        def collect() -> tuple[list[str], list[Collected]]:
+        def collect() -> tuple[list[str], list[Collected], list[str]]:
             paths, notes = match_artifacts(self.working_dir, job.step.artifact_paths)
-            collection = collect_artifacts(self.working_dir, paths, self.store.blobs)
-            return notes + collection.notes, collection.artifacts
+            collection = collect_artifacts(
+                self.working_dir,
+                paths,
+                self.store.blobs,
+                max_bytes=self.options.max_artifact_bytes,
+            )
+            return (
+                notes + collection.notes + collection.failures,
+                collection.artifacts,
+                (collection.failures),
+            )
 
-        notes, collected = await anyio.to_thread.run_sync(collect)
+        notes, collected, failures = await anyio.to_thread.run_sync(collect)
         at = _now()
         for item in collected:
             self._write(
@@ -682,6 +756,7 @@ class Scheduler:
             line = f"[harmont-exec] {note}\n".encode("utf-8", "surrogateescape")
             self._write(self.store.append_log, job.id, attempt, "meta", line, at=at)
         self._log.info("artifacts_collected", job=job.key, count=len(collected), notes=len(notes))
+        return failures
 
     def _retry_wanted(self, job: _Job, attempt: int, result: AttemptResult) -> bool:
         """Whether this attempt's end sends the job back to ``scheduled`` (THE retry rule)."""
@@ -703,7 +778,9 @@ class Scheduler:
             return False
         return retry.retries_exit_code(result.exit_code if result.exit_code is not None else 255)
 
-    def _attempt_finished(self, job: _Job, attempt: int, result: AttemptResult) -> None:
+    def _attempt_finished(
+        self, job: _Job, attempt: int, result: AttemptResult, failures: list[str]
+    ) -> None:
         at = result.finished_at
         self._write(
             self.store.record_attempt_finished,
@@ -745,6 +822,17 @@ class Scheduler:
                 self._retry(job, attempt, at, result.exit_code)
                 return
             self._transition(job, Event.PROCESS_GONE, at=at, exit_code=result.exit_code)
+        elif failures:  # its files could not be kept: a hard failure, the exit code kept
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            self._transition(
+                job,
+                Event.ARTIFACT_UPLOAD_FAILED,
+                at=at,
+                exit_code=result.exit_code,
+                soft_failed=False,
+                error_code=ARTIFACT_UPLOAD_FAILED,
+                error_message=f"{failures[0]}{more}",
+            )
         elif result.exit_code == 0:
             self._transition(
                 job, Event.EXITED_ZERO, at=at, exit_code=0, error_code=None, error_message=None

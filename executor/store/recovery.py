@@ -98,7 +98,8 @@ def abandon_build(
 def reopen_build(
     db: Connection, build_id: str, executor: tuple[str, int, str, str | None], now: datetime
 ) -> list[str] | None:
-    """Make an abandoned build (``failed``, ``build_abandoned``) ``running`` again under the
+    """Make an abandoned build (``failed``, ``build_abandoned``, or ``record_failed``: stopped
+    because its record could not be written) ``running`` again under the
     executor ``(host, pid, started_at, identity)``, and its lost or never-started jobs
     ``pending`` (event ``resumed``; their attempts and history stay), in ONE transaction.
     Returns those jobs' ids, or None if the build is not (or no longer) abandoned."""

@@ -591,7 +591,8 @@ ABANDON_BUILD = (
 BUILD_PLAN = "SELECT plan_json, working_dir, state, error_code FROM builds WHERE id = ?"
 RESUMABLE_JOBS_OF_BUILD = (
     "SELECT id, state FROM jobs WHERE build_id = ? AND ((state = 'failed' AND error_code = "
-    "'executor_lost') OR (state = 'canceled' AND error_code = 'build_abandoned')) "
+    "'executor_lost') OR (state = 'canceled' AND error_code IN ('build_abandoned', "
+    "'record_failed'))) "
     "ORDER BY position"
 )
 REOPEN_JOB = (
@@ -602,7 +603,7 @@ REOPEN_BUILD = (
     "UPDATE builds SET state = 'running', error_code = NULL, error_message = NULL, "
     "finished_at = NULL, cancel_requested = 0, executor_host = ?, executor_pid = ?, "
     "executor_started_at = ?, executor_id = ?, heartbeat_at = ? "
-    "WHERE id = ? AND state = 'failed' AND error_code = 'build_abandoned'"
+    "WHERE id = ? AND state = 'failed' AND error_code IN ('build_abandoned', 'record_failed')"
 )
 ATTEMPT_COUNTS_OF_BUILD = (
     "SELECT a.job_id, COUNT(*) FROM attempts a JOIN jobs j ON j.id = a.job_id "
