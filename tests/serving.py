@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -169,3 +170,30 @@ def create_token(db: str | Path, cwd: Path) -> str:
 def job_log(store: Store, job_id: str) -> bytes:
     """A job's whole recorded output."""
     return b"".join(c.content for c in store.read_log(job_id))
+
+
+def log_token_for(
+    store: Store,
+    build_id: str,
+    expires_at: datetime | None = None,
+    *,
+    api_token_id: str | None = None,
+) -> str:
+    """A live-log token for the build, as `…/log-token` mints it: signed with the store's key,
+    tied to an API token (a new one unless ``api_token_id`` names one), an hour long unless
+    ``expires_at`` says otherwise."""
+    from executor.api.live import LOG_TOKEN_TTL, mint_log_token
+
+    now = datetime.now(UTC)
+    if api_token_id is None:
+        row, _ = store.create_token(
+            description="log token", organizations=None, expires_at=None, now=now
+        )
+        api_token_id = row.id
+    return mint_log_token(
+        store.store_key("log_token_hmac"),
+        build_id,
+        expires_at or now + LOG_TOKEN_TTL,
+        api_token_id=api_token_id,
+        issued_at=now,
+    )

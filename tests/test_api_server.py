@@ -22,6 +22,7 @@ from serving import (
     TIMEOUT_S,
     Server,
     create_token,
+    log_token_for,
     output,
     poll,
     server,
@@ -30,7 +31,6 @@ from serving import (
 )
 
 from executor.api import API_PREFIX, create_app
-from executor.api.live import LOG_TOKEN_TTL, mint_log_token
 from executor.store import open_store
 
 __all__ = ["server"]  # a fixture, used here
@@ -237,9 +237,7 @@ def record(tmp_path_factory: pytest.TempPathFactory) -> Record:
         artifact_ids = [a.id for a in store.list_artifacts(build_id=ci.id)]
         assert artifact_ids, "the ci build collects an artifact"
         # A log token for build ci #1: streams of its (finished) jobs end with `done`.
-        log_token = mint_log_token(
-            store.store_key("log_token_hmac"), ci.id, datetime.now(UTC) + LOG_TOKEN_TTL
-        )
+        log_token = log_token_for(store, ci.id)
     first = anyio.run(_first_page_of_pipelines, db, secret)
     cursor = first.json()["next_cursor"]
     assert cursor is not None, first.text  # a real cursor, so that some pages are not the first

@@ -19,11 +19,10 @@ import httpx
 import pytest
 from conftest import HARMONT_OPENAPI
 from fastapi import FastAPI
-from serving import TIMEOUT_S, cli, free_port, poll, start, stop
+from serving import TIMEOUT_S, cli, free_port, log_token_for, poll, start, stop
 
 import executor
 from executor.api import create_app
-from executor.api.live import LOG_TOKEN_TTL, mint_log_token
 from executor.store import open_store
 
 API = "/api/v0"
@@ -264,9 +263,8 @@ async def test_api_head_of_a_running_jobs_log_stream_ends_at_once(tmp_path: Path
                     if jobs and jobs[0].state.value == "running":
                         break
                     await anyio.sleep(0.02)
-                key = store.store_key("log_token_hmac")
-            job = jobs[0]
-            token = mint_log_token(key, job.build_id, datetime.now(UTC) + LOG_TOKEN_TTL)
+                job = jobs[0]
+                token = log_token_for(store, job.build_id)
             app = create_app(db=db)
             sent: list[dict[str, Any]] = []
             never = anyio.Event()

@@ -17,7 +17,17 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from serving import TIMEOUT_S, Server, create_token, output, poll, server, start, stop
+from serving import (
+    TIMEOUT_S,
+    Server,
+    create_token,
+    log_token_for,
+    output,
+    poll,
+    server,
+    start,
+    stop,
+)
 
 import executor
 from executor.api import create_app
@@ -260,7 +270,7 @@ async def _get(
 
 def _log_token(db: Path, build_id: str, expires_at: datetime) -> str:
     with open_store(db) as store:
-        return mint_log_token(store.store_key("log_token_hmac"), build_id, expires_at)
+        return log_token_for(store, build_id, expires_at)
 
 
 def _stream_path(finished: Finished, token: str) -> str:
@@ -534,3 +544,50 @@ def test_cli_logs_of_a_too_short_id_prefix_says_how_long_it_must_be(tmp_path: Pa
     )
     assert result.returncode == 2
     assert "no job 'e77fe5b' (a prefix needs at least 8 characters)" in result.stderr
+
+
+@pytest.mark.anyio
+async def test_live_log_token_dies_with_the_api_token_that_minted_it(finished: Finished) -> None:
+    with open_store(finished.db) as store:
+        row, _ = store.create_token(
+            description="short", organizations=None, expires_at=None, now=datetime.now(UTC)
+        )
+        token = log_token_for(store, finished.job.build_id, api_token_id=row.id)
+    assert (await _get(finished.db, _stream_path(finished, token))).status_code == 200
+    with open_store(finished.db) as store:
+        store.revoke_token(row.id, now=datetime.now(UTC))
+    response = await _get(finished.db, _stream_path(finished, token))
+    assert "was revoked" in _flat_refusal(response, 401, "log_stream_unauthorized")
+
+
+@pytest.mark.anyio
+async def test_live_log_token_expiry_is_the_servers_not_the_tokens(finished: Finished) -> None:
+    """A token (properly signed) that claims a day of life, minted two hours ago: the server
+    caps it at an hour from its minting."""
+    now = datetime.now(UTC)
+    with open_store(finished.db) as store:
+        row, _ = store.create_token(description="x", organizations=None, expires_at=None, now=now)
+        token = mint_log_token(
+            store.store_key("log_token_hmac"),
+            finished.job.build_id,
+            now + timedelta(days=1),
+            api_token_id=row.id,
+            issued_at=now - timedelta(hours=2),
+        )
+    response = await _get(finished.db, _stream_path(finished, token))
+    assert "expired" in _flat_refusal(response, 401, "log_stream_unauthorized")
+
+
+@pytest.mark.anyio
+async def test_live_log_token_lives_no_longer_than_its_api_token(finished: Finished) -> None:
+    now = datetime.now(UTC)
+    with open_store(finished.db) as store:
+        soon = now + timedelta(minutes=5)
+        _, secret = store.create_token(
+            description="brief", organizations=None, expires_at=soon, now=now
+        )
+    path = f"{API}/local/pipelines/b/builds/1/log-token"
+    minted = await _get(finished.db, path, {"Authorization": f"Bearer {secret}"})
+    assert minted.status_code == 200, minted.text
+    expires = datetime.fromisoformat(minted.json()["expires_at"])
+    assert expires <= soon  # not the hour a log token would otherwise get

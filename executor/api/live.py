@@ -35,7 +35,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -91,10 +91,20 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def mint_log_token(key: bytes, build_id: str, expires_at: datetime) -> str:
-    """``<payload>.<mac>``, both base64url: the payload names the build and the expiry."""
+def mint_log_token(
+    key: bytes, build_id: str, expires_at: datetime, *, api_token_id: str, issued_at: datetime
+) -> str:
+    """``<payload>.<mac>``, both base64url: the payload names the build, the expiry, the API
+    token that minted it (the log token dies with it) and when it was minted (the server caps
+    its life at LOG_TOKEN_TTL from then, whatever expiry it claims)."""
     payload = json.dumps(
-        {"b": build_id, "e": int(expires_at.timestamp())}, separators=(",", ":")
+        {
+            "b": build_id,
+            "e": int(expires_at.timestamp()),
+            "t": api_token_id,
+            "i": int(issued_at.timestamp()),
+        },
+        separators=(",", ":"),
     ).encode()
     mac = hmac.new(key, payload, hashlib.sha256).digest()
     return f"{_b64(payload)}.{_b64(mac)}"
@@ -110,9 +120,13 @@ def _unauthorized(why: str) -> LogStreamError:
     return LogStreamError(401, "log_stream_unauthorized", f"{why}; {_HOW}")
 
 
-def verify_log_token(key: bytes, token: str, now: datetime) -> str:
-    """The build id a token is good for; LogStreamError 401 if it is not one of ours or it
-    expired."""
+def verify_log_token(
+    key: bytes, token: str, now: datetime, api_token: Callable[[str], TokenRow | None]
+) -> str:
+    """The build id a token is good for; LogStreamError 401 if it is not one of ours, it
+    expired (at the earliest of its own expiry, LOG_TOKEN_TTL after it was minted, and its
+    API token's expiry), or the API token that minted it was revoked (``api_token`` looks
+    that up by id)."""
     payload_text, _, mac_text = token.partition(".")
     try:
         payload, mac = _unb64(payload_text), _unb64(mac_text)
@@ -121,11 +135,23 @@ def verify_log_token(key: bytes, token: str, now: datetime) -> str:
     expected = hmac.new(key, payload, hashlib.sha256).digest()
     if not hmac.compare_digest(mac, expected):
         raise _unauthorized("the log token is not one this server minted (or it was altered)")
-    data = json.loads(payload)
-    expires = datetime.fromtimestamp(int(data["e"]), UTC)
+    try:
+        data = json.loads(payload)
+        build_id, minted_by = str(data["b"]), str(data["t"])
+        claimed = datetime.fromtimestamp(int(data["e"]), UTC)
+        issued = datetime.fromtimestamp(int(data["i"]), UTC)
+    except (ValueError, KeyError, TypeError, OverflowError, OSError):
+        # signed by this store's key but not in this form: minted by an older harmont-exec
+        raise _unauthorized("the log token is of an older form; mint a new one") from None
+    expires = min(claimed, issued + LOG_TOKEN_TTL)
+    owner = api_token(minted_by)
+    if owner is not None and owner.expires_at is not None:
+        expires = min(expires, owner.expires_at)
+    if owner is None or owner.revoked_at is not None:
+        raise _unauthorized("the API token that minted this log token was revoked")
     if expires <= now:
         raise _unauthorized(f"the log token expired at {format_time(expires)}")
-    return str(data["b"])
+    return build_id
 
 
 def unix_ns(at: datetime) -> int:
@@ -251,10 +277,15 @@ def add_live_log_routes(
             return build.id, hmac_key()
 
         build_id, key = await lookups.read(lookup)
-        expires_at = datetime.now(UTC).replace(microsecond=0) + LOG_TOKEN_TTL
+        now = datetime.now(UTC).replace(microsecond=0)
+        expires_at = now + LOG_TOKEN_TTL
+        if token.expires_at is not None:
+            expires_at = min(expires_at, token.expires_at)  # it dies with its API token
         return JSONResponse(
             {
-                "token": mint_log_token(key, build_id, expires_at),
+                "token": mint_log_token(
+                    key, build_id, expires_at, api_token_id=token.id, issued_at=now
+                ),
                 "expires_at": format_time(expires_at),
             }
         )
@@ -312,7 +343,7 @@ def add_live_log_routes(
         def lookup() -> JobRow:
             if not token:
                 raise _unauthorized("no ?token= on the log stream's URL")
-            build_id = verify_log_token(hmac_key(), token, datetime.now(UTC))
+            build_id = verify_log_token(hmac_key(), token, datetime.now(UTC), store.get_token)
             job = store.get_job(job_id.lower()) if is_uuid(job_id) else None
             if job is None or job.build_id != build_id:
                 raise LogStreamError(
