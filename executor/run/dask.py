@@ -206,6 +206,11 @@ class DaskProcessRunner:
         stop.on_stop(partial(self._stop, remote, future))
         try:
             end = await self._outcome(remote, future)
+            if end[0] == "lost" and remote.worker is None and await self._claimed(remote):
+                # The worker died before its "start" reached us (a loaded machine), but the
+                # attempt's claim says the command did start: it is an attempt that ran and
+                # was lost, which a retry policy retries, not one that never started.
+                remote.on_start()
         finally:
             del self._remotes[remote.id]
             for task in list(remote.tasks):
@@ -222,6 +227,14 @@ class DaskProcessRunner:
         if reason is None:
             reason = Reason.EXECUTOR_LOST if kind == "lost" else Reason.SPAWN_FAILED
         return AttemptResult(reason, None, None, started_at, _now(), end[1])
+
+    async def _claimed(self, remote: _Remote) -> bool:
+        """Whether a worker claimed the attempt (it does so just before starting the command)."""
+        try:
+            claim = await self.client.get_metadata(keys=[_META, remote.id], default=None)
+        except (OSError, TimeoutError):
+            return False  # the scheduler is gone too: nothing says it started
+        return claim is not None
 
     async def _missing_resources(self, needed: Mapping[str, float]) -> str | None:
         """Why no worker connected now can run an attempt needing ``needed`` (Dask would keep
