@@ -49,7 +49,8 @@ from benchmarks.workload import (
     to_ninja,
 )
 
-TOOLS = ("ninja", "make", "harmont")
+TOOLS = ("ninja", "make", "harmont", "harmont-normal")
+DEFAULT_TOOLS = ("ninja", "make", "harmont")
 TARGET_RATIO = 0.5  # harmont-exec / ninja throughput, 10k trivial wide jobs, equal -j
 TARGET_STEPS = 10_000
 LOG_TAIL_LINES = 5
@@ -307,6 +308,20 @@ class Harmont(Tool):
         super().check_run(workdir, steps, result)
 
 
+class HarmontNormal(Harmont):
+    """harmont-exec with SQLite's ``synchronous=NORMAL`` instead of its ``FULL`` (set in the
+    benchmark's own process, not a setting of harmont-exec): what durability costs."""
+
+    name = "harmont-normal"
+    label = "harmont-exec, synchronous=NORMAL"
+    _base = (
+        sys.executable,
+        "-c",
+        "import executor.store.sqlite as s; s.SYNCHRONOUS = 'NORMAL'; "
+        "from executor.cli import main; main()",
+    )
+
+
 # -- measuring -------------------------------------------------------------------------------
 
 
@@ -404,10 +419,19 @@ def _rate(value: float | None) -> str:
 
 def format_row(row: Row) -> str:
     cells: list[object] = [row.shape, row.steps, row.edges]
-    for tool in TOOLS:
+    for tool in DEFAULT_TOOLS:
         cells += [row.timings.get(tool, "-"), _rate(row.jobs_per_s(tool))]
     cells += [_ratio(row.ratio_to_ninja("harmont")), _ratio(row.ratio_to_ninja("make"))]
-    return _format_line(cells)
+    line = _format_line(cells)
+    normal, full = row.timings.get("harmont-normal"), row.timings.get("harmont")
+    if normal is not None:
+        line += (
+            f"\n  synchronous=NORMAL: {normal} s, {_rate(row.jobs_per_s('harmont-normal'))} "
+            f"jobs/s, {_ratio(row.ratio_to_ninja('harmont-normal'))} ninja"
+        )
+        if full is not None:
+            line += f"; FULL takes {full.median_s / normal.median_s:.3f}x NORMAL's time"
+    return line
 
 
 def target_line(rows: Sequence[Row], command: str) -> str:
@@ -476,7 +500,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--shapes", type=_parse_list(SHAPES), default=list(SHAPES), help=", ".join(SHAPES)
     )
     parser.add_argument(
-        "--tools", type=_parse_list(TOOLS), default=list(TOOLS), help=", ".join(TOOLS)
+        "--tools",
+        type=_parse_list(TOOLS),
+        default=list(DEFAULT_TOOLS),
+        help=", ".join(TOOLS) + " (harmont-normal: with SQLite synchronous=NORMAL)",
     )
     parser.add_argument("-j", "--jobs", type=int, default=2, help="parallel jobs, every tool")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per tool and workload")
@@ -489,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repeat < 1 or args.jobs < 1:
         parser.error("--repeat and --jobs must be at least 1")
 
-    all_tools: list[Tool] = [Ninja(), Make(), Harmont()]
+    all_tools: list[Tool] = [Ninja(), Make(), Harmont(), HarmontNormal()]
     tools = [tool for tool in all_tools if tool.name in args.tools]
     if args.install and any(t.unavailable() for t in tools if t.name in {"ninja", "make"}):
         install_tools()
@@ -502,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"skipping {tool.label}: {reason}")
         else:
             versions[tool.name] = tool.version()
-    harmont = next((t for t in tools if isinstance(t, Harmont)), None)
+    harmont = next((t for t in tools if type(t) is Harmont), None)
     startup = harmont.startup_s() if harmont and harmont.name not in unavailable else None
 
     print(f"python {platform.python_version()} on {platform.platform()}, {os.cpu_count()} CPUs")

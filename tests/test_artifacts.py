@@ -196,16 +196,18 @@ def test_artifacts_file_deleted_between_glob_and_copy_is_a_note(tmp_path: Path) 
     assert "gone.txt" in note and "deleted" in note
 
 
-def test_artifacts_store_that_cannot_be_written_is_a_note_not_a_crash(tmp_path: Path) -> None:
+def test_artifacts_store_that_cannot_be_written_is_a_failure_not_a_crash(
+    tmp_path: Path,
+) -> None:
     work = tmp_path / "work"
     _tree(work, {"a.txt": b"a"})
     blocked = tmp_path / "artifacts"
     blocked.write_bytes(b"a file where the artifact directory should be")
     result = collect_artifacts(work, ["a.txt"], BlobStore(blocked))
-    assert result.artifacts == []
-    (note,) = result.notes
-    assert note.startswith("artifact a.txt: not collected: could not create a file")
-    assert "check the disk and the permissions of the artifact directory" in note
+    assert result.artifacts == [] and result.notes == []
+    (failure,) = result.failures  # the job fails for it (artifact_upload_failed)
+    assert failure.startswith("artifact a.txt could not be kept: could not create a file")
+    assert "check the disk and the permissions of the artifact directory" in failure
 
 
 def test_artifacts_fifo_is_skipped_without_blocking(tmp_path: Path) -> None:

@@ -42,6 +42,8 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("failed", "resumed"): "pending",
     ("canceled", "resumed"): "pending",
     ("pending", "reused"): "passed",
+    # Extension row (SPEC §7): a final attempt whose artifacts could not be kept.
+    ("running", "artifact_upload_failed"): "failed",
 }
 
 _NOT_IN_TABLE = [
