@@ -314,6 +314,11 @@ class Reader:
         """Every token (revoked and expired ones too), oldest first."""
         return [TokenRow.from_db(r) for r in self._rows(sql.TOKENS)]
 
+    def get_token(self, token_id: str) -> TokenRow | None:
+        """A token by id (revoked and expired ones too)."""
+        rows = self._rows(sql.TOKEN_BY_ID, (token_id,))
+        return TokenRow.from_db(rows[0]) if rows else None
+
     def token_for_secret(self, secret: str) -> TokenRow | None:
         """The token whose secret is ``secret`` (compared by SHA-256), usable or not."""
         rows = self._rows(sql.TOKEN_BY_HASH, (token_hash(secret),))
