@@ -19,6 +19,7 @@ __all__ = [
     "RecordFailedError",
     "StoreError",
     "StoreNotFoundError",
+    "StoreReadOnlyError",
 ]
 
 Loc = tuple[str | int, ...]
@@ -121,6 +122,13 @@ class StoreNotFoundError(StoreError):
     (a mistyped --db); the CLI exits 2, as for other bad arguments."""
 
     code = "store_not_found"
+
+
+class StoreReadOnlyError(StoreError):
+    """A write was refused because the store is read-only (its disk, or its file): reading
+    still works; read commands go on without the recovery writes."""
+
+    code = "store_read_only"
 
 
 class RecordFailedError(StoreError):

@@ -537,7 +537,7 @@ async def test_artifacts_download_of_a_missing_file_is_artifact_content_missing(
         ) as client:
             response = await client.get(url, headers={"Authorization": f"Bearer {secret}"})
     message = _error(response, 500, "artifact_content_missing")["message"]
-    assert artifact.id in message and str(tmp_path / "artifacts") in message
+    assert artifact.id in message and str(tmp_path / "harmont.db.artifacts") in message
 
 
 # --- the CLI ---------------------------------------------------------------------------------

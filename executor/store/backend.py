@@ -74,6 +74,10 @@ class Backend:
     # Whether the store cannot be written now (a read-only file system or file): reads work,
     # the recovery writes are skipped.
     read_only: Callable[[], bool] = lambda: False
+    # Whether a driver error is a refused write on a read-only store (then ``found_read_only``
+    # makes ``read_only`` say so from then on).
+    is_read_only_error: Callable[[Exception], bool] = lambda exc: False
+    found_read_only: Callable[[], None] = lambda: None
 
     def error(self, action: str, exc: Exception) -> StoreError:
         return self.describe(action, exc)

@@ -5,12 +5,14 @@ once. ``put`` copies from an open file in bounded memory (``CHUNK_BYTES`` at a t
 hashing it (SHA-1 for Harmont's ``sha1_sum``, SHA-256 for the address) into a temporary file in
 ``<root>/tmp``, fsyncs it and renames it into place: a crash never leaves a partial file at an
 address, and two processes storing the same content race harmlessly. A blob is never modified
-once in place. This module does not touch the database.
+once in place; the partial copy a killed executor leaves in ``tmp`` is swept at the next start
+(``sweep``). This module does not touch the database.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -62,6 +64,7 @@ class BlobStore:
         except OSError as exc:
             raise self._error("create a file", self.root, exc) from None
         tmp = Path(tmp_name)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # "being written": ``sweep`` leaves it alone
         try:
             with os.fdopen(fd, "wb") as out:
                 while chunk := source.read(CHUNK_BYTES):
@@ -97,6 +100,34 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
             raise
         return Blob(sha1.hexdigest(), digest, size)
+
+    def sweep(self) -> int:
+        """Remove the partial copies an executor killed mid-copy left in ``tmp/`` (each copy
+        holds a lock on its file while it is written: one nobody holds is abandoned); return
+        how many bytes were freed."""
+        freed = 0
+        try:
+            leftovers = list((self.root / "tmp").glob("incoming-*"))
+        except OSError:
+            return 0
+        for path in leftovers:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue  # gone meanwhile
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue  # being written right now
+            try:
+                freed += os.fstat(fd).st_size
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        return freed
 
     @staticmethod
     def _error(action: str, where: Path, exc: OSError) -> StoreError:

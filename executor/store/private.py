@@ -8,7 +8,7 @@ store is tightened when it is opened (``tighten``), and the caller says so once.
 Only what is the store's is touched: the database file and SQLite's files beside it (``-wal``,
 ``-shm``, the reserve), the artifact directories, and the directory holding the database when
 harmont-exec made it or it is the default ``.harmont``, never a directory the user pointed
-``--db`` into. No SQL here.
+``--db`` into. Tightening only ever removes permissions. No SQL here.
 """
 
 from __future__ import annotations
@@ -18,7 +18,14 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["DIR_MODE", "FILE_MODE", "create_private_file", "make_private_dirs", "tighten"]
+__all__ = [
+    "DIR_MODE",
+    "FILE_MODE",
+    "check_owned",
+    "create_private_file",
+    "make_private_dirs",
+    "tighten",
+]
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -84,8 +91,9 @@ def tighten(database: Path | None, artifacts: Path) -> list[str]:
     files: Iterable[Path] = ()
     if database is not None:
         files = [database, *(database.with_name(database.name + s) for s in _SIDE_FILES)]
-        if database.parent.name == _DEFAULT_DIR and _chmod(database.parent, DIR_MODE):
-            changed.append(str(database.parent))
+        parent = database.parent
+        if parent.name == _DEFAULT_DIR and _chmod(parent, DIR_MODE, only_looser=True):
+            changed.append(str(parent))
     for path in files:
         if _chmod(path, FILE_MODE, only_looser=True):
             changed.append(str(path))
@@ -106,3 +114,18 @@ def tighten(database: Path | None, artifacts: Path) -> list[str]:
 
 
 _SIDE_FILES = ("-wal", "-shm", "-journal", ".reserve")
+
+
+def check_owned(path: Path) -> None:
+    """Refuse a directory of the store that another user owns (a pre-made ``/tmp/...``): they
+    could read or swap what is kept there. OSError (PermissionError) if so; nothing if it is
+    missing."""
+    try:
+        owner = path.stat().st_uid
+    except FileNotFoundError:
+        return
+    if owner != os.geteuid():
+        raise PermissionError(
+            f"{path} belongs to another user (uid {owner}), who could read or change what the "
+            "store keeps there; remove it, or put the store elsewhere"
+        )

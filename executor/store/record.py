@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-from executor.errors import StoreError
+from executor.errors import StoreError, StoreReadOnlyError
 from executor.plan import Plan
 from executor.states import BuildState, Event, JobState
 from executor.store import sql
@@ -297,10 +297,16 @@ class Store(Reader):
                         self._db, self._backend.dialect, row["id"], row["state"], executor, now
                     )
             except self._errors as exc:
+                if self._backend.is_read_only_error(exc):
+                    self._backend.found_read_only()
+                    raise StoreReadOnlyError(
+                        f"{self._backend.location} is read-only: abandoned build "
+                        f"#{row['number']} cannot be finished now"
+                    ) from None
                 raise self._backend.error(f"finish abandoned build #{row['number']}", exc) from None
             if done is None:
                 continue  # another process finished it first
-            job_ids, lost_jobs, canceled, stopped = done
+            job_ids, lost_jobs, canceled, stopped, resumable = done
             killed = kill_job_processes(job_ids) if row["executor_host"] == host else 0
             lost.append(
                 LostBuild(
@@ -313,6 +319,7 @@ class Store(Reader):
                     canceled,
                     stopped,
                     killed,
+                    resumable,
                 )
             )
         return lost
@@ -359,12 +366,20 @@ class Store(Reader):
         self._check_open()
         try:
             with self._lock:
-                now = format_time(datetime.now(UTC))
-                self._db.execute(sql.ENSURE_STORE_KEY, (name, secrets.token_hex(32), now))
-                secret = self._db.execute(sql.STORE_KEY, (name,)).fetchone()[0]
+                found = self._db.execute(sql.STORE_KEY, (name,)).fetchone()
+                if found is None:  # (only then a write: a read-only store with one works)
+                    now = format_time(datetime.now(UTC))
+                    self._db.execute(sql.ENSURE_STORE_KEY, (name, secrets.token_hex(32), now))
+                    found = self._db.execute(sql.STORE_KEY, (name,)).fetchone()
         except self._errors as exc:
+            if self._backend.is_read_only_error(exc) or self._backend.read_only():
+                raise StoreReadOnlyError(
+                    f"the store {self.location} is read-only and has no {name!r} key yet (it "
+                    "is made the first time it is needed); open the store once where it can be "
+                    "written"
+                ) from None
             raise self._backend.error(f"read or create the key {name!r}", exc) from None
-        return bytes.fromhex(secret)
+        return bytes.fromhex(found[0])
 
     # --- queued writes -------------------------------------------------------------------------
 

@@ -30,21 +30,23 @@ class LostBuild:
     canceled_jobs: int  # had not started (or waited to retry): now canceled; resume runs them
     stopped_jobs: int  # were being stopped (cancel, timeout): ended as that stop would have
     killed_processes: int  # job processes left behind, SIGKILLed
+    resumable_jobs: int = 0  # the jobs `harmont-exec resume` would run again
 
     @property
     def resumable(self) -> bool:
-        return self.lost_jobs + self.canceled_jobs > 0
+        return self.resumable_jobs > 0
 
 
 def abandon_build(
     db: Connection, dialect: sql.Dialect, build_id: str, state: str, executor: str, now: datetime
-) -> tuple[list[str], int, int, int] | None:
+) -> tuple[list[str], int, int, int, int] | None:
     """Finish build ``build_id``, found in ``state`` with its executor gone, in ONE
     ``BEGIN IMMEDIATE`` transaction that first re-reads the state (holding the build's row on
     PostgreSQL, so a second process waits and then sees it finished): None (nothing done) when
     another process got there first. Returns (the unfinished jobs' ids; how many were running
     and are now failed; how many had not started, or waited to retry, and are now canceled;
-    how many were being stopped and ended as that stop would have). Every job change goes
+    how many were being stopped and ended as that stop would have; how many `resume` would run
+    again). Every job change goes
     through the transition table and gains its history row. Driver errors propagate (the
     caller names the store)."""
     at = format_time(now)
@@ -87,12 +89,13 @@ def abandon_build(
             job_ids.append(job_id)
         db.execute(sql.END_OPEN_ATTEMPTS, (at, build_id))
         db.execute(sql.ABANDON_BUILD, (message, at, build_id, state))
+        resumable = len(db.execute(sql.RESUMABLE_JOBS_OF_BUILD, (build_id,)).fetchall())
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
-    return job_ids, live, not_started, stopping
+    return job_ids, live, not_started, stopping, resumable
 
 
 def reopen_build(

@@ -17,7 +17,7 @@ from urllib.parse import quote
 from executor.errors import StoreError
 from executor.store import sql
 from executor.store.backend import Backend
-from executor.store.private import create_private_file, make_private_dirs, tighten
+from executor.store.private import check_owned, create_private_file, make_private_dirs, tighten
 
 __all__ = ["BUSY_TIMEOUT_S", "MIN_SQLITE", "connect", "sqlite_backend", "store_error"]
 
@@ -41,8 +41,20 @@ disk is full, so that the writes that stop a build land (SPEC §5). On a small d
 quarter of the free space."""
 
 
+def artifacts_beside(path: Path) -> Path:
+    """Where a SQLite store keeps its artifact files: ``artifacts/`` beside the database in
+    the default ``.harmont/`` (or where an existing store already keeps them), else
+    ``<database file>.artifacts/`` beside it, so that a user's own ``artifacts/`` directory
+    beside a ``--db ./ci.db`` is never taken over."""
+    shared = path.parent / "artifacts"
+    if path.parent.name == ".harmont" or (shared / "sha256").is_dir():
+        return shared
+    return path.with_name(path.name + ".artifacts")
+
+
 def sqlite_backend(path: Path) -> Backend:
     """The store in the SQLite file ``path`` (an absolute path; see ``url.resolve_db_path``)."""
+    blob_root = artifacts_beside(path)
 
     def describe(action: str, exc: Exception) -> StoreError:
         return store_error(action, exc, path)
@@ -51,7 +63,8 @@ def sqlite_backend(path: Path) -> Backend:
         _check_version()  # before anything is made: nothing is left at the path
         make_private_dirs(path.parent)
         created = create_private_file(path)
-        tightened = [] if created else tighten(path, path.parent / "artifacts")
+        check_owned(blob_root)
+        tightened = [] if created else tighten(path, blob_root)
         keep_reserve(path)
         return tightened
 
@@ -62,13 +75,23 @@ def sqlite_backend(path: Path) -> Backend:
         connect=lambda: connect(path),
         errors=(sqlite3.Error,),
         describe=describe,
-        blob_root=path.parent / "artifacts",
+        blob_root=blob_root,
         path=path,
         prepare=prepare,
         is_full=is_full,
         release_reserve=lambda: release_reserve(path),
         read_only=lambda: read_only(path),
+        is_read_only_error=is_read_only_error,
+        found_read_only=lambda: found_read_only(path),
     )
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        info = os.statvfs(directory)
+    except OSError:
+        return None
+    return info.f_bavail * info.f_frsize
 
 
 def _reserve_of(path: Path) -> Path:
@@ -124,8 +147,14 @@ def store_error(action: str, exc: Exception, path: Path) -> StoreError:
     text = str(exc)
     lowered = text.lower()
     hint = "check the disk and the file's permissions"
-    if "full" in lowered:
-        hint = "free disk space where the database lives, then run the build again"
+    free = _free_bytes(path.parent)
+    if "full" in lowered or (free is not None and free < 1 << 20 and "i/o" in lowered):
+        hint = (
+            f"free disk space where the database lives ({free // 1024} KB free there now), "
+            "then run the build again"
+            if free is not None
+            else "free disk space where the database lives, then run the build again"
+        )
     elif "readonly" in lowered or "read-only" in lowered:
         hint = (
             "make the database file and its directory writable (read commands work on a "
@@ -166,9 +195,16 @@ def _check_version() -> None:
         )
 
 
+_FOUND_READ_ONLY: set[Path] = set()  # stores a write was refused on (an ext4 remounted
+# read-only after an error still says it is writable): read-only from then on, in this process
+
+
 def read_only(path: Path) -> bool:
-    """Whether the database cannot be written: its file system is mounted read-only, or the
-    file (or its directory, where SQLite keeps the -wal and -shm) is not writable by us."""
+    """Whether the database cannot be written: its file system is mounted read-only, the file
+    (or its directory, where SQLite keeps the -wal and -shm) is not writable by us, or SQLite
+    already refused to write it in this process."""
+    if path in _FOUND_READ_ONLY:
+        return True
     try:
         if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
             return True
@@ -177,15 +213,34 @@ def read_only(path: Path) -> bool:
     return path.exists() and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
 
 
+def is_read_only_error(exc: Exception) -> bool:
+    """Whether SQLite refused a write because the database (or its disk) is read-only."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_READONLY or "readonly database" in str(exc)
+
+
+def found_read_only(path: Path) -> None:
+    """A write was refused as read-only: treat the store so from now on (``read_only``)."""
+    _FOUND_READ_ONLY.add(path)
+
+
 def _connect_read_only(path: Path) -> sqlite3.Connection:
     """A read-only connection to a store that cannot be written (SPEC §5: read commands work
     on a full or read-only disk, or a copied file): through the -wal and -shm if they are
     there (SQLite reads them on read-only media), else as an immutable file (a cleanly
-    closed database: nothing is in a -wal to miss)."""
+    closed database: nothing is in a -wal to miss). A -wal without its -shm cannot be read
+    there: refused, rather than showing the record without what the -wal holds."""
     location = quote(str(path))
     wal = path.with_name(path.name + "-wal")
     shm = path.with_name(path.name + "-shm")
-    uri = f"file:{location}?mode=ro" + ("" if wal.exists() and shm.exists() else "&immutable=1")
+    has_wal = wal.exists() and wal.stat().st_size > 0
+    if has_wal and not shm.exists():
+        raise StoreError(
+            f"the store {path} is read-only and its {wal.name} holds changes that cannot be "
+            f"read without its {shm.name}: copy that file too, or open the store where it can "
+            "be written (SQLite then merges the -wal)"
+        )
+    uri = f"file:{location}?mode=ro" + ("" if has_wal else "&immutable=1")
     db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     db.row_factory = sqlite3.Row
     return db
@@ -198,6 +253,20 @@ def connect(path: Path) -> sqlite3.Connection:
     _check_version()
     if read_only(path):
         return _connect_read_only(path)
+    try:
+        return _connect_writable(path)
+    except sqlite3.OperationalError as exc:
+        cannot_open = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_CANTOPEN
+        if path.exists() and (cannot_open or is_read_only_error(exc)):
+            # Its disk said it was writable, but it is not (the kernel remounted it
+            # read-only after an error, or the -shm cannot be made): read it as such.
+            found_read_only(path)
+            return _connect_read_only(path)
+        raise
+
+
+def _connect_writable(path: Path) -> sqlite3.Connection:
+    """A read-write connection: WAL, synced commits, foreign keys, a busy timeout."""
     db = sqlite3.connect(
         path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
     )

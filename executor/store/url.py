@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from executor.errors import StoreError, StoreNotFoundError
+from executor.errors import StoreError, StoreNotFoundError, StoreReadOnlyError
 from executor.store.backend import Backend
 from executor.store.postgresql import postgresql_backend, redact
 from executor.store.record import Store
@@ -40,6 +40,13 @@ _FORMS = "a file path, sqlite:///relative/path, sqlite:////absolute/path or post
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _CONNINFO = re.compile(r"^\s*(host|hostaddr|port|dbname|user|password|service|sslmode)\s*=")
 _CONNINFO_PASSWORD = re.compile(r"(password\s*=\s*)(?:'[^']*'|\S+)")
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except PermissionError:
+        return False  # said by open_store, naming the owner
 
 
 def resolve_backend(url: str | Path | None = None) -> Backend:
@@ -97,11 +104,27 @@ def _sqlite_path(url: str | Path | None, origin: str) -> Path:
             "and readers share; give a file path"
         )
     path = path.expanduser()
-    if path.is_dir():
+    if _is_dir(path):
         raise StoreError(
             f"{origin}={str(path)!r} is a directory; give a file path such as {path / 'harmont.db'}"
         )
     return Path(os.path.abspath(path))
+
+
+def _check_reachable(path: Path) -> None:
+    """StoreError, naming the owner, for a store another user keeps private (0700)."""
+    try:
+        path.exists()
+    except PermissionError:
+        owner = next(
+            (f"uid {p.stat().st_uid}" for p in (path.parent, *path.parent.parents) if p.exists()),
+            "another user",
+        )
+        raise StoreError(
+            f"cannot read the store {path}: permission denied; a store is private to the user "
+            f"who made it ({owner} owns {path.parent}): run as that user, or point --db / "
+            f"{DB_ENV} at a store of your own"
+        ) from None
 
 
 def resume_hint(build: LostBuild) -> str:
@@ -129,6 +152,8 @@ def open_store(
     exist is a StoreError instead of a new, empty store: a mistyped path must not look like a
     record with no builds."""
     backend = resolve_backend(url)
+    if backend.path is not None:
+        _check_reachable(backend.path)
     if must_exist and backend.path is not None and not backend.path.exists():
         raise StoreNotFoundError(
             f"no store at {backend.path}: nothing was recorded there; check --db / "
@@ -143,6 +168,16 @@ def open_store(
             reason="the record holds every log, the API tokens' hashes and the log-token key: "
             "only its owner may read it (directories 0700, files 0600)",
         )
+    lost: list[LostBuild] = []
+    if recover and not backend.read_only():
+        try:
+            lost = store.recover_lost_builds(datetime.now(UTC))
+            store.blobs.sweep()  # copies a killed executor left half-done
+        except StoreReadOnlyError:
+            pass  # its disk said it could be written, but it cannot: said just below
+        except BaseException:
+            store.close()
+            raise
     if recover and backend.read_only():
         log.warning(
             "recovery_skipped",
@@ -150,21 +185,15 @@ def open_store(
             reason="the store is read-only: builds whose executor died are shown as they were "
             "left, not marked abandoned",
         )
-    elif recover:
-        try:
-            lost = store.recover_lost_builds(datetime.now(UTC))
-        except BaseException:
-            store.close()
-            raise
-        for build in lost:
-            log.warning(
-                "build_abandoned",
-                build=f"{build.org}/{build.pipeline} #{build.number}",
-                executor=build.executor,
-                lost_jobs=build.lost_jobs,
-                canceled_jobs=build.canceled_jobs,
-                stopped_jobs=build.stopped_jobs,
-                killed_processes=build.killed_processes,
-                hint=resume_hint(build),
-            )
+    for build in lost:
+        log.warning(
+            "build_abandoned",
+            build=f"{build.org}/{build.pipeline} #{build.number}",
+            executor=build.executor,
+            lost_jobs=build.lost_jobs,
+            canceled_jobs=build.canceled_jobs,
+            stopped_jobs=build.stopped_jobs,
+            killed_processes=build.killed_processes,
+            hint=resume_hint(build),
+        )
     return store

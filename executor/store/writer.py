@@ -172,8 +172,8 @@ class Writer:
                 freed = self._backend.release_reserve()
                 if freed:
                     self.trouble = self._backend.error(
-                        "save queued writes: the disk is full (the space kept in reserve took "
-                        "the writes that stop the build)",
+                        "save queued writes: the disk is full (the space kept in reserve was "
+                        "freed for the writes that stop the build)",
                         failed,
                     )
                     self._output_budget = freed // 4
@@ -186,10 +186,10 @@ class Writer:
 
     def _save_what_fits(self, changes: list[Change]) -> Exception | None:
         """The disk is full and the reserve freed: keep the changes' order, every state change
-        (what stops the build), and job output only while it fits in a quarter of the
-        reserve; a job's output after a chunk that did not fit is dropped (no gap in its
-        seq), counted in ``dropped_output``. None, or the error that even the state changes
-        met."""
+        (what stops the build) and harmont-exec's own lines, and job output only while it fits
+        in a quarter of the reserve; a job's output after a chunk that did not fit is dropped
+        (none of it comes after a gap), counted in ``dropped_output``. None, or the error that
+        even the state changes met."""
         group: list[Change] = []
         for change in changes:
             if not isinstance(change, LogAppended):
@@ -201,7 +201,10 @@ class Writer:
                 if failed is not None:
                     return failed
             size = len(change.content)
-            if change.job_id in self.dropped_output or size > self._output_budget:
+            if change.stream == "meta":  # harmont-exec's own line (a few bytes): always tried
+                if self._commit([change]) is not None:
+                    self._drop(change)
+            elif change.job_id in self.dropped_output or size > self._output_budget:
                 self._drop(change)
             elif self._commit([change]) is None:
                 self._output_budget -= size
