@@ -317,11 +317,17 @@ def _now() -> datetime:
 
 
 async def _watch_signals(scheduler: Scheduler) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """SIGINT/SIGTERM: the first cancels the build gracefully, a second kills every job. SIGHUP
+    (the terminal went away) changes nothing: the build runs to its end and is recorded; what
+    it would have printed goes nowhere (``cli/output.py``)."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         count = 0
         async for signum in signals:
-            count += 1
             name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                log.info("terminal_gone", signal=name, consequence="the build goes on")
+                continue
+            count += 1
             if count == 1:
                 scheduler.cancel(f"canceled by {name}")
             else:

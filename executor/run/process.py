@@ -242,6 +242,8 @@ class LocalProcessRunner:
             spec = replace(spec, env={**spec.env, MARK_ENV: mark})
         try:
             process = _spawn(spec)
+            if self._watchdog is not None:
+                self._watchdog.track(process.pid)  # its group: the shell leads it
         except OSError as exc:
             return AttemptResult(
                 Reason.SPAWN_FAILED,
@@ -253,7 +255,15 @@ class LocalProcessRunner:
                 "working directory exists and /bin/sh is executable",
             )
         on_start()
-        watch = _Watch(loop, self._poller(loop), process, on_output, spec.grace_period_s)
+        watchdog = self._watchdog
+        watch = _Watch(
+            loop,
+            self._poller(loop),
+            process,
+            on_output,
+            spec.grace_period_s,
+            on_reaped=None if watchdog is None else watchdog.untrack,
+        )
         stop.on_stop(watch.stop)
         try:
             await watch.exited
@@ -378,8 +388,10 @@ class _Watch:
         proc: _Process,
         on_output: OutputSink,
         grace_period_s: float,
+        on_reaped: Callable[[int], None] | None = None,
     ) -> None:
         self.loop = loop
+        self.on_reaped = on_reaped  # told the group's id once it is killed and reaped
         self.poller = poller
         self.proc = proc
         self.pgid = proc.pid  # a new session: the shell leads its own process group
@@ -423,6 +435,8 @@ class _Watch:
             self.poller.remove(self.pidfd)
         _signal_group(self.pgid, signal.SIGKILL)
         _, status = os.waitpid(self.proc.pid, 0)
+        if self.on_reaped is not None:  # at once: the number may be reused from now on
+            self.on_reaped(self.pgid)
         for timer in self.timers:
             timer.cancel()
         if not self.exited.done():

@@ -302,6 +302,7 @@ class Scheduler:
         if self._trouble_seen:
             keys = {j.id: j.key for j in self._jobs.values()}
             dropped = {keys[j]: n for j, n in self.store.dropped_output.items() if j in keys}
+            await anyio.to_thread.run_sync(self._mark_cut_logs, dropped)
             lost = (
                 " (not recorded, the output written after the disk filled: "
                 + ", ".join(f"{n} bytes of {key!r}" for key, n in dropped.items())
@@ -316,6 +317,21 @@ class Scheduler:
                 f"{self._resume_hint()} runs its unfinished jobs again"
             )
         return self._result()
+
+    def _mark_cut_logs(self, dropped: Mapping[str, int]) -> None:
+        """Say in each cut log itself that its job's output after that point is missing."""
+        at = _now()
+        for key, size in dropped.items():
+            job = self._jobs[key]
+            line = (
+                f"[harmont-exec] the record's disk was full: {size} bytes of this job's output "
+                "after this point were not recorded\n"
+            ).encode()
+            self.store.append_log(job.id, max(job.attempts, 1), "meta", line, at=at)
+        try:
+            self.store.flush()
+        except StoreError:
+            pass  # the message at the end says it; these lines are a courtesy
 
     def _resume_hint(self) -> str:
         build = self.build
@@ -494,7 +510,10 @@ class Scheduler:
         while unshown and unshown[0][0] <= committed:
             _, change = unshown.popleft()
             if on_change is not None:
-                on_change(change)
+                try:
+                    on_change(change)
+                except Exception:  # a view's bug must not stop the build or the other changes
+                    self._log.exception("on_change_failed", change=change.state, job=change.key)
 
     def _settle(self, settled: tuple[Settled, ...]) -> None:
         for item in settled:
@@ -510,11 +529,14 @@ class Scheduler:
                     cause=cause.key,
                 )
             else:
+                # A job canceled because its record could not be written passes that on: its
+                # dependents are as much unfinished work for `resume` as it is.
+                code = RECORD_FAILED if cause.error_code == RECORD_FAILED else BUILD_CANCELED
                 message = f"canceled because {cause.key!r} was canceled"
                 self._transition(
                     job,
                     Event.CANCEL_REQUESTED,
-                    error_code=BUILD_CANCELED,
+                    error_code=code,
                     error_message=message,
                     cause=cause.key,
                 )
