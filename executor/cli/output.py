@@ -16,12 +16,16 @@ from __future__ import annotations
 import errno
 import io
 import os
+import stat
 import sys
 from typing import Any, TextIO
 
-__all__ = ["GuardedStream", "guard_standard_streams"]
+__all__ = ["GuardedStream", "guard_standard_streams", "output_lost"]
 
-_GONE = frozenset({errno.EPIPE, errno.EIO, errno.ENXIO, errno.EBADF})
+_GONE = frozenset({errno.EPIPE, errno.EIO, errno.ENXIO, errno.EBADF, errno.ENOSPC, errno.EDQUOT})
+"""A write failing so means nobody will read what follows: the reader is gone (EPIPE), the
+terminal went away (EIO, ENXIO), the descriptor is not there, or the file it goes to is on a
+full disk (ENOSPC, EDQUOT)."""
 
 
 def _open_missing_descriptors() -> None:
@@ -44,9 +48,11 @@ class GuardedStream(io.TextIOBase):
         super().__init__()
         self._stream = stream
         self.gone = False
+        self.why: int | None = None  # the errno that ended it
 
-    def _drop(self) -> None:
+    def _drop(self, why: int | None) -> None:
         self.gone = True
+        self.why = why
         try:  # later writes by anyone (a C library, the exit flush) go nowhere too
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, self._stream.fileno())
@@ -62,7 +68,7 @@ class GuardedStream(io.TextIOBase):
         except OSError as exc:
             if exc.errno not in _GONE:
                 raise
-            self._drop()
+            self._drop(exc.errno)
             return len(text)
 
     def flush(self) -> None:
@@ -73,7 +79,7 @@ class GuardedStream(io.TextIOBase):
         except OSError as exc:
             if exc.errno not in _GONE:
                 raise
-            self._drop()
+            self._drop(exc.errno)
 
     def isatty(self) -> bool:
         return not self.gone and self._stream.isatty()
@@ -98,9 +104,38 @@ class GuardedStream(io.TextIOBase):
         return getattr(self._stream, "buffer", None)
 
 
+def _block(fd: int) -> None:
+    """Make writes to ``fd`` wait instead of failing half-done (a CI runner may hand over a
+    non-blocking pipe, on which Python drops what does not fit): a pipe or a terminal is
+    reopened as a description of our own (``/proc/self/fd``), so the caller's flags on the
+    one it shares stay as they are."""
+    try:
+        if os.get_blocking(fd):
+            return
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+            return  # a regular file never blocks; a socket cannot be reopened
+        fresh = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    os.dup2(fresh, fd)
+    os.close(fresh)
+
+
+def output_lost() -> str | None:
+    """Why stdout could not be written, if it could not and not because its reader left on
+    purpose (``| head``): for a command whose output is the point, an error."""
+    stream = sys.stdout
+    if isinstance(stream, GuardedStream) and stream.gone and stream.why != errno.EPIPE:
+        return os.strerror(stream.why) if stream.why is not None else "it went away"
+    return None
+
+
 def guard_standard_streams() -> None:
     """See the module docstring. Idempotent."""
     _open_missing_descriptors()
+    for fd in (1, 2):
+        _block(fd)
     for name, fd in (("stdout", 1), ("stderr", 2)):
         stream = getattr(sys, name)
         if isinstance(stream, GuardedStream):
