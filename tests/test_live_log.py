@@ -591,3 +591,24 @@ async def test_live_log_token_lives_no_longer_than_its_api_token(finished: Finis
     assert minted.status_code == 200, minted.text
     expires = datetime.fromisoformat(minted.json()["expires_at"])
     assert expires <= soon  # not the hour a log token would otherwise get
+
+
+def test_live_log_stream_open_ends_once_its_api_token_is_revoked(live: Live) -> None:
+    secret = live.headers["Authorization"].removeprefix("Bearer ")
+    with open_store(live.server.db) as store:
+        row = store.token_for_secret(secret)
+        assert row is not None
+    with httpx.stream("GET", live.stream_url, timeout=TIMEOUT_S) as response:
+        lines = response.iter_lines()
+        assert next(_events(lines, Stream())).name == "history"
+        with open_store(live.server.db) as store:
+            store.revoke_token(row.id, now=datetime.now(UTC))
+        rest = Stream()
+        list(_events(lines, rest))  # the server ends the stream (the job still runs)
+        assert [e.name for e in rest.events if e.name == "done"] == []
+    with open_store(live.server.db) as store:  # it was the token that ended, not the job
+        job = store.get_job(live.job["id"])
+        assert job is not None and job.state.value == "running"
+    again = httpx.get(live.stream_url, timeout=TIMEOUT_S)
+    assert again.status_code == 401 and "revoked" in again.json()["message"]
+    # (the fixture's teardown lets the job finish)

@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import anyio
 from fastapi import Depends, FastAPI, Query, Request
@@ -65,6 +65,8 @@ READ_BUDGET_BYTES = 1 << 20
 """Output read from the store per hop: a long log goes out as a bounded ``history`` and then
 ``chunk`` events, never as one event the size of the log."""
 _KEY_NAME = "log_token_hmac"
+GRANT_CHECK_S = 2.0
+"""How often an open stream checks that its log token still holds (expiry, revocation)."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _INTEGER = re.compile(r"[+-]?[0-9]{1,30}")
@@ -120,13 +122,22 @@ def _unauthorized(why: str) -> LogStreamError:
     return LogStreamError(401, "log_stream_unauthorized", f"{why}; {_HOW}")
 
 
+class LogGrant(NamedTuple):
+    """What a verified log token allows: one build's streams, until ``expires_at``, while the
+    API token ``api_token_id`` is not revoked."""
+
+    build_id: str
+    api_token_id: str
+    expires_at: datetime
+
+
 def verify_log_token(
     key: bytes, token: str, now: datetime, api_token: Callable[[str], TokenRow | None]
-) -> str:
-    """The build id a token is good for; LogStreamError 401 if it is not one of ours, it
-    expired (at the earliest of its own expiry, LOG_TOKEN_TTL after it was minted, and its
-    API token's expiry), or the API token that minted it was revoked (``api_token`` looks
-    that up by id)."""
+) -> LogGrant:
+    """What a token is good for; LogStreamError 401 if it is not one of ours, it expired (at
+    the earliest of its own expiry, LOG_TOKEN_TTL after it was minted, and its API token's
+    expiry), or the API token that minted it was revoked (``api_token`` looks that up by
+    id)."""
     payload_text, _, mac_text = token.partition(".")
     try:
         payload, mac = _unb64(payload_text), _unb64(mac_text)
@@ -151,7 +162,16 @@ def verify_log_token(
         raise _unauthorized("the API token that minted this log token was revoked")
     if expires <= now:
         raise _unauthorized(f"the log token expired at {format_time(expires)}")
-    return build_id
+    return LogGrant(build_id, minted_by, expires)
+
+
+def still_granted(
+    grant: LogGrant, now: datetime, api_token: Callable[[str], TokenRow | None]
+) -> bool:
+    """Whether an open stream may go on: its log token has not expired and its API token has
+    not been revoked since it was opened."""
+    owner = api_token(grant.api_token_id)
+    return now < grant.expires_at and owner is not None and owner.revoked_at is None
 
 
 def unix_ns(at: datetime) -> int:
@@ -340,33 +360,40 @@ def add_live_log_routes(
         # nullable. Documented in openapi_extra.
         after = resume_point(request.headers.get("last-event-id"), last_event_id)
 
-        def lookup() -> JobRow:
+        def lookup() -> tuple[JobRow, LogGrant]:
             if not token:
                 raise _unauthorized("no ?token= on the log stream's URL")
-            build_id = verify_log_token(hmac_key(), token, datetime.now(UTC), store.get_token)
+            grant = verify_log_token(hmac_key(), token, datetime.now(UTC), store.get_token)
             job = store.get_job(job_id.lower()) if is_uuid(job_id) else None
-            if job is None or job.build_id != build_id:
+            if job is None or job.build_id != grant.build_id:
                 raise LogStreamError(
                     403,
                     "log_stream_forbidden",
                     f"this log token is not scoped to job {job_id[:80]!r}: the token's build "
                     "has no such job; mint a log token for the build the job belongs to",
                 )
-            return job
+            return job, grant
 
-        job = await lookups.read(lookup)
+        job, grant = await lookups.read(lookup)
         reader = _Reader(store, job.id, after)
+
+        def granted() -> bool:
+            return still_granted(grant, datetime.now(UTC), store.get_token)
 
         async def events() -> AsyncIterator[bytes]:
             done, now, chunks = await lookups.read(reader.poll)
             more = not done and len(chunks) > 0
             yield _event("history", {"chunks": chunks})
-            quiet_since = time.monotonic()
+            quiet_since = checked = time.monotonic()
             while not done:
                 if not more:
                     await anyio.sleep(poll_s)
                 if closing.is_set():
                     return  # the server is stopping: the client reconnects elsewhere
+                if time.monotonic() - checked >= GRANT_CHECK_S:
+                    checked = time.monotonic()
+                    if not await lookups.read(granted):
+                        return  # revoked or expired: a reconnect gets the 401 that says so
                 done, now, chunks = await lookups.read(reader.poll)
                 more = not done and len(chunks) > 0
                 for chunk in chunks:
