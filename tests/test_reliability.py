@@ -5,7 +5,9 @@ that cannot be kept; a record no other user can read; a read-only store."""
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -15,14 +17,21 @@ import stat
 import subprocess
 import sys
 import tempfile
+import termios
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
+import httpx
 import pytest
-from serving import TIMEOUT_S, poll, start, stop
+from serving import TIMEOUT_S, alive, output, poll, start, stop
 from test_recovery import assert_histories_are_legal, job_processes
 
+from executor.api import create_app
+from executor.errors import StoreError
 from executor.store import open_store
+from executor.store.sqlite import artifacts_beside
 
 PY = sys.executable
 
@@ -40,8 +49,24 @@ LEAKY = {
             "key": "daemon",
             "command": "setsid sleep 302 & touch ready-daemon; while true; do sleep 0.05; done",
         },
+        # its own process clears its environment: no mark, but it leads the job's group
+        {"key": "unmarked", "command": "touch ready-unmarked; exec env -i /bin/sleep 303"},
     ]
 }
+
+
+def _pids_of(command: str) -> list[int]:
+    """Pids whose command line is exactly ``command`` (by /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").strip()
+            except OSError:
+                continue
+            if line.decode(errors="replace") in (command, f"/bin/{command}"):
+                found.append(int(entry.name))
+    return found
 
 
 def _session(pid: int) -> int | None:
@@ -55,10 +80,16 @@ def test_kill_9_of_run_leaves_no_job_process_with_no_other_command(tmp_path: Pat
     (tmp_path / "leaky.json").write_text(json.dumps(LEAKY))
     db = tmp_path / "harmont.db"
     out = tmp_path / "run"
-    run = start(["run", "leaky.json", "--db", str(db), "-j", "3"], tmp_path, out)
+    run = start(["run", "leaky.json", "--db", str(db), "-j", "4"], tmp_path, out)
     try:
-        for name in ("background", "trapping", "daemon"):
+        for name in ("background", "trapping", "daemon", "unmarked"):
             poll(lambda n=name: (tmp_path / f"ready-{n}").exists() or None, name, (run, out))
+
+        def unmarked() -> list[int] | None:
+            found = [p for p in _pids_of("sleep 303")]
+            return found or None
+
+        cleared = poll(unmarked, "the job that cleared its environment")
         with open_store(db, recover=False) as store:
             (build,) = store.list_builds()
             job_ids = {j.id for j in store.list_jobs(build.id)}
@@ -70,6 +101,7 @@ def test_kill_9_of_run_leaves_no_job_process_with_no_other_command(tmp_path: Pat
         os.kill(run.pid, signal.SIGKILL)  # the executor alone, as a crash would
         run.wait(timeout=TIMEOUT_S)
         poll(lambda: True if not job_processes(job_ids) else None, "no job process left")
+        poll(lambda: True if not any(alive(p) for p in cleared) else None, "the unmarked one gone")
         with open_store(db, recover=False) as store:  # nobody else looked at the record
             (build,) = store.list_builds()
             assert not build.state.is_terminal
@@ -177,6 +209,11 @@ steps:
   - {key: flood, command: 'head -c 4000000 /dev/zero | base64', depends_on: before}
   - {key: waiting, command: 'while [ ! -e go ]; do sleep 0.05; done', depends_on: before}
   - {key: never, command: 'echo never', depends_on: [flood, waiting]}
+  - key: cleanup
+    command: echo cleanup
+    depends_on: [flood, waiting]
+    allow_dependency_failure: true
+  - {key: notify, command: 'echo notify', depends_on: cleanup}
 """
 _LINE = re.compile(r"^\d\d:\d\d:\d\d (\S+) (\S+)")
 
@@ -217,10 +254,18 @@ def test_full_disk_loses_nothing_shown_and_the_build_resumes(tmp_path: Path) -> 
                 history = [t.to_state.value for t in store.job_transitions(jobs[key].id)]
                 assert set(states) <= set(history), (key, states, history)
                 assert states[-1] == jobs[key].state.value, (key, states, jobs[key].state)
-            assert jobs["waiting"].state.value == "canceled"
-            assert jobs["waiting"].error_code == "record_failed"
+            # Stopped or not started, all of it is unfinished work for `resume`, down the DAG.
+            for key in ("waiting", "never", "cleanup", "notify"):
+                assert (jobs[key].state.value, jobs[key].error_code) == (
+                    "canceled",
+                    "record_failed",
+                ), key
             log = b"".join(c.content for c in store.read_log(jobs["before"].id))
             assert log == b"recorded-before\n"
+            cut = b"".join(
+                c.content for c in store.read_log(jobs["flood"].id) if c.stream == "meta"
+            )
+            assert b"the record's disk was full" in cut  # the cut log says so itself
         assert not job_processes({j.id for j in jobs.values()})
         # Space freed: resume runs what did not end.
         _remount(disk, "64m")
@@ -238,6 +283,10 @@ def test_full_disk_loses_nothing_shown_and_the_build_resumes(tmp_path: Path) -> 
             (build,) = store.list_builds()
             assert build.state.value == "passed"
             assert_histories_are_legal(store, build.id)
+            jobs = {j.step_key: j for j in store.list_jobs(build.id)}
+            assert all(j.state.value == "passed" for j in jobs.values()), jobs
+            notify = b"".join(c.content for c in store.read_log(jobs["notify"].id))
+            assert notify == b"notify\n"
 
 
 def test_full_artifact_store_fails_the_job_with_artifact_upload_failed(tmp_path: Path) -> None:
@@ -249,7 +298,7 @@ def test_full_artifact_store_fails_the_job_with_artifact_upload_failed(tmp_path:
     )
     db = tmp_path / "store" / "harmont.db"
     open_store(db).close()
-    with tmpfs(tmp_path / "store" / "artifacts", "1m"):
+    with tmpfs(artifacts_beside(db), "1m"):
         run = subprocess.run(
             [PY, "-m", "executor", "run", "a.yaml", "--db", str(db)],
             cwd=tmp_path,
@@ -430,3 +479,298 @@ def test_read_commands_work_on_a_read_only_store_and_skip_recovery(tmp_path: Pat
             assert "running" in result.stdout  # shown as left: nothing could be written
             assert result.stderr.count("recovery_skipped") == 1, result.stderr
             assert "Traceback" not in result.stderr
+
+
+def test_run_goes_on_when_its_terminal_goes_away(tmp_path: Path) -> None:
+    """SIGHUP (the terminal closed) changes nothing: the build runs to its end."""
+    (tmp_path / "b.yaml").write_text(
+        "steps:\n"
+        "  - {key: wait, command: 'touch started; while [ ! -e go ]; do sleep 0.05; done'}\n"
+    )
+    out = tmp_path / "run"
+    run = start(["run", "b.yaml", "--db", "h.db"], tmp_path, out)
+    try:
+        poll(lambda: (tmp_path / "started").exists() or None, "the job to start", (run, out))
+        run.send_signal(signal.SIGHUP)
+        (tmp_path / "go").touch()
+        assert run.wait(timeout=TIMEOUT_S) == 0, output(out)
+    finally:
+        stop(run)
+    assert _recorded(tmp_path / "h.db") == {"build": "passed", "wait": "passed"}
+
+
+def test_output_to_a_full_disk_fails_a_read_command_not_a_build(tmp_path: Path) -> None:
+    (tmp_path / "b.yaml").write_text(BUILD)
+    ran = subprocess.run(
+        ["bash", "-c", f"{PY} -m executor run b.yaml --db h.db > /dev/full"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr  # the build's status: it passed
+    assert "the output could not be written: No space left on device" in ran.stderr
+    assert "Traceback" not in ran.stderr
+    listed = subprocess.run(
+        ["bash", "-c", f"{PY} -m executor builds --db h.db > /dev/full"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert listed.returncode == 1  # its output was the point
+    assert "the output could not be written: No space left on device" in listed.stderr
+    assert "Traceback" not in listed.stderr
+
+
+def test_run_waits_for_a_slow_reader_of_a_non_blocking_pipe(tmp_path: Path) -> None:
+    """A CI runner may hand over a non-blocking pipe: nothing printed may be dropped."""
+    steps = [{"key": f"j{n}", "command": "true"} for n in range(2000)]  # far past 64 KB
+    (tmp_path / "b.json").write_text(json.dumps({"steps": steps}))
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    proc = subprocess.Popen(
+        [PY, "-m", "executor", "run", "b.json", "--db", "h.db", "-j", "2"],
+        cwd=tmp_path,
+        stdout=write_end,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(write_end)
+
+    def pipe_full_and_run_past_it() -> bool | None:
+        """Nobody has read yet: the pipe is full, and `run` either waits for the reader (as it
+        must) or went on past it (dropping lines: the fault)."""
+        waiting = array.array("i", [0])
+        fcntl.ioctl(read_end, termios.FIONREAD, waiting)
+        if waiting[0] < 60_000:
+            return None
+        with open(f"/proc/{proc.pid}/wchan") as wchan:
+            if wchan.read().endswith("pipe_write"):
+                return True  # blocked in a write to the pipe
+        try:
+            with open_store(tmp_path / "h.db", recover=False) as store:
+                (build,) = store.list_builds()
+                ended = sum(j.state.is_terminal for j in store.list_jobs(build.id))
+        except (StoreError, ValueError):
+            return None
+        return True if ended >= 1800 else None
+
+    poll(pipe_full_and_run_past_it, "the pipe to fill while nobody reads it")
+    received = b""
+    with os.fdopen(read_end, "rb") as reader:
+        while chunk := reader.read(65536):
+            received += chunk
+    assert proc.wait(timeout=TIMEOUT_S) == 0
+    text = received.decode()
+    assert text.count(" passed (exit 0)") == 2000  # every job's end line
+    assert "build #1 passed" in text  # and the summary, the last thing printed
+
+
+def test_permissions_are_only_ever_tightened_and_a_users_artifacts_dir_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    # A user's own artifacts/ beside --db ./ci.db is not the store's: blobs go beside the db.
+    (tmp_path / "artifacts").mkdir(mode=0o755)
+    (tmp_path / "artifacts").chmod(0o755)
+    (tmp_path / "b.yaml").write_text(
+        "steps:\n  - {key: a, command: 'echo x > out.txt', artifact_paths: [out.txt]}\n"
+    )
+    run = subprocess.run(
+        [PY, "-m", "executor", "run", "b.yaml", "--db", "ci.db"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert _mode(tmp_path / "artifacts") == 0o755 and not list((tmp_path / "artifacts").iterdir())
+    assert _mode(tmp_path / "ci.db.artifacts") == 0o700
+    assert list((tmp_path / "ci.db.artifacts" / "sha256").rglob("*"))
+    # A store whose owner made it stricter stays so: nothing is ever loosened.
+    store = tmp_path / "strict" / ".harmont"
+    open_store(store / "harmont.db").close()
+    store.chmod(0o500)
+    try:
+        listed = subprocess.run(
+            [PY, "-m", "executor", "builds", "--db", str(store / "harmont.db")],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            check=False,
+        )
+        assert "store_permissions_tightened" not in listed.stderr, listed.stderr
+        assert _mode(store) == 0o500
+    finally:
+        store.chmod(0o700)
+
+
+def test_an_artifact_directory_another_user_owns_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to make a directory another user owns")
+    foreign = tmp_path / "x.db.artifacts"
+    foreign.mkdir()
+    os.chown(foreign, NOBODY, NOBODY)
+    (tmp_path / "b.yaml").write_text("steps:\n  - {key: a, command: 'true'}\n")
+    result = subprocess.run(
+        [PY, "-m", "executor", "run", "b.yaml", "--db", str(tmp_path / "x.db")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{foreign} belongs to another user (uid {NOBODY})" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_copy_killed_mid_way_is_swept_at_the_next_start(tmp_path: Path) -> None:
+    db = tmp_path / ".harmont" / "harmont.db"
+    open_store(db).close()
+    tmp = tmp_path / ".harmont" / "artifacts" / "tmp"
+    tmp.mkdir(parents=True)
+    (tmp / "incoming-left").write_bytes(b"x" * 100_000)  # no one holds its lock
+    held = tmp / "incoming-held"
+    held.write_bytes(b"y")
+    with open(held, "rb") as writing:  # one being written now (its writer holds the lock)
+        fcntl.flock(writing.fileno(), fcntl.LOCK_EX)
+        open_store(db).close()
+        assert not (tmp / "incoming-left").exists()
+        assert held.exists()
+
+
+def test_a_read_only_copy_with_a_wal_but_no_shm_is_refused_not_shown_stale(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "src" / "harmont.db"
+    open_store(source).close()
+    with open_store(source) as store:  # keep a -wal: another connection holds it open
+        (tmp_path / "b.yaml").write_text("steps:\n  - {key: a, command: 'true'}\n")
+        import executor
+
+        executor.run_build_sync(tmp_path / "b.yaml", store=store)
+        wal = source.with_name("harmont.db-wal")
+        assert wal.exists() and wal.stat().st_size > 0
+        with tmpfs(tmp_path / "ro", "16m") as ro:
+            shutil.copy(source, ro / "harmont.db")
+            shutil.copy(wal, ro / "harmont.db-wal")  # but not the -shm
+            subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+            result = subprocess.run(
+                [PY, "-m", "executor", "builds", "--db", str(ro / "harmont.db")],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT_S,
+                check=False,
+            )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "harmont.db-wal holds changes that cannot be read without its harmont.db-shm" in (
+        result.stderr
+    )
+
+
+@contextlib.contextmanager
+def ext4(where: Path, size: str = "64M") -> Iterator[tuple[Path, str]]:
+    """A real ext4 filesystem on a loop device, mounted ``errors=remount-ro`` at ``where``:
+    (the mount point, the device's name in /sys/fs/ext4). Skips where that is not permitted,
+    but never under CI."""
+    image = where.with_suffix(".img")
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, text=True)
+    device = subprocess.run(
+        ["losetup", "-f", "--show", str(image)], capture_output=True, text=True, check=False
+    )
+    if made.returncode != 0 or device.returncode != 0:
+        message = f"cannot make an ext4 loop device here ({made.stderr}{device.stderr})"
+        if os.environ.get("CI"):
+            pytest.fail(f"under CI the disk faults are real: {message}")
+        pytest.skip(message)
+    loop = device.stdout.strip()
+    where.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["mount", "-o", "errors=remount-ro", loop, str(where)], check=True)
+        try:
+            yield where, Path(loop).name
+        finally:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
+
+
+def test_a_disk_the_kernel_turns_read_only_mid_build_stops_it_and_reads_still_work(
+    tmp_path: Path,
+) -> None:
+    """ext4 remounted read-only by the kernel after an error (it still says it is writable):
+    the run stops with its message, and read commands show the record, skipping recovery."""
+    (tmp_path / "b.yaml").write_text(
+        "steps:\n  - {key: before, command: 'echo before'}\n"
+        "  - {key: wait, command: 'touch started; while [ ! -e go ]; do sleep 0.05; done', "
+        "depends_on: before}\n"
+    )
+    with ext4(tmp_path / "disk") as (disk, device):
+        db = disk / "harmont.db"
+        out = tmp_path / "run"
+        run = start(["run", "b.yaml", "--db", str(db)], tmp_path, out)
+        try:
+            poll(lambda: (tmp_path / "started").exists() or None, "the job to start", (run, out))
+            trigger = Path(f"/sys/fs/ext4/{device}/trigger_fs_error")
+            if not trigger.exists():
+                message = f"{trigger} is missing: this kernel cannot fail an ext4 on purpose"
+                if os.environ.get("CI"):
+                    pytest.fail(message)
+                pytest.skip(message)
+            trigger.write_text("1")
+            (tmp_path / "go").touch()
+            assert run.wait(timeout=TIMEOUT_S) == 1, output(out)
+            assert "Build #1 was stopped there" in output(out)
+        finally:
+            stop(run)
+        for args in (["builds"], ["jobs", "1"]):
+            result = subprocess.run(
+                [PY, "-m", "executor", *args, "--db", str(db)],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT_S,
+                check=False,
+            )
+            assert result.returncode == 0, (args, result.stdout, result.stderr)
+            assert result.stderr.count("recovery_skipped") == 1, result.stderr
+            assert "Traceback" not in result.stderr
+
+
+def test_serve_reads_a_read_only_store_and_says_why_it_cannot_mint_log_tokens(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "b.yaml").write_text("steps:\n  - {key: a, command: 'echo a'}\n")
+    source = tmp_path / "src" / "harmont.db"
+    import executor
+
+    executor.run_build_sync(tmp_path / "b.yaml", db=source)
+    with open_store(source) as store:
+        _, secret = store.create_token(
+            description=None, organizations=None, expires_at=None, now=datetime.now(UTC)
+        )
+    with tmpfs(tmp_path / "ro", "16m") as ro:
+        shutil.copy(source, ro / "harmont.db")  # closed cleanly: no -wal to copy
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+
+        async def ask() -> tuple[httpx.Response, httpx.Response]:
+            app = create_app(db=ro / "harmont.db")
+            headers = {"Authorization": f"Bearer {secret}"}
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://test", headers=headers
+            ) as client:
+                build = "/api/v0/organizations/local/pipelines/b/builds/1"
+                return await client.get(f"{build}/jobs"), await client.get(f"{build}/log-token")
+
+        jobs, token = anyio.run(ask)
+    assert jobs.status_code == 200 and jobs.json()["data"][0]["state"] == "passed"
+    assert token.status_code == 503, token.text
+    error = token.json()["error"]
+    assert error["code"] == "store_read_only"
+    assert "is read-only and has no 'log_token_hmac' key yet" in error["message"]
