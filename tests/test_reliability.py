@@ -412,6 +412,56 @@ def test_record_is_private_whatever_the_umask(request: pytest.FixtureRequest) ->
     assert refused.stdout.split() == ["opened", "refused", "refused"], refused.stdout
 
 
+def _open_as_nobody(db: Path) -> str:
+    """Open the store ``db`` in a forked child that has become another user (its modules are
+    already imported, so the interpreter's own files need not be readable to that user): the
+    StoreError's message, or what else happened."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        os.close(read_end)
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            try:
+                open_store(db, must_exist=True).close()
+                said = "opened"
+            except StoreError as exc:
+                said = str(exc)
+            except BaseException as exc:
+                said = f"unexpected: {exc!r}"
+            os.write(write_end, said.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reading:
+        said = reading.read().decode()
+    os.waitpid(pid, 0)
+    return said
+
+
+def test_another_users_store_is_refused_naming_its_owner(request: pytest.FixtureRequest) -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("under CI the tests run as root, to try the record as another user")
+        pytest.skip("needs root, to read the record as another user")
+    work = Path(tempfile.mkdtemp(prefix="harmont-private-"))
+    request.addfinalizer(lambda: shutil.rmtree(work, ignore_errors=True))
+    work.chmod(0o755)
+    db = work / ".harmont" / "harmont.db"
+    open_store(db).close()
+    said = _open_as_nobody(db)
+    assert said.startswith(f"cannot read the store {db}: permission denied"), said
+    assert f"uid 0 owns {db.parent}" in said and "run as that user" in said, said
+    (work / ".harmont").chmod(0o755)  # its directory opened up, the file itself is still 0600
+    said = _open_as_nobody(db)
+    assert said.startswith(f"cannot read the store {db}: permission denied"), said
+    assert f"uid 0 owns {db})" in said, said
+    db.chmod(0o644)  # made readable by its owner: it opens (read-only) for the other user
+    assert _open_as_nobody(db) == "opened"
+
+
 def test_an_existing_store_is_tightened_on_open_and_said_once(tmp_path: Path) -> None:
     store = tmp_path / ".harmont"
     db = store / "harmont.db"

@@ -112,19 +112,23 @@ def _sqlite_path(url: str | Path | None, origin: str) -> Path:
 
 
 def _check_reachable(path: Path) -> None:
-    """StoreError, naming the owner, for a store another user keeps private (0700)."""
+    """StoreError, naming the owner, for a store another user keeps private (its directory 0700 or
+    its file 0600)."""
     try:
-        path.exists()
+        kept = path if path.exists() and not os.access(path, os.R_OK) else None
     except PermissionError:
-        owner = next(
-            (f"uid {p.stat().st_uid}" for p in (path.parent, *path.parent.parents) if p.exists()),
-            "another user",
-        )
-        raise StoreError(
-            f"cannot read the store {path}: permission denied; a store is private to the user "
-            f"who made it ({owner} owns {path.parent}): run as that user, or point --db / "
-            f"{DB_ENV} at a store of your own"
-        ) from None
+        kept = path.parent
+    if kept is None:
+        return
+    owner = next(
+        (f"uid {p.stat().st_uid}" for p in (kept, *kept.parents) if p.exists()),
+        "another user",
+    )
+    raise StoreError(
+        f"cannot read the store {path}: permission denied; a store is private to the user "
+        f"who made it ({owner} owns {kept}): run as that user, or point --db / "
+        f"{DB_ENV} at a store of your own"
+    )
 
 
 def resume_hint(build: LostBuild) -> str:
