@@ -6,7 +6,7 @@ The public API, re-exported from the modules that own it::
 
     plan = executor.load_plan("build.yaml")      # validate + order; raises BuildFileError
     for level in plan.levels: ...
-    cursor = plan.cursor()                       # graphlib-like: ready() / done(key, state)
+    frontier = plan.frontier()                    # graphlib-like: ready() / done(key, state)
 
 Hypothesis strategies for your own tests live in ``executor.testing``. ``DaskProcessRunner``
 (``open_dask_runner``) runs attempts on a Dask cluster; it imports ``distributed`` only when
@@ -32,7 +32,7 @@ from executor.model import (
     WaitSpec,
     parse_build_spec,
 )
-from executor.plan import Cursor, Decision, Edge, EdgeKind, Plan, Readiness, Settled, build_plan
+from executor.plan import Decision, Edge, EdgeKind, Frontier, Plan, Readiness, Settled, build_plan
 from executor.run.build import resume_build, retry_build, run_build, run_build_sync
 from executor.run.dask import DaskProcessRunner, open_dask_runner
 from executor.run.scheduler import BuildResult, JobResult, RunOptions
@@ -56,7 +56,6 @@ __all__ = [
     "BuildResult",
     "BuildSpec",
     "BuildState",
-    "Cursor",
     "CycleError",
     "DaskProcessRunner",
     "Decision",
@@ -65,6 +64,7 @@ __all__ = [
     "EdgeKind",
     "Event",
     "ExecutorError",
+    "Frontier",
     "InternalError",
     "InvalidTransitionError",
     "JobResult",

@@ -31,7 +31,7 @@ from executor.states import JobState, JobStatus
 if TYPE_CHECKING:
     import networkx as nx
 
-__all__ = ["Cursor", "Decision", "Edge", "EdgeKind", "Plan", "Readiness", "Settled", "build_plan"]
+__all__ = ["Decision", "Edge", "EdgeKind", "Frontier", "Plan", "Readiness", "Settled", "build_plan"]
 
 # Bit flags: why an edge exists. An edge can have several reasons.
 _DEPENDS_ON = 1
@@ -299,9 +299,9 @@ class Plan:
             return Decision(Readiness.SKIP, cause)
         return None
 
-    def cursor(self) -> Cursor:
-        """A fresh incremental walk of this plan (see ``Cursor``)."""
-        return Cursor(self)
+    def frontier(self) -> Frontier:
+        """A fresh incremental walk of this plan (see ``Frontier``)."""
+        return Frontier(self)
 
     def _idx(self, key: str) -> int:
         try:
@@ -310,7 +310,7 @@ class Plan:
             raise KeyError(f"no step with key {key!r} in this plan") from None
 
 
-class Cursor:
+class Frontier:
     """graphlib-style protocol for a scheduler: ``ready()`` hands out startable jobs in plan
     order, ``done(key, state)`` records a terminal state and returns the jobs that it skipped or
     canceled in cascade (already recorded as terminal here).

@@ -47,7 +47,7 @@ def test_plan_graph_is_a_networkx_digraph_of_the_same_edges() -> None:
 
 
 def test_cursor_skip_names_the_root_cause_not_the_nearest_skipped_job() -> None:
-    cursor = _plan().cursor()
+    cursor = _plan().frontier()
     assert cursor.ready() == ("build",)
     settled = cursor.done("build", JobState.FAILED)
     assert sorted(settled, key=lambda s: s.key) == [
@@ -60,7 +60,7 @@ def test_cursor_skip_names_the_root_cause_not_the_nearest_skipped_job() -> None:
 
 
 def test_cursor_allow_dependency_failure_runs_after_a_failure() -> None:
-    cursor = _plan().cursor()
+    cursor = _plan().frontier()
     cursor.ready()
     cursor.done("build", JobState.PASSED)
     assert cursor.ready() == ("test",)
@@ -71,14 +71,14 @@ def test_cursor_allow_dependency_failure_runs_after_a_failure() -> None:
 
 
 def test_cursor_soft_failure_satisfies_dependents() -> None:
-    cursor = _plan().cursor()
+    cursor = _plan().frontier()
     cursor.ready()
     assert cursor.done("build", JobState.FAILED, soft_failed=True) == ()
     assert cursor.ready() == ("test",)
 
 
 def test_cursor_cancel_cascades_even_through_tolerant_edges() -> None:
-    cursor = _plan().cursor()
+    cursor = _plan().frontier()
     cursor.ready()
     settled = cursor.done("build", JobState.CANCELED)
     assert {s.key: s.state for s in settled} == {
@@ -93,13 +93,13 @@ def test_cursor_cancel_cascades_even_through_tolerant_edges() -> None:
 def test_cursor_strict_wait_skips_everything_after_a_failure() -> None:
     cursor = _plan(
         "steps:\n  - {key: a, command: x}\n  - wait\n  - {key: b, command: y}\n"
-    ).cursor()
+    ).frontier()
     cursor.ready()
     assert cursor.done("a", JobState.FAILED) == (Settled("b", JobState.SKIPPED, "a"),)
 
 
 def test_cursor_rejects_a_second_report_and_non_terminal_states() -> None:
-    cursor = _plan().cursor()
+    cursor = _plan().frontier()
     cursor.ready()
     with pytest.raises(InternalError, match="not terminal"):
         cursor.done("build", JobState.RUNNING)

@@ -238,7 +238,7 @@ def test_load_round_trips_a_generated_spec_through_yaml_and_json(spec: BuildSpec
 @given(build_specs(max_steps=20), st.data())
 def test_cursor_agrees_with_plan_readiness(spec: BuildSpec, data: st.DataObject) -> None:
     plan = build_plan(spec)
-    cursor = plan.cursor()
+    cursor = plan.frontier()
     handed_out: set[str] = set()
     running: list[str] = []
 

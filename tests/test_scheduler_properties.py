@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from executor import Backoff, BuildSpec, JobState, JobStatus, Readiness, StepSpec, build_plan
 from executor.plan import Plan
 from executor.run.process import AttemptResult, AttemptSpec, Reason, StopRequest, Stream
-from executor.run.scheduler import Change, RunOptions, Scheduler
+from executor.run.scheduler import JobUpdate, RunOptions, Scheduler
 from executor.states import TRANSITIONS, Event, roll_up
 from executor.store import open_store
 from executor.testing import build_specs
@@ -58,9 +58,9 @@ class FakeRunner:
         self.on_first_hang: Callable[[], None] = lambda: None
         self.hung = False
         self.scheduler: Scheduler | None = None  # whose knowledge a start is checked against
-        self.shown: list[Change] = []
+        self.shown: list[JobUpdate] = []
 
-    def observe(self, change: Change) -> None:
+    def observe(self, change: JobUpdate) -> None:
         self.shown.append(change)
 
     async def run(

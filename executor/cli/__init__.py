@@ -2,7 +2,7 @@
 
 Exit codes (SPEC §4): ``run`` exits 0 passed, 1 failed, 124 build timeout, 130 canceled; every
 command exits 2 for an invalid build file or usage. Errors print on stderr without a traceback.
-Commands live in one module each (``common`` holds the group, ``plan`` and the shared options);
+Commands live in one module each (``common`` holds the group and the shared options);
 importing them registers them on the group.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from executor.cli import artifacts, record, run, serve  # noqa: F401  (registers the commands)
+from executor.cli import artifacts, browse, plan, run, serve  # noqa: F401  (registers the commands)
 from executor.cli.common import EXIT_INVALID, cli
 from executor.cli.output import guard_standard_streams, output_lost
 

@@ -13,8 +13,8 @@ from typing import BinaryIO
 import click
 from rich.table import Table
 
+from executor.cli.browse import build_or_exit
 from executor.cli.common import EXIT_INVALID, cli, db_option, fail, make_console
-from executor.cli.record import build_or_exit
 from executor.errors import ExecutorError, StoreError
 from executor.store import ArtifactRow, Store, open_store
 from executor.store.blobs import CHUNK_BYTES

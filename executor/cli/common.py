@@ -1,12 +1,10 @@
-"""The command group, its shared options and helpers, and `harmont-exec plan`."""
+"""The command group, its shared options and helpers."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import NoReturn
 
 import click
@@ -15,8 +13,6 @@ from rich.console import Console
 
 from executor import __version__
 from executor.errors import ExecutorError, StoreNotFoundError
-from executor.load import load_plan
-from executor.render import plan_to_data, plan_to_dot, plan_to_mermaid, plan_to_text
 
 EXIT_INVALID = 2
 
@@ -57,33 +53,6 @@ def cli(ctx: click.Context, log_format: str, verbose: bool) -> None:
     """Plan and run CI builds as DAGs of shell jobs."""
     ctx.obj = {"log_format": log_format, "verbose": verbose}
     configure_logging(log_format, logging.INFO if verbose else logging.WARNING)
-
-
-@cli.command()
-@click.argument("file", type=click.Path(path_type=Path, dir_okay=True, exists=False))
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["text", "json", "dot", "mermaid"]),
-    default="text",
-    show_default=True,
-    help="text: levels for people; json: the normalized plan; dot / mermaid: a drawing.",
-)
-def plan(file: Path, fmt: str) -> None:
-    """Validate FILE and show its jobs in the order they would run."""
-    try:
-        result = load_plan(file)
-    except ExecutorError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(EXIT_INVALID)
-    if fmt == "json":
-        click.echo(json.dumps(plan_to_data(result), indent=2, ensure_ascii=False))
-    elif fmt == "dot":
-        click.echo(plan_to_dot(result), nl=False)
-    elif fmt == "mermaid":
-        click.echo(plan_to_mermaid(result), nl=False)
-    else:
-        click.echo(plan_to_text(result, name=str(file)), nl=False)
 
 
 def fail(exc: ExecutorError) -> NoReturn:

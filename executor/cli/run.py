@@ -37,7 +37,7 @@ from executor.run.artifacts import DEFAULT_MAX_BYTES
 from executor.run.build import resume_build, retry_build, run_build
 from executor.run.dask import check_address, open_dask_runner
 from executor.run.process import ProcessRunner
-from executor.run.scheduler import BuildResult, Change, RunOptions
+from executor.run.scheduler import BuildResult, JobUpdate, RunOptions
 from executor.states import JobState
 from executor.store import Store, open_store
 
@@ -47,7 +47,7 @@ class _LiveView:
 
     def __init__(self, console: Console, total: int) -> None:
         self.console = console
-        self.states: dict[str, Change] = {}
+        self.states: dict[str, JobUpdate] = {}
         self.started: dict[str, datetime] = {}
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -59,7 +59,7 @@ class _LiveView:
         self.task = self.progress.add_task("build", total=total)
         self.build_state = "scheduled"
 
-    def __call__(self, change: Change) -> None:
+    def __call__(self, change: JobUpdate) -> None:
         if change.key is None:
             self.build_state = change.state
             self.progress.update(self.task, description=f"build {change.state}")
@@ -99,7 +99,7 @@ _ENDING = frozenset(s.value for s in JobState if s.is_terminal)
 _STOPPING = frozenset({JobState.TIMING_OUT.value, JobState.CANCELING.value})
 
 
-def _plain_line(change: Change) -> str:
+def _plain_line(change: JobUpdate) -> str:
     # Plain string tests and %-formatting: this runs four times per job.
     at = change.at if change.at.tzinfo is UTC else change.at.astimezone(UTC)
     when = "%02d:%02d:%02d" % (at.hour, at.minute, at.second)  # noqa: UP031
@@ -139,7 +139,7 @@ class _PlainLines:
         self._out = out
         self._timer: asyncio.TimerHandle | None = None
 
-    def __call__(self, change: Change) -> None:
+    def __call__(self, change: JobUpdate) -> None:
         self._out.write(_plain_line(change) + "\n")
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.FLUSH_S, self._flush)
@@ -394,7 +394,7 @@ def run(
     )
 
     def start(
-        store: Store, on_change: Callable[[Change], None], runner: ProcessRunner | None
+        store: Store, on_change: Callable[[JobUpdate], None], runner: ProcessRunner | None
     ) -> Awaitable[BuildResult]:
         return run_build(
             plan,
@@ -410,7 +410,9 @@ def run(
     _drive(db, tail_lines, start, lambda _: len(plan), address)
 
 
-_Start = Callable[[Store, Callable[[Change], None], ProcessRunner | None], Awaitable[BuildResult]]
+_Start = Callable[
+    [Store, Callable[[JobUpdate], None], ProcessRunner | None], Awaitable[BuildResult]
+]
 
 
 def _drive(
@@ -499,7 +501,7 @@ def resume(
     )
 
     def start(
-        store: Store, on_change: Callable[[Change], None], runner: ProcessRunner | None
+        store: Store, on_change: Callable[[JobUpdate], None], runner: ProcessRunner | None
     ) -> Awaitable[BuildResult]:
         return resume_build(
             number,
@@ -564,7 +566,7 @@ def retry(
     )
 
     def start(
-        store: Store, on_change: Callable[[Change], None], runner: ProcessRunner | None
+        store: Store, on_change: Callable[[JobUpdate], None], runner: ProcessRunner | None
     ) -> Awaitable[BuildResult]:
         return retry_build(
             number,

@@ -21,7 +21,7 @@ from executor.errors import ExecutorError
 from executor.load import load_plan, plan_build_text
 from executor.plan import Plan
 from executor.run.process import ProcessRunner
-from executor.run.scheduler import BuildResult, Change, PriorJob, RunOptions, Scheduler
+from executor.run.scheduler import BuildResult, JobUpdate, PriorJob, RunOptions, Scheduler
 from executor.states import BuildState, JobState
 from executor.store import BuildRow, CreatedBuild, Store, open_store
 
@@ -62,7 +62,7 @@ async def run_build(
     pipeline: str | None = None,
     options: RunOptions | None = None,
     runner: ProcessRunner | None = None,
-    on_change: Callable[[Change], None] | None = None,
+    on_change: Callable[[JobUpdate], None] | None = None,
     handle_signals: bool = False,
 ) -> BuildResult:
     """Plan (if given a path), record and run a build; return its outcome.
@@ -89,7 +89,7 @@ async def _run(
     pipeline: str,
     options: RunOptions,
     runner: ProcessRunner | None,
-    on_change: Callable[[Change], None] | None,
+    on_change: Callable[[JobUpdate], None] | None,
     handle_signals: bool,
 ) -> BuildResult:
     working_dir = options.working_dir
@@ -141,7 +141,7 @@ async def resume_build(
     pipeline: str | None = None,
     options: RunOptions | None = None,
     runner: ProcessRunner | None = None,
-    on_change: Callable[[Change], None] | None = None,
+    on_change: Callable[[JobUpdate], None] | None = None,
     handle_signals: bool = False,
 ) -> BuildResult:
     """Continue build ``number``, abandoned by an executor that died (``build_abandoned``) or
@@ -229,7 +229,7 @@ async def retry_build(
     failed_only: bool = False,
     options: RunOptions | None = None,
     runner: ProcessRunner | None = None,
-    on_change: Callable[[Change], None] | None = None,
+    on_change: Callable[[JobUpdate], None] | None = None,
     handle_signals: bool = False,
 ) -> BuildResult:
     """A new build (the next number of the same pipeline) of the plan build ``number`` ran, in

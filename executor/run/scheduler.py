@@ -1,7 +1,7 @@
 """The build loop: drives a Plan's jobs through THE transition table to terminal states.
 
 Owns concurrency, plan-order start, retries with backoff, soft-fail, cascade (through the plan's
-Cursor), per-job and whole-build timeouts, --fail-fast, cancellation, and the build roll-up.
+Frontier), per-job and whole-build timeouts, --fail-fast, cancellation, and the build roll-up.
 Every state change goes through ``_transition``: ``states.transition`` decides the next state
 and one store call records it with its history row. Processes are the runner's business
 (``ProcessRunner``), which is a parameter, so tests can drive this loop with a fake.
@@ -50,8 +50,8 @@ from executor.store.liveness import HEARTBEAT_S
 
 __all__ = [
     "BuildResult",
-    "Change",
     "JobResult",
+    "JobUpdate",
     "PriorJob",
     "RunOptions",
     "Scheduler",
@@ -87,7 +87,7 @@ class RunOptions:
     max_artifact_bytes: int = DEFAULT_MAX_BYTES  # per file (--max-artifact-mb)
 
 
-class Change(NamedTuple):
+class JobUpdate(NamedTuple):
     """A state change, for live views: a job's (``key`` set) or the build's (``key`` None).
     (A NamedTuple: four are made per job, and it costs a quarter of a frozen dataclass.)"""
 
@@ -194,7 +194,7 @@ class Scheduler:
         *,
         options: RunOptions | None = None,
         runner: ProcessRunner | None = None,
-        on_change: Callable[[Change], None] | None = None,
+        on_change: Callable[[JobUpdate], None] | None = None,
         prior: Mapping[str, PriorJob] | None = None,
         state: BuildState = BuildState.SCHEDULED,
     ) -> None:
@@ -212,13 +212,13 @@ class Scheduler:
         self._on_change = on_change
         # Durable before shown (SPEC §5): each change waits here, with the count of store
         # writes it follows, until the writer has committed that many.
-        self._unshown: deque[tuple[int, Change]] = deque()
+        self._unshown: deque[tuple[int, JobUpdate]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._trouble_seen = False
         # Bound once: the module's lazy logger re-reads the configuration at every call.
         self._log = log.bind(build=build.number)
         self._jobs = {s.key: _Job(s.key, build.job_ids[s.key], s) for s in plan}
-        self._cursor = plan.cursor()
+        self._cursor = plan.frontier()
         self._prior = prior or {}
         for key, before in self._prior.items():
             job = self._jobs[key]
@@ -436,7 +436,7 @@ class Scheduler:
         )
         if self._on_change is not None:
             self._show(
-                Change(
+                JobUpdate(
                     job.key,
                     new.value,
                     at,
@@ -462,7 +462,7 @@ class Scheduler:
 
     # --- showing what is recorded -----------------------------------------------------------
 
-    def _show(self, change: Change) -> None:
+    def _show(self, change: JobUpdate) -> None:
         """Hand ``change`` to ``on_change`` once the store has committed the write it comes
         with (at once if it has, and nothing shown before it waits)."""
         if self._on_change is None or self._store_error is not None:
@@ -593,7 +593,7 @@ class Scheduler:
         self._write(self.store.record_build, self.build.id, state=state, at=at, **fields)
         self._log.info("build_state", state=state.value)
         if self._on_change is not None:
-            self._show(Change(None, state.value, at))
+            self._show(JobUpdate(None, state.value, at))
 
     # --- stopping -----------------------------------------------------------------------------
 

@@ -10,8 +10,14 @@ This package re-exports the public names and holds no logic.
 from __future__ import annotations
 
 from executor.store.blobs import Blob, BlobStore
+from executor.store.opening import (
+    DB_ENV,
+    DEFAULT_DB,
+    open_store,
+    resolve_backend,
+    resolve_db_path,
+)
 from executor.store.reads import token_hash
-from executor.store.record import TOKEN_PREFIX, Store
 from executor.store.recovery import LostBuild
 from executor.store.rows import (
     UNSET,
@@ -30,13 +36,7 @@ from executor.store.rows import (
     Unset,
 )
 from executor.store.sql import SCHEMA_VERSION
-from executor.store.url import (
-    DB_ENV,
-    DEFAULT_DB,
-    open_store,
-    resolve_backend,
-    resolve_db_path,
-)
+from executor.store.store import TOKEN_PREFIX, Store
 
 __all__ = [
     "DB_ENV",

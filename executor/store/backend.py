@@ -21,10 +21,10 @@ from executor.errors import StoreError
 from executor.store import sql
 from executor.store.rows import format_time
 
-__all__ = ["Backend", "Connection", "Cursor", "migrate"]
+__all__ = ["Backend", "Connection", "DbCursor", "migrate"]
 
 
-class Cursor(Protocol):
+class DbCursor(Protocol):
     @property
     def rowcount(self) -> int: ...
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from executor.store import sql
-from executor.store.backend import Cursor
+from executor.store.backend import DbCursor
 
 __all__ = [
     "ArtifactRecorded",
@@ -120,7 +120,7 @@ Change = (
 )
 
 
-def apply_batch(cursor: Cursor, changes: Sequence[Change], dialect: sql.Dialect) -> bool:
+def apply_batch(cursor: DbCursor, changes: Sequence[Change], dialect: sql.Dialect) -> bool:
     """The fast path. False when some change's guard does not hold: the caller rolls back and
     replays the batch with ``apply_one``."""
     statements = sql.batch_statements(dialect)
@@ -164,7 +164,7 @@ def apply_batch(cursor: Cursor, changes: Sequence[Change], dialect: sql.Dialect)
     return True
 
 
-def apply_one(cursor: Cursor, change: Change) -> str | None:
+def apply_one(cursor: DbCursor, change: Change) -> str | None:
     """The exact path: apply one change; if its guard does not hold, apply nothing and return
     what was being recorded and what the database holds instead."""
     if isinstance(change, JobChanged):

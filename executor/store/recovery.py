@@ -165,3 +165,14 @@ def reuse_results(db: Connection, pairs: list[tuple[str, str]], now: datetime) -
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+
+
+def resume_hint(build: LostBuild) -> str:
+    """What to do about a build finished because its executor died."""
+    if not build.resumable:
+        return "nothing to resume: its jobs had ended or were being stopped"
+    org = "" if build.org == "local" else f" --org {build.org}"
+    return (
+        f"`harmont-exec resume {build.number} --pipeline {build.pipeline}{org}` runs its "
+        "unfinished jobs again"
+    )

@@ -23,13 +23,13 @@ __all__ = [
     "AttemptRow",
     "BuildRow",
     "CreatedBuild",
+    "DbRow",
     "JobProgress",
     "JobRow",
     "JobText",
     "LogChunk",
     "OrganizationRow",
     "PipelineRow",
-    "Record",
     "TokenRow",
     "TransitionRow",
     "Unset",
@@ -47,7 +47,7 @@ class Unset(Enum):
 UNSET = Unset.UNSET
 
 
-class Record(Protocol):
+class DbRow(Protocol):
     """A database row addressed by column name (``sqlite3.Row``, a psycopg dict row)."""
 
     def __getitem__(self, key: str, /) -> Any: ...
@@ -105,7 +105,7 @@ class OrganizationRow:
     created_at: datetime
 
     @classmethod
-    def from_db(cls, r: Record) -> OrganizationRow:
+    def from_db(cls, r: DbRow) -> OrganizationRow:
         return cls(slug=r["slug"], created_at=_time(r["created_at"]))
 
 
@@ -116,7 +116,7 @@ class PipelineRow:
     created_at: datetime
 
     @classmethod
-    def from_db(cls, r: Record) -> PipelineRow:
+    def from_db(cls, r: DbRow) -> PipelineRow:
         return cls(org=r["org"], slug=r["slug"], created_at=_time(r["created_at"]))
 
 
@@ -133,7 +133,7 @@ class TokenRow:
     last_used_at: datetime | None
 
     @classmethod
-    def from_db(cls, r: Record) -> TokenRow:
+    def from_db(cls, r: DbRow) -> TokenRow:
         orgs = r["organizations"]
         return cls(
             id=r["id"],
@@ -178,7 +178,7 @@ class BuildRow:
     heartbeat_at: datetime | None
 
     @classmethod
-    def from_db(cls, r: Record) -> BuildRow:
+    def from_db(cls, r: DbRow) -> BuildRow:
         return cls(
             id=r["id"],
             number=r["number"],
@@ -227,7 +227,7 @@ class JobRow:
     reused_from_job_id: str | None = None  # its result was taken from this job (retry --failed)
 
     @classmethod
-    def from_db(cls, r: Record, depends_on: tuple[str, ...]) -> JobRow:
+    def from_db(cls, r: DbRow, depends_on: tuple[str, ...]) -> JobRow:
         return cls(
             id=r["id"],
             build_id=r["build_id"],
@@ -274,7 +274,7 @@ class JobText(NamedTuple):
     finished_at: str | None
 
     @classmethod
-    def from_db(cls, r: Record, depends_on: tuple[str, ...]) -> JobText:
+    def from_db(cls, r: DbRow, depends_on: tuple[str, ...]) -> JobText:
         return cls(
             r["id"],
             r["step_key"],
@@ -308,7 +308,7 @@ class TransitionRow:
     at: datetime
 
     @classmethod
-    def from_db(cls, r: Record) -> TransitionRow:
+    def from_db(cls, r: DbRow) -> TransitionRow:
         return cls(
             job_id=r["job_id"],
             seq=r["seq"],
@@ -330,7 +330,7 @@ class AttemptRow:
     finished_at: datetime | None
 
     @classmethod
-    def from_db(cls, r: Record) -> AttemptRow:
+    def from_db(cls, r: DbRow) -> AttemptRow:
         return cls(
             job_id=r["job_id"],
             number=r["number"],
@@ -352,7 +352,7 @@ class JobProgress(NamedTuple):
     finished_attempt: int
 
     @classmethod
-    def from_db(cls, r: Record) -> JobProgress:
+    def from_db(cls, r: DbRow) -> JobProgress:
         return cls(JobState(r["state"]), r["exit_code"], int(r["finished_attempt"] or 0))
 
 
@@ -366,7 +366,7 @@ class LogChunk:
     at: datetime
 
     @classmethod
-    def from_db(cls, r: Record) -> LogChunk:
+    def from_db(cls, r: DbRow) -> LogChunk:
         return cls(
             job_id=r["job_id"],
             seq=r["seq"],
@@ -394,7 +394,7 @@ class ArtifactRow:
     created_at: datetime
 
     @classmethod
-    def from_db(cls, r: Record) -> ArtifactRow:
+    def from_db(cls, r: DbRow) -> ArtifactRow:
         return cls(
             id=r["id"],
             job_id=r["job_id"],

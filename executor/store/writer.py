@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from executor.errors import StoreError
-from executor.store.backend import Backend, Cursor
+from executor.store.backend import Backend, DbCursor
 from executor.store.changes import Change, LogAppended, apply_batch, apply_one
 
 __all__ = ["BATCH_LIMIT", "COMMIT_INTERVAL_S", "WRITER_NICE", "Writer"]
@@ -240,7 +240,7 @@ class Writer:
             cursor.close()
         return None
 
-    def _apply_one_by_one(self, cursor: Cursor, changes: list[Change]) -> None:
+    def _apply_one_by_one(self, cursor: DbCursor, changes: list[Change]) -> None:
         """Keep the changes before the first whose guard fails; record that one as the error."""
         for change in changes:
             refused = apply_one(cursor, change)

@@ -145,7 +145,7 @@ class Store(Reader):
         message: str | None = None,
         now: datetime,
     ) -> CreatedBuild:
-        """Record a new build of ``plan`` (state ``scheduled``) with one ``pending`` job per
+        """DbRow a new build of ``plan`` (state ``scheduled``) with one ``pending`` job per
         step, in plan order, and each job's first history row; committed when it returns.
         Creates the organization and pipeline on first use."""
         self._check_open()
@@ -238,7 +238,7 @@ class Store(Reader):
         expires_at: datetime | None,
         now: datetime,
     ) -> tuple[TokenRow, str]:
-        """Record a new API token; return its row and its secret (``hm_`` + 43 url-safe
+        """DbRow a new API token; return its row and its secret (``hm_`` + 43 url-safe
         characters), which is not stored and cannot be shown again. ``organizations`` limits
         what it sees (None: every organization)."""
         self._check_open()

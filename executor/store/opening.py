@@ -18,9 +18,9 @@ import structlog
 from executor.errors import StoreError, StoreNotFoundError, StoreReadOnlyError
 from executor.store.backend import Backend
 from executor.store.postgresql import postgresql_backend, redact
-from executor.store.record import Store
-from executor.store.recovery import LostBuild
+from executor.store.recovery import LostBuild, resume_hint
 from executor.store.sqlite import sqlite_backend
+from executor.store.store import Store
 
 __all__ = [
     "DB_ENV",
@@ -28,7 +28,6 @@ __all__ = [
     "open_store",
     "resolve_backend",
     "resolve_db_path",
-    "resume_hint",
 ]
 
 DB_ENV = "HARMONT_DB"
@@ -128,17 +127,6 @@ def _check_reachable(path: Path) -> None:
         f"cannot read the store {path}: permission denied; a store is private to the user "
         f"who made it ({owner} owns {kept}): run as that user, or point --db / "
         f"{DB_ENV} at a store of your own"
-    )
-
-
-def resume_hint(build: LostBuild) -> str:
-    """What to do about a build finished because its executor died."""
-    if not build.resumable:
-        return "nothing to resume: its jobs had ended or were being stopped"
-    org = "" if build.org == "local" else f" --org {build.org}"
-    return (
-        f"`harmont-exec resume {build.number} --pipeline {build.pipeline}{org}` runs its "
-        "unfinished jobs again"
     )
 
 
