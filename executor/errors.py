@@ -1,18 +1,23 @@
 """The exception hierarchy of harmont-exec, and nothing else.
 
-Every error the package raises on purpose is an ``ExecutorError`` with a stable ``code`` (the
-same snake_case word the CLI prints and, later, the API returns). Library exceptions (pydantic,
-yaml, networkx, database drivers) are translated into these at module boundaries.
+Every error the package raises on purpose is an ``ExecutorError`` whose ``code`` is an
+``ErrorCode``. ``ErrorCode`` is the one catalog of error words: the ``error_code`` the record keeps
+on a job or a build, the ``code`` of the API's error envelope, and an exception's ``code``. Each is
+documented under its own heading in docs/api.md or docs/reliability.md (a test holds the two in
+step). Library exceptions (pydantic, yaml, networkx, database drivers) are translated into these
+at module boundaries.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
 __all__ = [
     "BuildFileError",
     "CycleError",
     "Diagnostic",
+    "ErrorCode",
     "ExecutorError",
     "InternalError",
     "InvalidTransitionError",
@@ -25,10 +30,50 @@ __all__ = [
 Loc = tuple[str | int, ...]
 
 
-class ExecutorError(Exception):
-    """Base of every error harmont-exec raises on purpose."""
+class ErrorCode(StrEnum):
+    """Every error word harmont-exec writes: in the record, on the API, in an exception."""
 
-    code = "executor_error"
+    # Why a job or a build ended as it did (their ``error_code``; SPEC §3, §5).
+    DEPENDENCY_FAILED = "dependency_failed"
+    JOB_TIMEOUT = "job_timeout"
+    PIPELINE_TIMEOUT = "pipeline_timeout"
+    BUILD_CANCELED = "build_canceled"
+    SPAWN_FAILED = "spawn_failed"
+    EXECUTOR_LOST = "executor_lost"
+    BUILD_ABANDONED = "build_abandoned"
+    RECORD_FAILED = "record_failed"
+    ARTIFACT_UPLOAD_FAILED = "artifact_upload_failed"
+    # The API's error envelope (SPEC §6; docs/api.md).
+    UNAUTHORIZED = "unauthorized"
+    ORGANIZATION_NOT_FOUND = "organization_not_found"
+    PIPELINE_NOT_FOUND = "pipeline_not_found"
+    BUILD_NOT_FOUND = "build_not_found"
+    JOB_NOT_FOUND = "job_not_found"
+    ARTIFACT_NOT_FOUND = "artifact_not_found"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    INVALID_REQUEST = "invalid_request"
+    CORS_REFUSED = "cors_refused"
+    LOG_STREAM_UNAUTHORIZED = "log_stream_unauthorized"
+    LOG_STREAM_FORBIDDEN = "log_stream_forbidden"
+    INVALID_CURSOR = "invalid_cursor"
+    ARTIFACT_CONTENT_MISSING = "artifact_content_missing"
+    STORE_READ_ONLY = "store_read_only"
+    STORE_UNAVAILABLE = "store_unavailable"
+    INTERNAL_ERROR = "internal_error"
+    # Exceptions only (the CLI prints them; the API answers them as one of the above).
+    EXECUTOR_ERROR = "executor_error"
+    INVALID_BUILD_FILE = "invalid_build_file"
+    DEPENDENCY_CYCLE = "dependency_cycle"
+    INVALID_TRANSITION = "invalid_transition"
+    STORE_ERROR = "store_error"
+    STORE_NOT_FOUND = "store_not_found"
+
+
+class ExecutorError(Exception):
+    """Base of every error harmont-exec raises on purpose; ``code`` says which."""
+
+    code: ErrorCode = ErrorCode.EXECUTOR_ERROR
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +110,7 @@ class Diagnostic:
 class BuildFileError(ExecutorError):
     """A build file (or an in-memory build spec) is invalid; carries every problem found."""
 
-    code = "invalid_build_file"
+    code = ErrorCode.INVALID_BUILD_FILE
 
     def __init__(self, diagnostics: list[Diagnostic] | tuple[Diagnostic, ...]) -> None:
         if not diagnostics:
@@ -92,7 +137,7 @@ class BuildFileError(ExecutorError):
 class CycleError(BuildFileError):
     """The dependencies form a cycle; ``cycle`` lists it, first node repeated at the end."""
 
-    code = "dependency_cycle"
+    code = ErrorCode.DEPENDENCY_CYCLE
 
     def __init__(self, cycle: list[str], diagnostic: Diagnostic) -> None:
         self.cycle = tuple(cycle)
@@ -102,33 +147,33 @@ class CycleError(BuildFileError):
 class InternalError(ExecutorError):
     """A bug in harmont-exec: an invariant was broken. Please report it."""
 
-    code = "internal_error"
+    code = ErrorCode.INTERNAL_ERROR
 
 
 class InvalidTransitionError(InternalError):
     """A job or build was asked to make a state change the transition table does not allow."""
 
-    code = "invalid_transition"
+    code = ErrorCode.INVALID_TRANSITION
 
 
 class StoreError(ExecutorError):
     """The record could not be read or written (bad URL, disk full, newer schema, ...)."""
 
-    code = "store_error"
+    code = ErrorCode.STORE_ERROR
 
 
 class StoreNotFoundError(StoreError):
     """A command that only reads the record was pointed at a SQLite file that does not exist
     (a mistyped --db); the CLI exits 2, as for other bad arguments."""
 
-    code = "store_not_found"
+    code = ErrorCode.STORE_NOT_FOUND
 
 
 class StoreReadOnlyError(StoreError):
     """A write was refused because the store is read-only (its disk, or its file): reading
     still works; read commands go on without the recovery writes."""
 
-    code = "store_read_only"
+    code = ErrorCode.STORE_READ_ONLY
 
 
 class RecordFailedError(StoreError):
@@ -136,7 +181,7 @@ class RecordFailedError(StoreError):
     turned read-only, a database gone): its number and pipeline, for the message and the
     summary (read back from what the record holds)."""
 
-    code = "record_failed"
+    code = ErrorCode.RECORD_FAILED
 
     def __init__(self, message: str, *, build_id: str, number: int, org: str, pipeline: str):
         super().__init__(message)

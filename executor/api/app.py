@@ -34,7 +34,7 @@ from executor.api.errors import ApiError, envelope, not_found
 from executor.api.live import add_live_log_routes
 from executor.api.lookup import API_PREFIX, STATUS_TEXT, Lookups, clamp, documented
 from executor.api.middleware import CorsMiddleware, HeadMiddleware, add_head_routes
-from executor.errors import StoreError, StoreReadOnlyError
+from executor.errors import ErrorCode, StoreError, StoreReadOnlyError
 from executor.store import (
     AttemptRow,
     BuildRow,
@@ -87,7 +87,7 @@ class RequestIdMiddleware:
             if started:
                 raise
             response = _error_response(
-                ApiError(503, "server_error", "store_read_only", str(exc)), request_id
+                ApiError(503, "server_error", ErrorCode.STORE_READ_ONLY, str(exc)), request_id
             )
             await response(scope, receive, send_with_id)
         except StoreError as exc:  # the database is down or refusing: not a bug, no traceback

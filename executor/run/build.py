@@ -17,7 +17,7 @@ from pathlib import Path
 import anyio
 import structlog
 
-from executor.errors import ExecutorError
+from executor.errors import ErrorCode, ExecutorError
 from executor.load import load_plan, plan_build_text
 from executor.plan import Plan
 from executor.run.process import ProcessRunner
@@ -159,7 +159,7 @@ async def resume_build(
             f"{build.executor_host}) is alive; resume continues only a build whose executor "
             "is gone (stop that one first, or wait for it)"
         )
-    if build.error_code not in ("build_abandoned", "record_failed"):
+    if build.error_code not in (ErrorCode.BUILD_ABANDONED, ErrorCode.RECORD_FAILED):
         raise ExecutorError(
             f"{name} finished by itself ({build.state.value}); resume continues only a build "
             f"abandoned by a dead executor: run it again with `harmont-exec retry "
@@ -171,9 +171,9 @@ async def resume_build(
         for j in store.list_jobs(build.id)
         if (j.state, j.error_code)
         in (
-            (JobState.FAILED, "executor_lost"),
-            (JobState.CANCELED, "build_abandoned"),
-            (JobState.CANCELED, "record_failed"),
+            (JobState.FAILED, ErrorCode.EXECUTOR_LOST),
+            (JobState.CANCELED, ErrorCode.BUILD_ABANDONED),
+            (JobState.CANCELED, ErrorCode.RECORD_FAILED),
         )
     ]
     if not again:

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import anyio
 import structlog
 
-from executor.errors import RecordFailedError, StoreError
+from executor.errors import ErrorCode, RecordFailedError, StoreError
 from executor.model import StepSpec
 from executor.plan import Plan, Settled
 from executor.run.artifacts import (
@@ -60,14 +60,6 @@ __all__ = [
 
 log = structlog.get_logger("executor.run")
 
-# Error codes are public API (the store, the HTTP API and log lines use the same words).
-DEPENDENCY_FAILED = "dependency_failed"
-PIPELINE_TIMEOUT = "pipeline_timeout"
-JOB_TIMEOUT = "job_timeout"
-BUILD_CANCELED = "build_canceled"
-RECORD_FAILED = "record_failed"
-SPAWN_FAILED = "spawn_failed"
-ARTIFACT_UPLOAD_FAILED = "artifact_upload_failed"
 _MAX_NOTES = 50  # artifact notes per job in its log (a glob over a big tree could make many)
 
 
@@ -136,7 +128,7 @@ def exit_status(state: BuildState, error_code: str | None) -> int:
         return 0
     if state is BuildState.CANCELED:
         return 130
-    if error_code == PIPELINE_TIMEOUT:
+    if error_code == ErrorCode.PIPELINE_TIMEOUT:
         return 124
     return 1
 
@@ -494,11 +486,12 @@ class Scheduler:
             return
         self._log.error("record_failed", error=str(self.store.trouble))
         self._error = (
-            RECORD_FAILED,
+            ErrorCode.RECORD_FAILED,
             f"stopped: the record could not be written ({self.store.trouble})",
         )
         self._stop_everything(
-            "the record's disk is full (the error is at the end)", error_code=RECORD_FAILED
+            "the record's disk is full (the error is at the end)",
+            error_code=ErrorCode.RECORD_FAILED,
         )
         self._roll_up(_now())
 
@@ -524,14 +517,18 @@ class Scheduler:
                 self._transition(
                     job,
                     Event.DEPENDENCY_FAILED,
-                    error_code=DEPENDENCY_FAILED,
+                    error_code=ErrorCode.DEPENDENCY_FAILED,
                     error_message=message,
                     cause=cause.key,
                 )
             else:
                 # A job canceled because its record could not be written passes that on: its
                 # dependents are as much unfinished work for `resume` as it is.
-                code = RECORD_FAILED if cause.error_code == RECORD_FAILED else BUILD_CANCELED
+                code = (
+                    ErrorCode.RECORD_FAILED
+                    if cause.error_code == ErrorCode.RECORD_FAILED
+                    else ErrorCode.BUILD_CANCELED
+                )
                 message = f"canceled because {cause.key!r} was canceled"
                 self._transition(
                     job,
@@ -576,7 +573,11 @@ class Scheduler:
         state = roll_up(statuses, cancel_requested=self._cancel_requested)
         if state is BuildState.SCHEDULED and self._state is not BuildState.SCHEDULED:
             state = BuildState.RUNNING  # a resumed build: it started long ago, whatever waits
-        if state is BuildState.CANCELED and self._error and self._error[0] == RECORD_FAILED:
+        if (
+            state is BuildState.CANCELED
+            and self._error
+            and self._error[0] == ErrorCode.RECORD_FAILED
+        ):
             state = BuildState.FAILED  # nobody canceled it: its record could not be written
         if state is self._state:
             return
@@ -597,7 +598,7 @@ class Scheduler:
 
     # --- stopping -----------------------------------------------------------------------------
 
-    def _stop_everything(self, reason: str, *, error_code: str = BUILD_CANCELED) -> None:
+    def _stop_everything(self, reason: str, *, error_code: str = ErrorCode.BUILD_CANCELED) -> None:
         """Cancel waiting jobs, stop running ones; used by cancel and --fail-fast."""
         self._stopping = True
         at = _now()
@@ -640,13 +641,17 @@ class Scheduler:
         self._stopping = True
         at = _now()
         message = f"the build exceeded its timeout_seconds={timeout_s:g}"
-        self._error = (PIPELINE_TIMEOUT, message)
+        self._error = (ErrorCode.PIPELINE_TIMEOUT, message)
         for key in self.plan.order:
             job = self._jobs[key]
             if job.state.is_terminal:
                 continue
             self._transition(
-                job, Event.BUILD_TIMEOUT, at=at, error_code=PIPELINE_TIMEOUT, error_message=message
+                job,
+                Event.BUILD_TIMEOUT,
+                at=at,
+                error_code=ErrorCode.PIPELINE_TIMEOUT,
+                error_message=message,
             )
             if job.stop is not None:
                 job.stop.stop(Reason.TIMED_OUT)
@@ -658,7 +663,7 @@ class Scheduler:
             self._transition(
                 job,
                 Event.TIMEOUT_EXPIRED,
-                error_code=JOB_TIMEOUT,
+                error_code=ErrorCode.JOB_TIMEOUT,
                 error_message=f"attempt {attempt} exceeded timeout_seconds={timeout_s:g}",
             )
             job.stop.stop(Reason.TIMED_OUT)
@@ -828,7 +833,11 @@ class Scheduler:
             self._retry(job, attempt, at, result.exit_code)
             return
         if result.reason is Reason.SPAWN_FAILED or result.reason is Reason.EXECUTOR_LOST:
-            lost = SPAWN_FAILED if result.reason is Reason.SPAWN_FAILED else "executor_lost"
+            lost = (
+                ErrorCode.SPAWN_FAILED
+                if result.reason is Reason.SPAWN_FAILED
+                else ErrorCode.EXECUTOR_LOST
+            )
             self._transition(
                 job,
                 Event.EXECUTOR_LOST,
@@ -852,7 +861,7 @@ class Scheduler:
                 at=at,
                 exit_code=result.exit_code,
                 soft_failed=False,
-                error_code=ARTIFACT_UPLOAD_FAILED,
+                error_code=ErrorCode.ARTIFACT_UPLOAD_FAILED,
                 error_message=f"{failures[0]}{more}",
             )
         elif result.exit_code == 0:

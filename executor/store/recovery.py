@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+from executor.errors import ErrorCode
 from executor.states import Event, JobState, transition
 from executor.store import sql
 from executor.store.backend import Connection
@@ -65,7 +66,7 @@ def abandon_build(
             old = JobState(job_state)
             code: str | None
             if old in (JobState.ASSIGNED, JobState.RUNNING):
-                event, code, why = Event.EXECUTOR_LOST, "executor_lost", message
+                event, code, why = Event.EXECUTOR_LOST, ErrorCode.EXECUTOR_LOST, message
                 live += 1
             elif old in (JobState.CANCELING, JobState.TIMING_OUT):
                 # Being stopped when the executor died: its processes are gone now (killed
@@ -73,7 +74,7 @@ def abandon_build(
                 event, code, why = Event.PROCESS_GONE, None, None
                 stopping += 1
             else:
-                event, code = Event.CANCEL_REQUESTED, "build_abandoned"
+                event, code = Event.CANCEL_REQUESTED, ErrorCode.BUILD_ABANDONED
                 waiting = (
                     f"waiting to retry (after attempt {retries})" if retries else "not started"
                 )
