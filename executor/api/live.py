@@ -24,9 +24,13 @@ ours, altered, expired), 403 ``log_stream_forbidden`` (a job that is not in the 
 
 When the server stops (``closing``), open streams end without ``done``. The stream polls the
 store (``poll_s``): the writer commits at most every 50 ms.
+
+This module is the protocol (tokens, frames, the stream's loop: ``LiveLog``); the two routes
+are ``routes/live.py``.
 """
 
-# No ``from __future__ import annotations``: FastAPI reads the handlers' annotations at runtime.
+from __future__ import annotations
+
 import base64
 import binascii
 import hashlib
@@ -37,27 +41,29 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import anyio
-from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
-from executor.api import models
 from executor.api.errors import LogStreamError
 from executor.api.logtext import STREAM_KINDS, LogText, ends_of_streams
-from executor.api.lookup import API_PREFIX, STATUS_TEXT, Lookups, is_uuid
+from executor.api.lookup import is_uuid, read
+from executor.api.paths import BUILD
+from executor.errors import ErrorCode
 from executor.store import JobProgress, JobRow, LogChunk, Store, TokenRow
 from executor.store.reads import LOG_PAGE_ROWS
 from executor.store.rows import format_time
 
 __all__ = [
+    "EVENT_SCHEMA",
     "LOG_TOKEN_TTL",
-    "add_live_log_routes",
+    "LiveLog",
+    "LogGrant",
     "chunk_json",
     "mint_log_token",
     "resume_point",
     "unix_ns",
+    "verify_log_token",
 ]
 
 LOG_TOKEN_TTL = timedelta(hours=1)
@@ -73,8 +79,7 @@ _INTEGER = re.compile(r"[+-]?[0-9]{1,30}")
 _MAX_SEQ = 1 << 62  # beyond any seq, and within what SQLite compares
 
 
-# One event of the stream, as OpenAPI 3.2 describes Server-Sent Events (the data is JSON text).
-_EVENT_SCHEMA = {
+EVENT_SCHEMA = {
     "type": "object",
     "properties": {
         "event": {"type": "string", "enum": ["history", "chunk", "done"]},
@@ -83,6 +88,8 @@ _EVENT_SCHEMA = {
     },
     "required": ["event", "data"],
 }
+"""One event of the stream, as OpenAPI 3.2 describes Server-Sent Events (the data is JSON
+text)."""
 
 
 def _b64(data: bytes) -> str:
@@ -112,14 +119,11 @@ def mint_log_token(
     return f"{_b64(payload)}.{_b64(mac)}"
 
 
-_HOW = (
-    f"mint a log token with GET {API_PREFIX}/organizations/{{org}}/pipelines/{{pipeline}}/"
-    "builds/{number}/log-token and pass it as ?token="
-)
+_HOW = f"mint a log token with GET {BUILD}/log-token and pass it as ?token="
 
 
 def _unauthorized(why: str) -> LogStreamError:
-    return LogStreamError(401, "log_stream_unauthorized", f"{why}; {_HOW}")
+    return LogStreamError(401, ErrorCode.LOG_STREAM_UNAUTHORIZED, f"{why}; {_HOW}")
 
 
 class LogGrant(NamedTuple):
@@ -259,157 +263,87 @@ class _Reader:
         return over, now, wire
 
 
-def add_live_log_routes(
-    app: FastAPI, lookups: Lookups, *, heartbeat_s: float, poll_s: float, closing: threading.Event
-) -> None:
-    store = lookups.store
-    Caller = Annotated[TokenRow, Depends(lookups.caller)]
-    keys: list[bytes] = []
+class LiveLog:
+    """One app's live log streams: how often they read the store (``poll_s``), the heartbeat
+    (``heartbeat_s``), the event that ends them all (``closing``), and the log tokens' key.
+    The methods that read the store are synchronous, for ``read``'s worker thread."""
 
-    def hmac_key() -> bytes:
-        # Made once per store (a write), then the same forever: read once per process.
-        if not keys:
-            keys.append(store.store_key(_KEY_NAME))
-        return keys[0]
+    def __init__(self, *, heartbeat_s: float, poll_s: float, closing: threading.Event) -> None:
+        self.heartbeat_s = heartbeat_s
+        self.poll_s = poll_s
+        self.closing = closing
+        self._key: bytes | None = None
 
-    @app.exception_handler(LogStreamError)
-    async def log_stream_error(request: Request, exc: LogStreamError) -> JSONResponse:
-        return JSONResponse({"code": exc.code, "message": exc.message}, status_code=exc.status)
+    def key(self, store: Store) -> bytes:
+        """The HMAC key of the log tokens of ``store``."""
+        # Made once per store (a write), then the same forever: read once per app.
+        if self._key is None:
+            self._key = store.store_key(_KEY_NAME)
+        return self._key
 
-    builds_path = f"{API_PREFIX}/organizations/{{org}}/pipelines/{{pipeline}}/builds"
-
-    @app.get(
-        f"{builds_path}/{{number}}/log-token",
-        tags=["builds"],
-        operation_id="getBuildLogToken",
-        summary="Mint a build-scoped log token for the SSE log stream",
-        responses={
-            200: {"model": models.LogTokenResponse},
-            **{
-                status: {"model": models.Error, "description": STATUS_TEXT[status]}
-                for status in (401, 404, 422)
-            },
-        },
-    )
-    async def log_token(org: str, pipeline: str, number: int, token: Caller) -> JSONResponse:
-        def lookup() -> tuple[str, bytes]:
-            build = lookups.build_of(token, org, pipeline, number)
-            return build.id, hmac_key()
-
-        build_id, key = await lookups.read(lookup)
+    def issue(self, store: Store, build_id: str, api_token: TokenRow) -> dict[str, Any]:
+        """A LogTokenResponse for build ``build_id``, minted for ``api_token``: an hour, or
+        less if the API token expires before."""
+        key = self.key(store)
         now = datetime.now(UTC).replace(microsecond=0)
         expires_at = now + LOG_TOKEN_TTL
-        if token.expires_at is not None:
-            expires_at = min(expires_at, token.expires_at)  # it dies with its API token
-        return JSONResponse(
-            {
-                "token": mint_log_token(
-                    key, build_id, expires_at, api_token_id=token.id, issued_at=now
-                ),
-                "expires_at": format_time(expires_at),
-            }
-        )
+        if api_token.expires_at is not None:
+            expires_at = min(expires_at, api_token.expires_at)  # it dies with its API token
+        return {
+            "token": mint_log_token(
+                key, build_id, expires_at, api_token_id=api_token.id, issued_at=now
+            ),
+            "expires_at": format_time(expires_at),
+        }
 
-    @app.get(
-        "/v0/jobs/{job_id}/logs",
-        tags=["jobs"],
-        operation_id="streamJobLogs",
-        summary="A job's log as Server-Sent Events (history, chunk, done)",
-        openapi_extra={
-            "parameters": [
-                {
-                    "name": "Last-Event-ID",
-                    "in": "header",
-                    "required": False,
-                    "description": "Resume after this chunk seq (EventSource sends it); a "
-                    "negative value counts as 0, one that is not an integer is ignored.",
-                    "schema": {"type": "string"},
-                }
-            ]
-        },
-        response_class=StreamingResponse,
-        responses={
-            200: {
-                "description": "A history event (no id), then a chunk event per new piece of "
-                "output (id: its seq), then done once the job has ended",
-                "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}},
-            },
-            401: {
-                "model": models.LogStreamError,
-                "description": "No log token, not one this server minted, or expired",
-            },
-            403: {
-                "model": models.LogStreamError,
-                "description": "The job is not in the log token's build",
-            },
-            422: {"model": models.Error, "description": STATUS_TEXT[422]},
-        },
-    )
-    async def job_log_stream(
-        job_id: str,
-        request: Request,
-        token: Annotated[
-            str | None, Query(description="A token from …/builds/{number}/log-token.")
-        ] = None,
-        last_event_id: Annotated[
-            str | None,
-            Query(description="Resume after this chunk seq (when no Last-Event-ID header)."),
-        ] = None,
-    ) -> StreamingResponse:
-        # Read here rather than declared: FastAPI would document an optional header as
-        # nullable. Documented in openapi_extra.
-        after = resume_point(request.headers.get("last-event-id"), last_event_id)
+    def admit(self, store: Store, token: str | None, job_id: str) -> tuple[JobRow, LogGrant]:
+        """The job a stream of ``job_id`` with log token ``token`` shows, and what the token
+        grants; LogStreamError 401 (no token, or not a good one) or 403 (not the token's
+        build's job)."""
+        if not token:
+            raise _unauthorized("no ?token= on the log stream's URL")
+        grant = verify_log_token(self.key(store), token, datetime.now(UTC), store.get_token)
+        job = store.get_job(job_id.lower()) if is_uuid(job_id) else None
+        if job is None or job.build_id != grant.build_id:
+            raise LogStreamError(
+                403,
+                ErrorCode.LOG_STREAM_FORBIDDEN,
+                f"this log token is not scoped to job {job_id[:80]!r}: the token's build "
+                "has no such job; mint a log token for the build the job belongs to",
+            )
+        return job, grant
 
-        def lookup() -> tuple[JobRow, LogGrant]:
-            if not token:
-                raise _unauthorized("no ?token= on the log stream's URL")
-            grant = verify_log_token(hmac_key(), token, datetime.now(UTC), store.get_token)
-            job = store.get_job(job_id.lower()) if is_uuid(job_id) else None
-            if job is None or job.build_id != grant.build_id:
-                raise LogStreamError(
-                    403,
-                    "log_stream_forbidden",
-                    f"this log token is not scoped to job {job_id[:80]!r}: the token's build "
-                    "has no such job; mint a log token for the build the job belongs to",
-                )
-            return job, grant
-
-        job, grant = await lookups.read(lookup)
+    async def events(
+        self, store: Store, job: JobRow, grant: LogGrant, after: int
+    ) -> AsyncIterator[bytes]:
+        """The stream of ``job``'s output after seq ``after``: ``history``, ``chunk``s,
+        heartbeats, then ``done``; it ends early when the server stops or the grant lapses."""
         reader = _Reader(store, job.id, after)
 
         def granted() -> bool:
             return still_granted(grant, datetime.now(UTC), store.get_token)
 
-        async def events() -> AsyncIterator[bytes]:
-            done, now, chunks = await lookups.read(reader.poll)
+        done, now, chunks = await read(reader.poll)
+        more = not done and len(chunks) > 0
+        yield _event("history", {"chunks": chunks})
+        quiet_since = checked = time.monotonic()
+        while not done:
+            if not more:
+                await anyio.sleep(self.poll_s)
+            if self.closing.is_set():
+                return  # the server is stopping: the client reconnects elsewhere
+            if time.monotonic() - checked >= GRANT_CHECK_S:
+                checked = time.monotonic()
+                if not await read(granted):
+                    return  # revoked or expired: a reconnect gets the 401 that says so
+            done, now, chunks = await read(reader.poll)
             more = not done and len(chunks) > 0
-            yield _event("history", {"chunks": chunks})
-            quiet_since = checked = time.monotonic()
-            while not done:
-                if not more:
-                    await anyio.sleep(poll_s)
-                if closing.is_set():
-                    return  # the server is stopping: the client reconnects elsewhere
-                if time.monotonic() - checked >= GRANT_CHECK_S:
-                    checked = time.monotonic()
-                    if not await lookups.read(granted):
-                        return  # revoked or expired: a reconnect gets the 401 that says so
-                done, now, chunks = await lookups.read(reader.poll)
-                more = not done and len(chunks) > 0
-                for chunk in chunks:
-                    yield _event("chunk", chunk, chunk["seq"])
-                if chunks:
-                    quiet_since = time.monotonic()
-                elif time.monotonic() - quiet_since >= heartbeat_s:
-                    yield b": heartbeat\n\n"
-                    quiet_since = time.monotonic()
-            state = None if now is None else now.state.value
-            yield _event(
-                "done", {"state": state, "exit_code": None if now is None else now.exit_code}
-            )
-
-        return StreamingResponse(
-            events(),
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
+            for chunk in chunks:
+                yield _event("chunk", chunk, chunk["seq"])
+            if chunks:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= self.heartbeat_s:
+                yield b": heartbeat\n\n"
+                quiet_since = time.monotonic()
+        state = None if now is None else now.state.value
+        yield _event("done", {"state": state, "exit_code": None if now is None else now.exit_code})

@@ -1,40 +1,55 @@
-"""What every route needs: the caller's token, and the org / pipeline / build / job lookups
-that answer the SAME 404 for what does not exist and for what the token may not see.
+"""The tenancy rule, in one place: the organization / pipeline / build / job / artifact lookups
+that answer the SAME 404 for what does not exist and for what the caller's token may not see.
 
-``Lookups`` runs store reads in a worker thread (``read``): each handler's reads in ONE hop,
-since a hop to a thread costs more than a read of a row. The lookup methods are synchronous,
-to be called inside that hop.
+Every route finds what its path names through these functions, so that a token limited to
+some organizations learns nothing about the others: the rule is written once, in
+``organization_of`` (``organizations_of`` for the list); ``pipeline_of``, hence ``build_of``
+and ``job_of``, goes through it, and
+``job_in`` / ``artifact_in`` look inside a build found that way. They are synchronous store
+reads, to be run in a worker thread by ``read``: each handler's reads in ONE hop, since a hop
+to a thread costs more than a read of a row.
 """
 
-# No ``from __future__ import annotations``: FastAPI reads ``caller``'s annotations at runtime.
+from __future__ import annotations
+
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from functools import partial
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import anyio
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from executor.api import models
-from executor.api.errors import ApiError, not_found, unauthorized
-from executor.store import BuildRow, JobRow, OrganizationRow, Store, TokenRow
+from executor.api.errors import ApiError, not_found_error
+from executor.api.paths import BUILDS, ORGANIZATIONS, PIPELINES
+from executor.errors import ErrorCode
+from executor.store import (
+    ArtifactRow,
+    BuildRow,
+    JobRow,
+    OrganizationRow,
+    PipelineRow,
+    Store,
+    TokenRow,
+)
 
-__all__ = ["API_PREFIX", "STATUS_TEXT", "Lookups", "clamp", "documented", "is_uuid"]
+__all__ = [
+    "artifact_in",
+    "build_of",
+    "is_uuid",
+    "job_in",
+    "job_of",
+    "organization_of",
+    "organizations_of",
+    "pipeline_of",
+    "read",
+]
 
-API_PREFIX = "/api/v0"
 T = TypeVar("T")
 
-STATUS_TEXT = {
-    400: "An invalid cursor",
-    401: "No token, or not a usable one",
-    404: "Not found, or not visible to this token",
-    422: "A path or query value of the wrong type",
-    503: "The record's database is unreachable or refusing now; retry later",
-}
 
-_bearer = HTTPBearer(auto_error=False, description="A token from `harmont-exec token create`.")
+async def read(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a worker thread: store reads never block the event loop."""
+    return await anyio.to_thread.run_sync(partial(fn, *args))
 
 
 def is_uuid(value: str) -> bool:
@@ -45,108 +60,84 @@ def is_uuid(value: str) -> bool:
     return len(value) == 36
 
 
-def clamp(limit: int) -> int:
-    """A page size within 1-100 (SPEC §6: out of range is clamped, not refused)."""
-    return max(1, min(100, limit))
+def organizations_of(store: Store, token: TokenRow) -> list[OrganizationRow]:
+    """The organizations ``token`` may see, by slug."""
+    return [o for o in store.list_organizations() if token.sees(o.slug)]
 
 
-def documented(model: type[Any], *errors: int, **extra: Any) -> dict[str, Any]:
-    """Route options: the 200 body's model and the error statuses, as the envelope."""
-    responses: dict[int | str, Any] = {200: {"model": model}}
-    for status in (401, 404, 422, 503, *errors):
-        responses[status] = {"model": models.Error, "description": STATUS_TEXT[status]}
-    return {"responses": responses, **extra}
+def _organization_missing(org: str) -> ApiError:
+    return not_found_error(
+        ErrorCode.ORGANIZATION_NOT_FOUND,
+        f"no organization {org!r} that this token can see; list them with GET {ORGANIZATIONS}",
+    )
 
 
-class Lookups:
-    def __init__(self, store: Store) -> None:
-        self.store = store
+def organization_of(store: Store, token: TokenRow, org: str) -> OrganizationRow:
+    """The organization ``org``; the same 404 ``organization_not_found`` whether it does not
+    exist or ``token`` may not see it."""
+    row = store.get_organization(org) if token.sees(org) else None
+    if row is None:
+        raise _organization_missing(org)
+    return row
 
-    async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` in a worker thread: store reads never block the event loop."""
-        return await anyio.to_thread.run_sync(partial(fn, *args))
 
-    async def caller(
-        self,
-        request: Request,
-        _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> TokenRow:
-        """The route dependency for a Bearer token (401 envelope for anything else)."""
-        # Parsed here, not by HTTPBearer (which only documents it): the scheme must be exactly
-        # "Bearer", and every failure must be the envelope.
-        header = request.headers.get("authorization")
-        if header is None:
-            raise unauthorized(
-                "no Authorization header; send 'Authorization: Bearer hm_...' with a token "
-                "from `harmont-exec token create`"
-            )
-        scheme, _, secret = header.partition(" ")
-        if scheme != "Bearer" or not secret.startswith("hm_"):
-            raise unauthorized(
-                "the Authorization header is not 'Bearer hm_...' (the scheme is "
-                "case-sensitive); send a token from `harmont-exec token create`"
-            )
-        token = await self.read(self.store.token_for_secret, secret)
-        if token is None:
-            raise unauthorized(
-                "this token is not known here; create one with `harmont-exec token create`"
-            )
-        if not token.usable_at(datetime.now(UTC)):
-            why = "revoked" if token.revoked_at is not None else "expired"
-            raise unauthorized(
-                f"token {token.id} is {why}; create a new one with `harmont-exec token create`"
-            )
-        return token
-
-    @staticmethod
-    def org_missing(org: str) -> ApiError:
-        return not_found(
-            "organization_not_found",
-            f"no organization {org!r} that this token can see; list them with "
-            f"GET {API_PREFIX}/organizations",
+def pipeline_of(store: Store, token: TokenRow, org: str, pipeline: str) -> PipelineRow:
+    """The pipeline; the organization's 404 first (``organization_of``), then
+    ``pipeline_not_found``."""
+    row = store.get_pipeline(org, pipeline) if token.sees(org) else None
+    if row is None:
+        organization_of(store, token, org)
+        raise not_found_error(
+            ErrorCode.PIPELINE_NOT_FOUND,
+            f"no pipeline {pipeline!r} in organization {org!r}; list them with "
+            f"GET {PIPELINES.format(org=org)}",
         )
+    return row
 
-    def organization_of(self, token: TokenRow, org: str) -> OrganizationRow:
-        row = self.store.get_organization(org) if token.sees(org) else None
-        if row is None:
-            raise self.org_missing(org)
-        return row
 
-    def pipeline_of(self, token: TokenRow, org: str, pipeline: str) -> None:
-        if not token.sees(org):
-            raise self.org_missing(org)
-        if self.store.get_pipeline(org, pipeline) is None:
-            if not any(o.slug == org for o in self.store.list_organizations()):
-                raise self.org_missing(org)
-            raise not_found(
-                "pipeline_not_found",
-                f"no pipeline {pipeline!r} in organization {org!r}; list them with "
-                f"GET {API_PREFIX}/organizations/{org}/pipelines",
-            )
+def build_of(store: Store, token: TokenRow, org: str, pipeline: str, number: int) -> BuildRow:
+    """Build ``number`` of the pipeline (``pipeline_of``'s 404s first); ``build_not_found``."""
+    pipeline_of(store, token, org, pipeline)
+    build = None
+    if 0 < number < 1 << 63:  # beyond, SQLite cannot even compare it: surely no such build
+        build = store.get_build(number, org=org, pipeline=pipeline)
+    if build is None:
+        raise not_found_error(
+            ErrorCode.BUILD_NOT_FOUND,
+            f"no build #{number} in {org}/{pipeline}; list them with GET "
+            f"{BUILDS.format(org=org, pipeline=pipeline)}",
+        )
+    return build
 
-    def build_of(self, token: TokenRow, org: str, pipeline: str, number: int) -> BuildRow:
-        self.pipeline_of(token, org, pipeline)
-        build = None
-        if 0 < number < 1 << 63:  # beyond, SQLite cannot even compare it: surely no such build
-            build = self.store.get_build(number, org=org, pipeline=pipeline)
-        if build is None:
-            raise not_found(
-                "build_not_found",
-                f"no build #{number} in {org}/{pipeline}; list them with GET "
-                f"{API_PREFIX}/organizations/{org}/pipelines/{pipeline}/builds",
-            )
-        return build
 
-    def job_in(self, build: BuildRow, job_id: str) -> JobRow:
-        """The build's job ``job_id`` (a full UUID); 404 ``job_not_found`` otherwise."""
-        job = self.store.get_job(job_id.lower()) if is_uuid(job_id) else None
-        if job is None or job.build_id != build.id:
-            raise not_found(
-                "job_not_found",
-                f"no job {job_id!r} in build #{build.number} of {build.org}/{build.pipeline}; "
-                f"job ids are the UUIDs listed by GET .../builds/{build.number}/jobs",
-            )
-        return job
+def job_in(store: Store, build: BuildRow, job_id: str) -> JobRow:
+    """The build's job ``job_id`` (a full UUID); 404 ``job_not_found`` otherwise (a job of
+    another build too)."""
+    job = store.get_job(job_id.lower()) if is_uuid(job_id) else None
+    if job is None or job.build_id != build.id:
+        raise not_found_error(
+            ErrorCode.JOB_NOT_FOUND,
+            f"no job {job_id!r} in build #{build.number} of {build.org}/{build.pipeline}; "
+            f"job ids are the UUIDs listed by GET .../builds/{build.number}/jobs",
+        )
+    return job
 
-    def job_of(self, token: TokenRow, org: str, pipeline: str, number: int, job_id: str) -> JobRow:
-        return self.job_in(self.build_of(token, org, pipeline, number), job_id)
+
+def job_of(
+    store: Store, token: TokenRow, org: str, pipeline: str, number: int, job_id: str
+) -> JobRow:
+    """Job ``job_id`` of build ``number`` (``build_of``'s 404s first)."""
+    return job_in(store, build_of(store, token, org, pipeline, number), job_id)
+
+
+def artifact_in(store: Store, build: BuildRow, artifact_id: str) -> ArtifactRow:
+    """The build's artifact ``artifact_id`` (a full UUID); 404 ``artifact_not_found``
+    otherwise (an artifact of another build too)."""
+    artifact = store.get_artifact(artifact_id.lower()) if is_uuid(artifact_id) else None
+    if artifact is None or artifact.build_id != build.id:
+        raise not_found_error(
+            ErrorCode.ARTIFACT_NOT_FOUND,
+            f"no artifact {artifact_id!r} in build #{build.number} of {build.org}/"
+            f"{build.pipeline}; list them with GET .../builds/{build.number}/artifacts",
+        )
+    return artifact

@@ -1,20 +1,16 @@
-"""Store rows in Harmont's wire format (SPEC §6), and the opaque pagination cursor.
+"""Store rows in Harmont's wire format (SPEC §6): each row as the JSON object the API sends.
 
 Job and Build objects carry exactly the fields of Harmont's schemas (Job plus
 ``retries_count``), timestamps as RFC 3339 UTC. Local pipelines and organizations have no
 repository, website or visibility settings: the fields Harmont requires get fixed values,
-documented in docs/api.md.
+documented in docs/api.md. Pure: no I/O, no HTTP (pages and cursors are ``pagination``'s).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from datetime import datetime
 from typing import Any
 
-from executor.api.errors import ApiError
 from executor.store import (
     ArtifactRow,
     AttemptRow,
@@ -32,9 +28,6 @@ __all__ = [
     "attempt_json",
     "build_json",
     "current_user_json",
-    "decode_cursor",
-    "encode_cursor",
-    "invalid_cursor",
     "job_json",
     "organization_json",
     "pipeline_json",
@@ -131,59 +124,6 @@ def attempt_json(attempt: AttemptRow) -> dict[str, Any]:
         "started_at": _time(attempt.started_at),
         "finished_at": _time(attempt.finished_at),
     }
-
-
-# A cursor is the page's last key, as base64url JSON: opaque to clients, checked on the way in.
-_CURSOR_VERSION = 1
-
-
-def encode_cursor(kind: str, after: str | int) -> str:
-    raw = json.dumps({"v": _CURSOR_VERSION, "k": kind, "a": after}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def _storable(key: object) -> bool:
-    """A key SQLite can compare: a positive 64-bit integer or a UTF-8-encodable string (an
-    edited cursor can hold anything JSON can)."""
-    if isinstance(key, int):
-        return 0 < key < 1 << 63
-    try:
-        str(key).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def invalid_cursor(cursor: str) -> ApiError:
-    """The 400 for a cursor this server did not hand out for this list."""
-    shown = cursor if len(cursor) <= 60 else cursor[:57] + "..."
-    return ApiError(
-        400,
-        "invalid_request",
-        "invalid_cursor",
-        f"cursor {shown!r} is not a cursor of this list; pass the next_cursor of the "
-        "previous page unchanged, or leave cursor out to start from the first page",
-    )
-
-
-def decode_cursor(cursor: str, kind: str, key_type: type[str] | type[int]) -> str | int:
-    """The key a cursor of ``kind`` stands for; ApiError 400 for anything this server did not
-    hand out (garbage, truncated, edited, or a cursor of another list)."""
-    try:
-        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        after = data["a"]
-        valid = (
-            isinstance(data, dict)
-            and data.get("v") == _CURSOR_VERSION
-            and data.get("k") == kind
-            and type(after) is key_type
-            and _storable(after)
-        )
-    except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError):
-        valid = False
-    if not valid:
-        raise invalid_cursor(cursor)
-    return after  # type: ignore[no-any-return]
 
 
 def artifact_json(artifact: ArtifactRow) -> dict[str, Any]:

@@ -1,0 +1,31 @@
+"""The API's URL paths (SPEC §6): its prefix and each resource's path, written once.
+
+Routes are declared on these paths and messages name them; nothing else lives here.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "API_PREFIX",
+    "BUILD",
+    "BUILDS",
+    "JOB",
+    "JOBS",
+    "LIVE_LOG",
+    "ORGANIZATION",
+    "ORGANIZATIONS",
+    "PIPELINE",
+    "PIPELINES",
+]
+
+API_PREFIX = "/api/v0"
+ORGANIZATIONS = f"{API_PREFIX}/organizations"
+ORGANIZATION = f"{ORGANIZATIONS}/{{org}}"
+PIPELINES = f"{ORGANIZATION}/pipelines"
+PIPELINE = f"{PIPELINES}/{{pipeline}}"
+BUILDS = f"{PIPELINE}/builds"
+BUILD = f"{BUILDS}/{{number}}"
+JOBS = f"{BUILD}/jobs"
+JOB = f"{JOBS}/{{job_id}}"
+LIVE_LOG = "/v0/jobs/{job_id}/logs"
+"""The live log stream: Harmont serves it outside ``API_PREFIX``."""
