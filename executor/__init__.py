@@ -35,7 +35,7 @@ from executor.model import (
 from executor.plan import Decision, Edge, EdgeKind, Frontier, Plan, Readiness, Settled, build_plan
 from executor.run.build import resume_build, retry_build, run_build, run_build_sync
 from executor.run.dask import DaskProcessRunner, open_dask_runner
-from executor.run.scheduler import BuildResult, JobResult, RunOptions
+from executor.run.results import BuildResult, JobResult, RunOptions
 from executor.states import (
     TRANSITIONS,
     BuildState,

@@ -15,6 +15,8 @@ from enum import StrEnum
 
 __all__ = [
     "BuildFileError",
+    "BuildNotFoundError",
+    "BuildStateError",
     "CycleError",
     "Diagnostic",
     "ErrorCode",
@@ -23,6 +25,7 @@ __all__ = [
     "InvalidTransitionError",
     "RecordFailedError",
     "StoreError",
+    "StoreLocationError",
     "StoreNotFoundError",
     "StoreReadOnlyError",
 ]
@@ -68,6 +71,8 @@ class ErrorCode(StrEnum):
     INVALID_TRANSITION = "invalid_transition"
     STORE_ERROR = "store_error"
     STORE_NOT_FOUND = "store_not_found"
+    INVALID_STORE_LOCATION = "invalid_store_location"
+    INVALID_BUILD_STATE = "invalid_build_state"
 
 
 class ExecutorError(Exception):
@@ -134,6 +139,19 @@ class BuildFileError(ExecutorError):
         return "\n".join(str(d) for d in self.diagnostics)
 
 
+class BuildNotFoundError(ExecutorError):
+    """No recorded build has the number (in the organization and pipeline) asked for."""
+
+    code = ErrorCode.BUILD_NOT_FOUND
+
+
+class BuildStateError(ExecutorError):
+    """The build is not in a state that allows what was asked (resume a build that finished
+    by itself, retry one still running): the message says what would."""
+
+    code = ErrorCode.INVALID_BUILD_STATE
+
+
 class CycleError(BuildFileError):
     """The dependencies form a cycle; ``cycle`` lists it, first node repeated at the end."""
 
@@ -167,6 +185,13 @@ class StoreNotFoundError(StoreError):
     (a mistyped --db); the CLI exits 2, as for other bad arguments."""
 
     code = ErrorCode.STORE_NOT_FOUND
+
+
+class StoreLocationError(StoreError):
+    """A --db / HARMONT_DB value that is not a store location (an unknown URL scheme, a
+    directory, ``:memory:``, a libpq key=value string): a bad argument, so the CLI exits 2."""
+
+    code = ErrorCode.INVALID_STORE_LOCATION
 
 
 class StoreReadOnlyError(StoreError):

@@ -2,8 +2,11 @@
 
 Owns everything that knows about the file: reading it, syntax errors, duplicate mapping keys,
 turning Harmont's graph form into our step list, dropping cloud-only fields (with one warning),
-and mapping every diagnostic's ``loc`` back to ``file:line:column``. It must not decide what a
-field means (``executor.model``) or how steps relate (``executor.plan``).
+and mapping every diagnostic's ``loc`` back to ``file:line:column``. ``_Source`` carries one
+file through it (read, parse, normalize, validate); the graph form's own checks (its fields,
+node holes, nodes, edges) and the map from its step list back into the graph are the small
+functions after it. It must not decide what a field means (``executor.model``) or how steps
+relate (``executor.plan``).
 """
 
 from __future__ import annotations
@@ -457,9 +460,13 @@ class _Source:
             del out[name]
         return out
 
+    # --- Harmont's graph form ----------------------------------------------------------------
+
     def _from_graph(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Harmont's v0 graph form (petgraph's StableGraph: nodes, edges, node_holes) as our
+        step list. Its problems join the steps' field problems, at their places in the graph;
+        locations in the step list are mapped back into it."""
         graph = data.pop("graph")
-        problems: list[Diagnostic] = []
         if not isinstance(graph, Mapping):
             raise self._located(
                 BuildFileError.single(
@@ -468,23 +475,7 @@ class _Source:
                 )
             )
         self.graph_form = True
-        extra = set(graph) - {"nodes", "edges", "node_holes", "edge_property"}
-        for name in sorted(extra, key=str):
-            problems.append(
-                Diagnostic(
-                    f"unknown field {name!r} in graph; its fields are nodes, edges, node_holes, "
-                    "edge_property",
-                    loc=("graph", name),
-                )
-            )
-        if graph.get("edge_property", "directed") != "directed":
-            problems.append(
-                Diagnostic(
-                    f"edge_property is {graph.get('edge_property')!r}; a build graph is directed: "
-                    'use "directed"',
-                    loc=("graph", "edge_property"),
-                )
-            )
+        problems = _graph_field_problems(graph)
         nodes = graph.get("nodes")
         edges = graph.get("edges", [])
         holes = graph.get("node_holes", [])
@@ -499,112 +490,64 @@ class _Source:
                 )
             )
             raise self._located(BuildFileError(problems))
-        # petgraph's StableGraph: node indices skip the holes left by removed nodes.
-        for n, hole in enumerate(holes):
-            if not isinstance(hole, int) or isinstance(hole, bool) or hole < 0:
-                problems.append(
-                    Diagnostic(
-                        f"graph.node_holes[{n}] is {describe_type(hole)} {show_value(hole)}; "
-                        "node_holes lists the indices (integers from 0) left free by removed "
-                        "nodes",
-                        loc=("graph", "node_holes", n),
-                    )
+        problems.extend(_hole_problems(holes))
+        steps = [self._graph_step(slot, node, problems) for slot, node in enumerate(nodes)]
+        edge_locs = self._graph_edges(edges, steps, _slot_of_index(len(nodes), holes), problems)
+        self.problems.extend(problems)  # reported with the steps' field problems
+        data["steps"] = steps
+        self.to_source = _graph_to_source(nodes, edge_locs)
+        return data
+
+    def _graph_step(self, slot: int, node: object, problems: list[Diagnostic]) -> dict[str, Any]:
+        """The step of graph node ``slot``, its env merged in; ``{}`` for a node that is no
+        step at all (its problem is reported, not the fields it lacks)."""
+        if not isinstance(node, Mapping) or not isinstance(node.get("step"), Mapping):
+            problems.append(_not_a_node(slot, node))
+            self.bad_steps.add(slot)
+            return {}
+        node = self._strip(node)  # a node's `secrets` only mean something in the cloud
+        for name in sorted(set(node) - {"step", "env"}, key=str):
+            problems.append(
+                Diagnostic(
+                    f"unknown field {name!r} in a graph node; its fields are step, env and secrets",
+                    loc=("graph", "nodes", slot, name),
                 )
-        hole_set = {h for h in holes if isinstance(h, int) and not isinstance(h, bool)}
-        slot_of_index: dict[int, int] = {}
-        index = 0
-        for slot in range(len(nodes)):
-            while index in hole_set:
-                index += 1
-            slot_of_index[index] = slot
-            index += 1
-        steps: list[Any] = []
-        for slot, node in enumerate(nodes):
-            if not isinstance(node, Mapping) or not isinstance(node.get("step"), Mapping):
-                if not isinstance(node, Mapping):
-                    message = (
-                        f"graph.nodes[{slot}] is {describe_type(node)} {show_value(node)}; a "
-                        "graph node is a mapping {step: {...}, env: {...}}"
-                    )
-                    where: Loc = ("graph", "nodes", slot)
-                else:
-                    step_value = node.get("step")
-                    message = (
-                        f"graph.nodes[{slot}].step is {describe_type(step_value)} "
-                        f"{show_value(step_value)}; it must be a mapping with key and cmd"
-                    )
-                    where = (
-                        ("graph", "nodes", slot, "step")
-                        if "step" in node
-                        else ("graph", "nodes", slot)
-                    )
-                problems.append(Diagnostic(message, loc=where))
-                self.bad_steps.add(slot)
-                steps.append({})
-                continue
-            node = self._strip(node)  # a node's `secrets` only mean something in the cloud
-            for name in sorted(set(node) - {"step", "env"}, key=str):
-                problems.append(
-                    Diagnostic(
-                        f"unknown field {name!r} in a graph node; its fields are step, env and "
-                        "secrets",
-                        loc=("graph", "nodes", slot, name),
-                    )
+            )
+        if node["step"].get("type", "command") == "wait":
+            problems.append(
+                Diagnostic(
+                    "a graph node's step is a wait; the graph form orders steps by its "
+                    "edges: remove the node and add depends_on edges instead",
+                    loc=("graph", "nodes", slot, "step", "type"),
                 )
-            if node["step"].get("type", "command") == "wait":
-                problems.append(
-                    Diagnostic(
-                        "a graph node's step is a wait; the graph form orders steps by its "
-                        "edges: remove the node and add depends_on edges instead",
-                        loc=("graph", "nodes", slot, "step", "type"),
-                    )
-                )
-                self.bad_steps.add(slot)
-                steps.append({})
-                continue
-            step = self._strip(node["step"])
-            env = node.get("env") or {}
-            if isinstance(env, Mapping) and isinstance(step.get("env", {}), Mapping):
-                step["env"] = {**env, **step.get("env", {})}
-            else:
-                step["env"] = env
-            steps.append(step)
+            )
+            self.bad_steps.add(slot)
+            return {}
+        step = self._strip(node["step"])
+        env = node.get("env") or {}
+        if isinstance(env, Mapping) and isinstance(step.get("env", {}), Mapping):
+            step["env"] = {**env, **step.get("env", {})}
+        else:
+            step["env"] = env
+        return step
+
+    def _graph_edges(
+        self,
+        edges: list[Any],
+        steps: list[dict[str, Any]],
+        slot_of_index: Mapping[int, int],
+        problems: list[Diagnostic],
+    ) -> dict[tuple[int, str], list[Loc]]:
+        """Each edge written into its target step (``builds_in`` or one more ``depends_on``);
+        returns where in the graph each of those came from: (slot, field) -> edge locations."""
         edge_locs: dict[tuple[int, str], list[Loc]] = {}
         for n, edge in enumerate(edges):
             loc: Loc = ("graph", "edges", n)
-            shape = isinstance(edge, list) and len(edge) == 3
-            indices = shape and all(
-                isinstance(e, int) and not isinstance(e, bool) for e in edge[:2]
-            )
-            if not shape or not indices:
-                problems.append(
-                    Diagnostic(
-                        f"graph.edges[{n}] is {show_value(edge)}; an edge is [from, to, kind] "
-                        'with the node indices from and to and kind "depends_on" or "builds_in"',
-                        loc=loc,
-                    )
-                )
+            ends = _edge_ends(n, edge, slot_of_index)
+            if isinstance(ends, Diagnostic):
+                problems.append(ends)
                 continue
-            if edge[2] not in ("builds_in", "depends_on"):
-                problems.append(
-                    Diagnostic(
-                        f"graph.edges[{n}] has the kind {show_value(edge[2])}; an edge's kind is "
-                        '"depends_on" or "builds_in"',
-                        loc=(*loc, 2),
-                    )
-                )
-                continue
-            src, dst = slot_of_index.get(edge[0]), slot_of_index.get(edge[1])
-            if src is None or dst is None:
-                bad = 0 if src is None else 1
-                problems.append(
-                    Diagnostic(
-                        f"graph.edges[{n}] names the node index {edge[bad]}, which is not a node "
-                        "of the graph; fix the index or remove the edge",
-                        loc=(*loc, bad),
-                    )
-                )
-                continue
+            src, dst = ends
             if src in self.bad_steps or dst in self.bad_steps:
                 continue  # that node's own problem is reported
             source_key, target = steps[src].get("key"), steps[dst]
@@ -626,27 +569,131 @@ class _Source:
                 if isinstance(deps, list):
                     deps.append(source_key)
                     edge_locs.setdefault((dst, "depends_on"), []).append(loc)
-        self.problems.extend(problems)  # reported with the steps' field problems
-        data["steps"] = steps
+        return edge_locs
 
-        def to_source(loc: Loc) -> Loc:
-            if len(loc) < 2 or loc[0] != "steps" or not isinstance(loc[1], int):
-                return loc
-            slot, rest = loc[1], loc[2:]
-            if rest[:1] == ("builds_in",) and (slot, "builds_in") in edge_locs:
-                return edge_locs[(slot, "builds_in")][0]
-            if rest[:1] == ("depends_on",) and len(rest) > 1 and isinstance(rest[1], int):
-                mine = edge_locs.get((slot, "depends_on"), [])
-                explicit = nodes[slot]["step"].get("depends_on", [])
-                k = rest[1] - (len(explicit) if isinstance(explicit, list) else 1)
-                if 0 <= k < len(mine):
-                    return mine[k]
-            if rest[:1] == ("env",):
-                return ("graph", "nodes", slot, *rest)
-            return ("graph", "nodes", slot, "step", *rest)
 
-        self.to_source = to_source
-        return data
+def _graph_field_problems(graph: Mapping[str, Any]) -> list[Diagnostic]:
+    """The graph mapping's own fields: unknown ones, and an edge_property other than directed."""
+    problems = [
+        Diagnostic(
+            f"unknown field {name!r} in graph; its fields are nodes, edges, node_holes, "
+            "edge_property",
+            loc=("graph", name),
+        )
+        for name in sorted(set(graph) - _GRAPH_FIELDS, key=str)
+    ]
+    if graph.get("edge_property", "directed") != "directed":
+        problems.append(
+            Diagnostic(
+                f"edge_property is {graph.get('edge_property')!r}; a build graph is directed: "
+                'use "directed"',
+                loc=("graph", "edge_property"),
+            )
+        )
+    return problems
+
+
+_GRAPH_FIELDS = frozenset({"nodes", "edges", "node_holes", "edge_property"})
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _hole_problems(holes: list[Any]) -> list[Diagnostic]:
+    return [
+        Diagnostic(
+            f"graph.node_holes[{n}] is {describe_type(hole)} {show_value(hole)}; "
+            "node_holes lists the indices (integers from 0) left free by removed "
+            "nodes",
+            loc=("graph", "node_holes", n),
+        )
+        for n, hole in enumerate(holes)
+        if not _is_index(hole) or hole < 0
+    ]
+
+
+def _slot_of_index(count: int, holes: list[Any]) -> dict[int, int]:
+    """Node index -> its place in graph.nodes: petgraph's StableGraph numbers its nodes
+    skipping the holes left by removed ones."""
+    hole_set = {h for h in holes if _is_index(h)}
+    slot_of_index: dict[int, int] = {}
+    index = 0
+    for slot in range(count):
+        while index in hole_set:
+            index += 1
+        slot_of_index[index] = slot
+        index += 1
+    return slot_of_index
+
+
+def _not_a_node(slot: int, node: object) -> Diagnostic:
+    """The problem of graph node ``slot``, which is not a mapping with a step mapping."""
+    if not isinstance(node, Mapping):
+        return Diagnostic(
+            f"graph.nodes[{slot}] is {describe_type(node)} {show_value(node)}; a "
+            "graph node is a mapping {step: {...}, env: {...}}",
+            loc=("graph", "nodes", slot),
+        )
+    step_value = node.get("step")
+    return Diagnostic(
+        f"graph.nodes[{slot}].step is {describe_type(step_value)} "
+        f"{show_value(step_value)}; it must be a mapping with key and cmd",
+        loc=("graph", "nodes", slot, "step") if "step" in node else ("graph", "nodes", slot),
+    )
+
+
+def _edge_ends(
+    n: int, edge: object, slot_of_index: Mapping[int, int]
+) -> tuple[int, int] | Diagnostic:
+    """The (source, target) slots of ``graph.edges[n]``, or what is wrong with it."""
+    loc: Loc = ("graph", "edges", n)
+    if not (isinstance(edge, list) and len(edge) == 3 and all(_is_index(e) for e in edge[:2])):
+        return Diagnostic(
+            f"graph.edges[{n}] is {show_value(edge)}; an edge is [from, to, kind] "
+            'with the node indices from and to and kind "depends_on" or "builds_in"',
+            loc=loc,
+        )
+    if edge[2] not in ("builds_in", "depends_on"):
+        return Diagnostic(
+            f"graph.edges[{n}] has the kind {show_value(edge[2])}; an edge's kind is "
+            '"depends_on" or "builds_in"',
+            loc=(*loc, 2),
+        )
+    src, dst = slot_of_index.get(edge[0]), slot_of_index.get(edge[1])
+    if src is None or dst is None:
+        bad = 0 if src is None else 1
+        return Diagnostic(
+            f"graph.edges[{n}] names the node index {edge[bad]}, which is not a node "
+            "of the graph; fix the index or remove the edge",
+            loc=(*loc, bad),
+        )
+    return src, dst
+
+
+def _graph_to_source(
+    nodes: list[Any], edge_locs: Mapping[tuple[int, str], list[Loc]]
+) -> Callable[[Loc], Loc]:
+    """Maps a location in the step list made from the graph back into the graph: a step's
+    field into its node, a builds_in or an added depends_on entry to the edge that made it."""
+
+    def to_source(loc: Loc) -> Loc:
+        if len(loc) < 2 or loc[0] != "steps" or not isinstance(loc[1], int):
+            return loc
+        slot, rest = loc[1], loc[2:]
+        if rest[:1] == ("builds_in",) and (slot, "builds_in") in edge_locs:
+            return edge_locs[(slot, "builds_in")][0]
+        if rest[:1] == ("depends_on",) and len(rest) > 1 and isinstance(rest[1], int):
+            mine = edge_locs.get((slot, "depends_on"), [])
+            explicit = nodes[slot]["step"].get("depends_on", [])
+            k = rest[1] - (len(explicit) if isinstance(explicit, list) else 1)
+            if 0 <= k < len(mine):
+                return mine[k]
+        if rest[:1] == ("env",):
+            return ("graph", "nodes", slot, *rest)
+        return ("graph", "nodes", slot, "step", *rest)
+
+    return to_source
 
 
 _STEP_NUMBER = re.compile(r"(?<![\w'\"])step #(\d+)")

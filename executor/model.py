@@ -4,14 +4,15 @@
 barriers in file order, with normalized policies (every default filled in). This module checks
 each field on its own; relations between steps (unknown or cyclic dependencies, duplicate keys)
 are the planner's job. Pydantic errors never leave this module: ``parse_build_spec`` turns them
-into ``BuildFileError`` diagnostics that say what is wrong and what to do.
+into ``BuildFileError`` diagnostics that say what is wrong and what to do; each pydantic error
+type has its message function, found in the ``_MESSAGES`` table (``_message`` dispatches).
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     AfterValidator,
@@ -408,104 +409,169 @@ def _field_of(loc: Loc) -> str | None:
     return names[-1] if names else None
 
 
+class _Problem(NamedTuple):
+    """One pydantic error and what its message is made of."""
+
+    err: Mapping[str, Any]
+    type: str
+    value: object  # the offending input
+    loc: Loc
+    kind: str  # the kind of object the error points into ("build", "command", "backoff", ...)
+    field: str | None
+    where: str  # the path inside its step (or the build), as the message names it
+    hint: str  # what to write instead (_HINTS)
+
+    @property
+    def is_step(self) -> bool:
+        """The error is about a whole step (``steps[n]``), not one of its fields."""
+        return len(self.loc) == 2 and self.loc[0] == "steps"
+
+
 def _message(err: Mapping[str, Any], loc: Loc, kind: str) -> str:
-    etype: str = err["type"]
-    value = err.get("input")
+    """The diagnostic's message for pydantic error ``err`` at ``loc`` (``_clean_loc``'s)."""
+    if loc and loc[-1] == "[key]":  # a mapping key: a resource's or an env variable's name
+        return _key_message(err["type"], loc, err.get("input"))
     field = _field_of(loc)
     inner = loc[2:] if len(loc) > 2 and loc[0] == "steps" else loc
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in inner).lstrip(".")
-    where = where or "the build"
-    if loc and loc[-1] == "[key]" and len(loc) >= 3 and loc[-3] == "resources":
-        name = loc[-2]
+    hint = _HINTS.get("command" if field == "cmd" else field or "", "")
+    problem = _Problem(
+        err, err["type"], err.get("input"), loc, kind, field, where or "the build", hint
+    )
+    handler = _MESSAGES.get(problem.type)
+    message = handler(problem) if handler is not None else None
+    return message if message is not None else _other_message(problem)
+
+
+def _key_message(etype: str, loc: Loc, value: object) -> str:
+    name = loc[-2]
+    if len(loc) >= 3 and loc[-3] == "resources":
         if etype == "string_type":
             return f"resource name {name!r} must be a string, got {describe_type(value)}; quote it"
         return (
             f"resource name {show_value(name)} is empty or has control characters; name the "
             f"resource as the Dask workers offer it, e.g. cpus"
         )
-    if loc and loc[-1] == "[key]":  # a mapping key (an env variable's name)
-        name = loc[-2]
-        if etype == "string_type":
-            return f"env name {name!r} must be a string, got {describe_type(value)}; quote it"
-        if etype == "string_too_short":
-            return "env has a variable with an empty name; give it a name or remove it"
-        return f"env name {name!r} contains '=' or a NUL byte; rename the variable"
-    hint = _HINTS.get("command" if field == "cmd" else field or "", "")
-    if etype == "extra_forbidden":
-        name = str(loc[-1])
-        allowed = _FIELDS.get(kind, ())
-        close = difflib.get_close_matches(name, allowed, n=1)
-        guess = f"did you mean {close[0]!r}? " if close else ""
-        owner = {"command": "step", "wait": "wait step"}.get(kind, kind.replace("_", " "))
-        if kind == "build":
-            owner = "build file"
-        return f"unknown field {name!r}; {guess}fields of a {owner} are: {', '.join(allowed)}"
-    if etype == "missing":
-        if field == "command":
-            return "has no command; add `command: <shell command>` (or `cmd:`)"
-        if field == "key":
-            return "has no key; add `key: <unique name>` so other steps and the record can name it"
-        return f"missing required field {field!r}; {hint}"
-    if etype == "step_type":
-        if isinstance(value, dict):
-            return (
-                f"step type {show_value(value.get('type'))} is not supported; harmont-exec runs "
-                "command steps (type: command) and barriers (type: wait)"
-            )
+    if etype == "string_type":
+        return f"env name {name!r} must be a string, got {describe_type(value)}; quote it"
+    if etype == "string_too_short":
+        return "env has a variable with an empty name; give it a name or remove it"
+    return f"env name {name!r} contains '=' or a NUL byte; rename the variable"
+
+
+def _unknown_field(p: _Problem) -> str:
+    name = str(p.loc[-1])
+    allowed = _FIELDS.get(p.kind, ())
+    close = difflib.get_close_matches(name, allowed, n=1)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    owner = {"command": "step", "wait": "wait step"}.get(p.kind, p.kind.replace("_", " "))
+    if p.kind == "build":
+        owner = "build file"
+    return f"unknown field {name!r}; {guess}fields of a {owner} are: {', '.join(allowed)}"
+
+
+def _missing_field(p: _Problem) -> str:
+    if p.field == "command":
+        return "has no command; add `command: <shell command>` (or `cmd:`)"
+    if p.field == "key":
+        return "has no key; add `key: <unique name>` so other steps and the record can name it"
+    return f"missing required field {p.field!r}; {p.hint}"
+
+
+def _unknown_step_type(p: _Problem) -> str:
+    if isinstance(p.value, dict):
         return (
-            f"step is {show_value(value)}; a step is a mapping with key and command, or the "
-            "word wait"
+            f"step type {show_value(p.value.get('type'))} is not supported; harmont-exec runs "
+            "command steps (type: command) and barriers (type: wait)"
         )
-    if etype == "literal_error" and field == "version":
-        return f'version is {show_value(value)}; the only build-file version is "0": {hint}'
-    is_step = len(loc) == 2 and loc[0] == "steps"
-    if etype in _KINDS:
-        if is_step:
-            guess = (
-                "did you mean wait? "
-                if isinstance(value, str) and difflib.get_close_matches(value, ["wait"])
-                else ""
-            )
-            return (
-                f"step #{int(loc[1]) + 1} is {describe_type(value)} {show_value(value)}; {guess}"
-                "a step is a mapping with key and command, or the word wait"
-            )
-        if field == "env" and loc[-1] != "env":
-            return (
-                f"env value {loc[-1]!s} must be a string, got {describe_type(value)} "
-                f"{show_value(value)}; {_HINTS['env']}"
-            )
-        if field in ("command", "cmd") and isinstance(value, list):
-            return (
-                f"command must be one shell string, got a list {show_value(value)}; join the "
-                "commands with && or write them on separate lines under `command: |`"
-            )
-        if isinstance(value, str) and etype in ("int_type", "float_type") and _numeric(value):
-            hint = f"YAML 1.1 reads {value} as text: write it as 1000 or 1.0e+3; {hint}"
-        got = f"{describe_type(value)} {show_value(value)}"
-        return f"{where} must be {_KINDS[etype]}, got {got}; {hint}"
-    detail = str(err.get("msg", "is invalid"))
-    if etype == "value_error":
-        detail = detail.removeprefix("Value error, ")
-        if is_step:
-            return detail
-        if not loc:
-            return f"the build {detail}"
-        return f"{where} {detail}; {hint}" if hint else f"{where} {detail}"
-    if etype == "string_too_long" and field == "key":
-        return f"key {show_value(value)} is longer than 200 characters; {hint}"
-    ctx = err.get("ctx") or {}
-    bounds = {
-        "greater_than_equal": ("must be at least", "ge"),
-        "less_than_equal": ("must be at most", "le"),
-        "greater_than": ("must be above", "gt"),
-        "less_than": ("must be below", "lt"),
-    }
-    if etype in bounds:
-        words, name = bounds[etype]
+    return (
+        f"step is {show_value(p.value)}; a step is a mapping with key and command, or the word wait"
+    )
+
+
+def _bad_version(p: _Problem) -> str | None:
+    if p.field != "version":
+        return None
+    return f'version is {show_value(p.value)}; the only build-file version is "0": {p.hint}'
+
+
+def _wrong_kind(p: _Problem) -> str:
+    """A value of the wrong type (``_KINDS``): a step that is no mapping, an env value that
+    is no string, a command given as a list, ..."""
+    value, hint = p.value, p.hint
+    if p.is_step:
+        guess = (
+            "did you mean wait? "
+            if isinstance(value, str) and difflib.get_close_matches(value, ["wait"])
+            else ""
+        )
+        return (
+            f"step #{int(p.loc[1]) + 1} is {describe_type(value)} {show_value(value)}; {guess}"
+            "a step is a mapping with key and command, or the word wait"
+        )
+    if p.field == "env" and p.loc[-1] != "env":
+        return (
+            f"env value {p.loc[-1]!s} must be a string, got {describe_type(value)} "
+            f"{show_value(value)}; {_HINTS['env']}"
+        )
+    if p.field in ("command", "cmd") and isinstance(value, list):
+        return (
+            f"command must be one shell string, got a list {show_value(value)}; join the "
+            "commands with && or write them on separate lines under `command: |`"
+        )
+    if isinstance(value, str) and p.type in ("int_type", "float_type") and _numeric(value):
+        hint = f"YAML 1.1 reads {value} as text: write it as 1000 or 1.0e+3; {hint}"
+    got = f"{describe_type(value)} {show_value(value)}"
+    return f"{p.where} must be {_KINDS[p.type]}, got {got}; {hint}"
+
+
+def _invalid_value(p: _Problem) -> str:
+    """One of our validators refused the value (its ValueError says how)."""
+    detail = str(p.err.get("msg", "is invalid")).removeprefix("Value error, ")
+    if p.is_step:
+        return detail
+    if not p.loc:
+        return f"the build {detail}"
+    return f"{p.where} {detail}; {p.hint}" if p.hint else f"{p.where} {detail}"
+
+
+def _long_key(p: _Problem) -> str | None:
+    if p.field != "key":
+        return None
+    return f"key {show_value(p.value)} is longer than 200 characters; {p.hint}"
+
+
+_BOUNDS: Mapping[str, tuple[str, str]] = {
+    "greater_than_equal": ("must be at least", "ge"),
+    "less_than_equal": ("must be at most", "le"),
+    "greater_than": ("must be above", "gt"),
+    "less_than": ("must be below", "lt"),
+}
+
+
+def _other_message(p: _Problem) -> str:
+    """Any other error: a bound (``_BOUNDS``) or pydantic's own words, with the hint."""
+    detail = str(p.err.get("msg", "is invalid"))
+    if p.type in _BOUNDS:
+        words, name = _BOUNDS[p.type]
+        ctx = p.err.get("ctx") or {}
         detail = f"{words} {ctx.get(name):g}"
     detail = detail[:1].lower() + detail[1:]
-    return f"{where} is {show_value(value)}: {detail}; {hint}" if hint else f"{where}: {detail}"
+    if p.hint:
+        return f"{p.where} is {show_value(p.value)}: {detail}; {p.hint}"
+    return f"{p.where}: {detail}"
+
+
+# pydantic error type -> its message; None from one: the general message (_other_message).
+_MESSAGES: Mapping[str, Callable[[_Problem], str | None]] = {
+    "extra_forbidden": _unknown_field,
+    "missing": _missing_field,
+    "step_type": _unknown_step_type,
+    "literal_error": _bad_version,
+    "value_error": _invalid_value,
+    "string_too_long": _long_key,
+    **dict.fromkeys(_KINDS, _wrong_kind),
+}
 
 
 def _step_key_at(data: Mapping[str, Any], loc: Loc) -> str | None:

@@ -385,7 +385,11 @@ class Frontier:
                 new_state = (
                     JobState.SKIPPED if decision.readiness is Readiness.SKIP else JobState.CANCELED
                 )
-                assert decision.cause is not None
+                if decision.cause is None:
+                    raise InternalError(
+                        f"job {target!r} is {new_state.value} in cascade, but its decision "
+                        f"names no cause ({decision!r})"
+                    )
                 self._statuses[target] = JobStatus(new_state, cause=decision.cause)
                 settled.append(Settled(target, new_state, decision.cause))
                 work.append(j)

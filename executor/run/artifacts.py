@@ -2,9 +2,9 @@
 
 ``match_artifacts`` expands the step's ``artifact_paths`` globs (``**`` for any depth, never
 through a symbolic link; hidden files only when a pattern names the dot) in the working
-directory; ``collect_artifacts`` copies each
-match into the store's blob directory. Both run in a worker thread (they read and write files)
-and return values: the scheduler records them on its own thread.
+directory; ``collect_artifacts`` copies each match into the store's blob directory;
+``gather_artifacts`` does both for one job. They run in a worker thread (they read and write
+files) and return values: the scheduler records them on its own thread.
 
 Never a file outside the working directory. The build file's validation already refuses
 absolute patterns and ``..``; what is left is symlinks (a link pointing out, or a directory
@@ -29,7 +29,14 @@ from pathlib import Path
 from executor.errors import StoreError
 from executor.store import Blob, BlobStore
 
-__all__ = ["DEFAULT_MAX_BYTES", "Collected", "Collection", "collect_artifacts", "match_artifacts"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "Collected",
+    "Collection",
+    "collect_artifacts",
+    "gather_artifacts",
+    "match_artifacts",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +57,7 @@ class Collection:
     failures: list[str] = field(default_factory=list)  # files that matched but were not kept
 
 
+_MAX_NOTES = 50  # notes per job in its log (a glob over a big tree could make many)
 _MAGIC = frozenset("*?[")
 
 
@@ -219,3 +227,20 @@ def collect_artifacts(
                 continue
         result.artifacts.append(Collected(rel, _mime_type(rel), blob))
     return result
+
+
+def gather_artifacts(
+    working_dir: Path,
+    patterns: Sequence[str],
+    blobs: BlobStore,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Collection:
+    """One job's artifacts: ``match_artifacts`` then ``collect_artifacts``. Its ``notes`` are
+    every line for the job's log, the failures' too (at most 50, then how many more)."""
+    paths, notes = match_artifacts(working_dir, patterns)
+    collection = collect_artifacts(working_dir, paths, blobs, max_bytes=max_bytes)
+    notes = notes + collection.notes + collection.failures
+    if len(notes) > _MAX_NOTES:
+        notes = [*notes[:_MAX_NOTES], f"... and {len(notes) - _MAX_NOTES} more like these"]
+    return Collection(collection.artifacts, notes, collection.failures)

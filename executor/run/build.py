@@ -17,11 +17,18 @@ from pathlib import Path
 import anyio
 import structlog
 
-from executor.errors import ErrorCode, ExecutorError
+from executor.errors import (
+    BuildNotFoundError,
+    BuildStateError,
+    ErrorCode,
+    ExecutorError,
+    InternalError,
+)
 from executor.load import load_plan, plan_build_text
 from executor.plan import Plan
 from executor.run.process import ProcessRunner
-from executor.run.scheduler import BuildResult, JobUpdate, PriorJob, RunOptions, Scheduler
+from executor.run.results import BuildResult, JobResult, JobUpdate, RunOptions
+from executor.run.scheduler import Scheduler
 from executor.states import BuildState, JobState
 from executor.store import BuildRow, CreatedBuild, Store, open_store
 
@@ -154,13 +161,13 @@ async def resume_build(
     build = _recorded_build(store, number, org, pipeline)
     name = f"build #{build.number} of {build.org}/{build.pipeline}"
     if not build.state.is_terminal:
-        raise ExecutorError(
+        raise BuildStateError(
             f"{name} is {build.state.value}: its executor (pid {build.executor_pid} on "
             f"{build.executor_host}) is alive; resume continues only a build whose executor "
             "is gone (stop that one first, or wait for it)"
         )
     if build.error_code not in (ErrorCode.BUILD_ABANDONED, ErrorCode.RECORD_FAILED):
-        raise ExecutorError(
+        raise BuildStateError(
             f"{name} finished by itself ({build.state.value}); resume continues only a build "
             f"abandoned by a dead executor: run it again with `harmont-exec retry "
             f"{build.number} --pipeline {build.pipeline}` (add --failed to run only what did "
@@ -177,7 +184,7 @@ async def resume_build(
         )
     ]
     if not again:
-        raise ExecutorError(
+        raise BuildStateError(
             f"{name} has no job to run again: when its executor died, its jobs had ended or "
             f"were being stopped; run it again with `harmont-exec retry {build.number} "
             f"--pipeline {build.pipeline}`"
@@ -189,16 +196,18 @@ async def resume_build(
     jobs = store.list_jobs(build.id)
     counts = store.attempt_counts(build.id)
     prior = {
-        j.step_key: PriorJob(
+        j.step_key: JobResult(
+            j.step_key,
+            j.id,
             j.state,
-            j.exit_code,
-            j.soft_failed,
-            j.error_code,
-            j.error_message,
-            counts.get(j.id, 0),
-            j.retries_count,
-            j.started_at,
-            j.finished_at,
+            exit_code=j.exit_code,
+            soft_failed=j.soft_failed,
+            attempts=counts.get(j.id, 0),
+            error_code=j.error_code,
+            error_message=j.error_message,
+            started_at=j.started_at,
+            finished_at=j.finished_at,
+            retries_count=j.retries_count,
         )
         for j in jobs
     }
@@ -238,7 +247,7 @@ async def retry_build(
     and its artifacts); every other job runs. Refused for a build that is still running."""
     build = _recorded_build(store, number, org, pipeline)
     if not build.state.is_terminal:
-        raise ExecutorError(
+        raise BuildStateError(
             f"build #{build.number} of {build.org}/{build.pipeline} is {build.state.value}; "
             "retry a build once it has finished (or resume one whose executor died)"
         )
@@ -259,14 +268,19 @@ async def retry_build(
             now=_now(),
         )
     )
-    prior: dict[str, PriorJob] = {}
+    prior: dict[str, JobResult] = {}
     if failed_only:
         passed = [j for j in store.list_jobs(build.id) if j.state is JobState.PASSED]
         pairs = [(created.job_ids[j.step_key], j.id) for j in passed]
         await anyio.to_thread.run_sync(store.reuse_passed_results, pairs, _now())
         prior = {
-            j.step_key: PriorJob(
-                JobState.PASSED, j.exit_code, started_at=j.started_at, finished_at=j.finished_at
+            j.step_key: JobResult(
+                j.step_key,
+                created.job_ids[j.step_key],
+                JobState.PASSED,
+                exit_code=j.exit_code,
+                started_at=j.started_at,
+                finished_at=j.finished_at,
             )
             for j in passed
         }
@@ -282,14 +296,18 @@ def _recorded_build(store: Store, number: int, org: str | None, pipeline: str | 
     build = store.get_build(number, org=org, pipeline=pipeline)
     if build is None:
         where = f"{org or '*'}/{pipeline or '*'}"
-        raise ExecutorError(f"no build #{number} in {where}; `harmont-exec builds` lists them")
+        raise BuildNotFoundError(f"no build #{number} in {where}; `harmont-exec builds` lists them")
     return build
 
 
 def _recorded_plan(store: Store, build: BuildRow) -> tuple[Plan, str]:
     """The plan ``build`` ran, as it recorded it, and its working directory."""
     recorded = store.build_plan(build.id)
-    assert recorded is not None  # the build row exists
+    if recorded is None:  # its row was just read: the plan is written with it
+        raise InternalError(
+            f"build #{build.number} of {build.org}/{build.pipeline} (id {build.id}) has no "
+            "recorded plan"
+        )
     plan_json, working_dir = recorded
     plan = plan_build_text(plan_json, name=build.build_file or "build.json", json_format=True)
     return plan, working_dir

@@ -45,7 +45,7 @@ from uuid import uuid4
 
 import structlog
 
-from executor.errors import ExecutorError
+from executor.errors import ExecutorError, InternalError
 from executor.run.process import (
     AttemptResult,
     AttemptSpec,
@@ -345,7 +345,8 @@ class DaskProcessRunner:
         pending = list(self._refusing)
         if pending:
             await asyncio.wait(pending, timeout=_REFUSAL_WAIT_S)
-        assert remote.worker is not None
+        if remote.worker is None:  # only an attempt a worker started is signalled
+            raise InternalError(f"attempt {remote.id!r} was signalled before a worker started it")
         await _ignore_result(
             self.client.run(
                 _stop_attempt, remote.id, kill, workers=[remote.worker], on_error="return"

@@ -350,7 +350,7 @@ class _Poller:
         self._handlers: dict[int, Callable[[], None]] = {}
         self._epoll = select.epoll() if hasattr(select, "epoll") else None
         if self._epoll is not None:
-            loop.add_reader(self._epoll.fileno(), self._dispatch)
+            loop.add_reader(self._epoll.fileno(), self._dispatch, self._epoll)
             # Closed with the loop: a poller lives as long as its loop (see LocalProcessRunner).
             weakref.finalize(self, self._epoll.close)
 
@@ -368,9 +368,8 @@ class _Poller:
         if self._handlers.pop(fd, None) is not None:
             self._epoll.unregister(fd)
 
-    def _dispatch(self) -> None:
-        assert self._epoll is not None
-        for fd, _ in self._epoll.poll(0):
+    def _dispatch(self, epoll: select.epoll) -> None:
+        for fd, _ in epoll.poll(0):
             # A handler may have removed this fd (or a new one may reuse its number, which
             # costs that one a read that finds nothing): look it up at each event.
             handler = self._handlers.get(fd)

@@ -6,6 +6,11 @@ Every state change goes through ``_transition``: ``states.transition`` decides t
 and one store call records it with its history row. Processes are the runner's business
 (``ProcessRunner``), which is a parameter, so tests can drive this loop with a fake.
 
+Around it, in their own modules: what a run takes and gives back (``results``: RunOptions,
+JobUpdate, JobResult, BuildResult; re-exported here), one job's working state with THE retry
+rule and how an attempt's end moves it (``job``), showing changes only once committed
+(``feed``), and the errors a run ends with when its record fails (``record_failure``).
+
 All of this runs on one event-loop thread; the store only queues writes (group commit), so
 recording never blocks a job from starting.
 """
@@ -15,26 +20,21 @@ from __future__ import annotations
 import asyncio
 import heapq
 import os
-import random
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import anyio
 import structlog
 
-from executor.errors import ErrorCode, RecordFailedError, StoreError
-from executor.model import StepSpec
+from executor.errors import ErrorCode, InternalError, StoreError
 from executor.plan import Plan, Settled
-from executor.run.artifacts import (
-    DEFAULT_MAX_BYTES,
-    Collected,
-    collect_artifacts,
-    match_artifacts,
-)
+from executor.run.artifacts import gather_artifacts
+from executor.run.feed import Feed
+from executor.run.job import Job, retry_delay
 from executor.run.process import (
     AttemptResult,
     AttemptSpec,
@@ -44,15 +44,16 @@ from executor.run.process import (
     StopRequest,
     Stream,
 )
+from executor.run.record_failure import disk_full_error, mark_cut_logs, write_failed_error
+from executor.run.results import BuildResult, JobResult, JobUpdate, RunOptions, exit_status
 from executor.states import BuildState, Event, JobState, JobStatus, roll_up, transition
 from executor.store import CreatedBuild, Store
 from executor.store.liveness import HEARTBEAT_S
 
-__all__ = [
+__all__ = [  # the result types are re-exported: callers take them from here with the loop
     "BuildResult",
     "JobResult",
     "JobUpdate",
-    "PriorJob",
     "RunOptions",
     "Scheduler",
     "exit_status",
@@ -60,110 +61,9 @@ __all__ = [
 
 log = structlog.get_logger("executor.run")
 
-_MAX_NOTES = 50  # artifact notes per job in its log (a glob over a big tree could make many)
-
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class RunOptions:
-    """How to run a plan. ``None`` fields take the build file's value, then the default."""
-
-    concurrency: int | None = None
-    fail_fast: bool = False
-    grace_period_s: float = 10.0
-    working_dir: Path | None = None
-    base_env: Mapping[str, str] | None = None  # default: this process's environment
-    max_artifact_bytes: int = DEFAULT_MAX_BYTES  # per file (--max-artifact-mb)
-
-
-class JobUpdate(NamedTuple):
-    """A state change, for live views: a job's (``key`` set) or the build's (``key`` None).
-    (A NamedTuple: four are made per job, and it costs a quarter of a frozen dataclass.)"""
-
-    key: str | None
-    state: str
-    at: datetime
-    attempt: int = 0
-    exit_code: int | None = None
-    soft_failed: bool = False
-    error_message: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class JobResult:
-    key: str
-    job_id: str
-    state: JobState
-    exit_code: int | None
-    soft_failed: bool
-    attempts: int
-    error_code: str | None
-    error_message: str | None
-    started_at: datetime | None
-    finished_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class BuildResult:
-    build_id: str
-    number: int
-    org: str
-    pipeline: str
-    state: BuildState
-    error_code: str | None
-    jobs: Mapping[str, JobResult]
-
-    @property
-    def exit_status(self) -> int:
-        return exit_status(self.state, self.error_code)
-
-
-def exit_status(state: BuildState, error_code: str | None) -> int:
-    """``harmont-exec run``'s exit status (SPEC §4): 0 passed, 1 failed, 124 build timeout,
-    130 canceled."""
-    if state is BuildState.PASSED:
-        return 0
-    if state is BuildState.CANCELED:
-        return 130
-    if error_code == ErrorCode.PIPELINE_TIMEOUT:
-        return 124
-    return 1
-
-
-@dataclass(frozen=True, slots=True)
-class PriorJob:
-    """Where a job of a resumed build stands when it starts again (read from the store)."""
-
-    state: JobState
-    exit_code: int | None = None
-    soft_failed: bool = False
-    error_code: str | None = None
-    error_message: str | None = None
-    attempts: int = 0
-    retries_count: int = 0
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-
-
-@dataclass(slots=True)
-class _Job:
-    key: str
-    id: str
-    step: StepSpec
-    state: JobState = JobState.PENDING
-    attempts: int = 0
-    retries_count: int = 0
-    exit_code: int | None = None
-    soft_failed: bool = False
-    error_code: str | None = None
-    error_message: str | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    stop: StopRequest | None = None
-    cause: str | None = None
 
 
 @dataclass(slots=True)
@@ -173,6 +73,10 @@ class _Counters:
     tasks: int = 0  # attempts assigned or running (a stopped job's process may still be exiting)
     hard_failures: int = 0
     started: bool = False
+
+
+# What a cancel stops: a waiting job is canceled at once, a running one once its process is gone.
+_STOPPABLE = frozenset({JobState.PENDING, JobState.SCHEDULED, JobState.ASSIGNED, JobState.RUNNING})
 
 
 class Scheduler:
@@ -187,7 +91,7 @@ class Scheduler:
         options: RunOptions | None = None,
         runner: ProcessRunner | None = None,
         on_change: Callable[[JobUpdate], None] | None = None,
-        prior: Mapping[str, PriorJob] | None = None,
+        prior: Mapping[str, JobResult] | None = None,
         state: BuildState = BuildState.SCHEDULED,
     ) -> None:
         """``prior``: jobs that do not start from scratch (a resumed build's, or those whose
@@ -201,36 +105,26 @@ class Scheduler:
         # one passed in belongs to the caller.
         self._own_runner = LocalProcessRunner() if runner is None else None
         self.runner: ProcessRunner = runner or self._own_runner  # type: ignore[assignment]
-        self._on_change = on_change
-        # Durable before shown (SPEC §5): each change waits here, with the count of store
-        # writes it follows, until the writer has committed that many.
-        self._unshown: deque[tuple[int, JobUpdate]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._trouble_seen = False
         # Bound once: the module's lazy logger re-reads the configuration at every call.
         self._log = log.bind(build=build.number)
-        self._jobs = {s.key: _Job(s.key, build.job_ids[s.key], s) for s in plan}
+        # Durable before shown (SPEC §5): the view sees each change once it is committed.
+        self._feed = None if on_change is None else Feed(store, on_change, self._log)
+        self._jobs = {s.key: Job(s.key, build.job_ids[s.key], s) for s in plan}
         self._cursor = plan.frontier()
         self._prior = prior or {}
         for key, before in self._prior.items():
-            job = self._jobs[key]
-            job.state, job.exit_code, job.soft_failed = (
-                before.state,
-                before.exit_code,
-                before.soft_failed,
-            )
-            job.error_code, job.error_message = before.error_code, before.error_message
-            job.attempts, job.retries_count = before.attempts, before.retries_count
-            job.started_at, job.finished_at = before.started_at, before.finished_at
+            self._jobs[key].take(before)
         self._queue: list[tuple[int, str]] = []  # scheduled jobs waiting for a slot
-        self._assigned: deque[_Job] = deque()  # jobs given a slot, for the next free worker
+        self._assigned: deque[Job] = deque()  # jobs given a slot, for the next free worker
         self._idle: list[anyio.Event] = []  # workers waiting for an assigned job
         self._count = _Counters()
         self._limit = self.options.concurrency or plan.spec.concurrency or os.cpu_count() or 1
         self._state = state
         self._cancel_requested = False  # a user's cancel (signal), not fail-fast
         self._stopping = False  # no new attempts, no retries
-        self._error: tuple[str, str] | None = None
+        self._error: tuple[ErrorCode, str] | None = None  # the build's, once it ends
         self._store_error: StoreError | None = None
         self._done = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -241,7 +135,7 @@ class Scheduler:
         base = os.environ if self.options.base_env is None else self.options.base_env
         self._base_env = {**base, **plan.spec.env}
 
-    # --- public -----------------------------------------------------------------------------
+    # --- public -----------------------------------------------------------------------------------
 
     async def run(self) -> BuildResult:
         """Run every job to a terminal state; return the build's outcome. Never raises for a
@@ -259,7 +153,8 @@ class Scheduler:
             return await self._flushed_result()
         finally:
             stop_listening()
-            self._release()  # what the last commits carried (after a failure: only those)
+            if self._feed is not None:
+                self._feed.release()  # what the last commits carried (after a failure: only those)
 
     async def _run_to_the_end(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -284,61 +179,14 @@ class Scheduler:
             await anyio.to_thread.run_sync(self.store.flush)
         except StoreError as exc:
             if exc is not self.store.trouble or not self._trouble_seen:
-                raise self._record_failed(
-                    f"{exc}. Build #{self.build.number} was stopped there: its running jobs "
-                    "were stopped and the others canceled; the record keeps everything "
-                    "written before the failure. Once that is fixed, any harmont-exec command "
-                    f"marks the build abandoned, and {self._resume_hint()} runs its unfinished "
-                    "jobs again"
-                ) from None
+                raise write_failed_error(self.build, exc) from None
         if self._trouble_seen:
             keys = {j.id: j.key for j in self._jobs.values()}
             dropped = {keys[j]: n for j, n in self.store.dropped_output.items() if j in keys}
-            await anyio.to_thread.run_sync(self._mark_cut_logs, dropped)
-            lost = (
-                " (not recorded, the output written after the disk filled: "
-                + ", ".join(f"{n} bytes of {key!r}" for key, n in dropped.items())
-                + ")"
-                if dropped
-                else ""
-            )
-            raise self._record_failed(
-                f"{self.store.trouble}. Build #{self.build.number} was stopped and recorded as "
-                "stopped: its running jobs were stopped, the others canceled (record_failed), "
-                f"and everything shown is in the record{lost}. Free space there, then "
-                f"{self._resume_hint()} runs its unfinished jobs again"
-            )
+            cuts = [(self._jobs[k].id, self._jobs[k].attempts, n) for k, n in dropped.items()]
+            await anyio.to_thread.run_sync(mark_cut_logs, self.store, cuts)
+            raise disk_full_error(self.build, self.store.trouble, dropped)
         return self._result()
-
-    def _mark_cut_logs(self, dropped: Mapping[str, int]) -> None:
-        """Say in each cut log itself that its job's output after that point is missing."""
-        at = _now()
-        for key, size in dropped.items():
-            job = self._jobs[key]
-            line = (
-                f"[harmont-exec] the record's disk was full: {size} bytes of this job's output "
-                "after this point were not recorded\n"
-            ).encode()
-            self.store.append_log(job.id, max(job.attempts, 1), "meta", line, at=at)
-        try:
-            self.store.flush()
-        except StoreError:
-            pass  # the message at the end says it; these lines are a courtesy
-
-    def _resume_hint(self) -> str:
-        build = self.build
-        org = "" if build.org == "local" else f" --org {build.org}"
-        return f"`harmont-exec resume {build.number} --pipeline {build.pipeline}{org}`"
-
-    def _record_failed(self, message: str) -> RecordFailedError:
-        build = self.build
-        return RecordFailedError(
-            message,
-            build_id=build.id,
-            number=build.number,
-            org=build.org,
-            pipeline=build.pipeline,
-        )
 
     @property
     def statuses(self) -> Mapping[str, JobStatus]:
@@ -390,7 +238,9 @@ class Scheduler:
             write(*args, **kwargs)
         except StoreError as exc:
             self._store_error = exc
-            self._log.error("record_failed", error=str(exc))
+            if self._feed is not None:  # nothing more is shown: it may not be recorded
+                self._feed.close()
+            self._log.error(ErrorCode.RECORD_FAILED.value, error=str(exc))
             if self._tg is not None:  # not from inside this transition: on the next tick
                 self._tg.start_soon(self._stop_for_store_error, exc)
 
@@ -399,10 +249,10 @@ class Scheduler:
         # reason stays short, as it is shown on every stopped job's line.
         self.cancel("the record cannot be written (the error is at the end)")
 
-    # --- transitions --------------------------------------------------------------------------
+    # --- transitions ------------------------------------------------------------------------------
 
     def _transition(
-        self, job: _Job, event: Event, *, at: datetime | None = None, **fields: object
+        self, job: Job, event: Event, *, at: datetime | None = None, **fields: object
     ) -> None:
         """THE way a job changes state: the table, the record, the counters, the view."""
         at = at or _now()
@@ -426,8 +276,8 @@ class Scheduler:
             at=at,
             **record,
         )
-        if self._on_change is not None:
-            self._show(
+        if self._feed is not None:
+            self._feed.show(
                 JobUpdate(
                     job.key,
                     new.value,
@@ -452,27 +302,16 @@ class Scheduler:
             if self._count.terminal == len(self._jobs):
                 self._roll_up(at)
 
-    # --- showing what is recorded -----------------------------------------------------------
-
-    def _show(self, change: JobUpdate) -> None:
-        """Hand ``change`` to ``on_change`` once the store has committed the write it comes
-        with (at once if it has, and nothing shown before it waits)."""
-        if self._on_change is None or self._store_error is not None:
-            return  # after a failed write nothing more is shown: it may not be recorded
-        ticket = self.store.queued
-        if not self._unshown and ticket <= self.store.committed:
-            self._on_change(change)
-            return
-        self._unshown.append((ticket, change))
+    # --- the record's commits ---------------------------------------------------------------------
 
     def _on_commit(self, committed: int) -> None:
         # The writer's thread: only hand the news to the event loop.
-        loop = self._loop
+        loop, feed = self._loop, self._feed
         if loop is None:
             return
         try:
-            if self._unshown:
-                loop.call_soon_threadsafe(self._release, committed)
+            if feed is not None and feed.waiting:
+                loop.call_soon_threadsafe(feed.release, committed)
             if self.store.trouble is not None and not self._trouble_seen:
                 self._trouble_seen = True
                 loop.call_soon_threadsafe(self._stop_for_trouble)
@@ -484,7 +323,7 @@ class Scheduler:
         (``record_failed``), while the space lasts."""
         if self._state.is_terminal:
             return
-        self._log.error("record_failed", error=str(self.store.trouble))
+        self._log.error(ErrorCode.RECORD_FAILED.value, error=str(self.store.trouble))
         self._error = (
             ErrorCode.RECORD_FAILED,
             f"stopped: the record could not be written ({self.store.trouble})",
@@ -495,18 +334,7 @@ class Scheduler:
         )
         self._roll_up(_now())
 
-    def _release(self, committed: int | None = None) -> None:
-        """Show, in order, every waiting change whose write is committed."""
-        committed = self.store.committed if committed is None else committed
-        unshown = self._unshown
-        on_change = self._on_change
-        while unshown and unshown[0][0] <= committed:
-            _, change = unshown.popleft()
-            if on_change is not None:
-                try:
-                    on_change(change)
-                except Exception:  # a view's bug must not stop the build or the other changes
-                    self._log.exception("on_change_failed", change=change.state, job=change.key)
+    # --- cascade, slots, roll-up ------------------------------------------------------------------
 
     def _settle(self, settled: tuple[Settled, ...]) -> None:
         for item in settled:
@@ -538,7 +366,7 @@ class Scheduler:
                     cause=cause.key,
                 )
 
-    def _finish(self, job: _Job) -> None:
+    def _finish(self, job: Job) -> None:
         """A job reached a terminal state by itself: cascade, then start what became ready."""
         settled = self._cursor.done(job.key, job.state, soft_failed=job.soft_failed)
         self._settle(settled)
@@ -593,38 +421,30 @@ class Scheduler:
         self._state = state
         self._write(self.store.record_build, self.build.id, state=state, at=at, **fields)
         self._log.info("build_state", state=state.value)
-        if self._on_change is not None:
-            self._show(JobUpdate(None, state.value, at))
+        if self._feed is not None:
+            self._feed.show(JobUpdate(None, state.value, at))
 
-    # --- stopping -----------------------------------------------------------------------------
+    # --- stopping ---------------------------------------------------------------------------------
 
-    def _stop_everything(self, reason: str, *, error_code: str = ErrorCode.BUILD_CANCELED) -> None:
+    def _stop_everything(
+        self, reason: str, *, error_code: ErrorCode = ErrorCode.BUILD_CANCELED
+    ) -> None:
         """Cancel waiting jobs, stop running ones; used by cancel and --fail-fast."""
         self._stopping = True
         at = _now()
         for key in self.plan.order:
             job = self._jobs[key]
-            if job.state in (JobState.PENDING, JobState.SCHEDULED, JobState.ASSIGNED):
-                self._transition(
-                    job,
-                    Event.CANCEL_REQUESTED,
-                    at=at,
-                    error_code=error_code,
-                    error_message=reason,
-                )
-                if job.stop is not None:  # the runner may already be starting it
-                    job.stop.stop(Reason.CANCELED)
+            if job.state not in _STOPPABLE:
+                continue
+            self._transition(
+                job, Event.CANCEL_REQUESTED, at=at, error_code=error_code, error_message=reason
+            )
+            # A waiting job's runner may already be starting it; a running job has none once
+            # its process is gone (its artifacts are being collected).
+            if job.stop is not None:
+                job.stop.stop(Reason.CANCELED)
+            if job.state is JobState.CANCELED:
                 self._settle(self._cursor.done(key, JobState.CANCELED))
-            elif job.state is JobState.RUNNING:
-                self._transition(
-                    job,
-                    Event.CANCEL_REQUESTED,
-                    at=at,
-                    error_code=error_code,
-                    error_message=reason,
-                )
-                if job.stop is not None:  # None: the process is gone, artifacts are collected
-                    job.stop.stop(Reason.CANCELED)
         if self._cancel_requested:
             self._roll_up(at)
         self._check_done()
@@ -657,7 +477,7 @@ class Scheduler:
                 job.stop.stop(Reason.TIMED_OUT)
         self._check_done()
 
-    async def _job_timer(self, job: _Job, attempt: int, timeout_s: float) -> None:
+    async def _job_timer(self, job: Job, attempt: int, timeout_s: float) -> None:
         await anyio.sleep(timeout_s)
         if job.state is JobState.RUNNING and job.attempts == attempt and job.stop is not None:
             self._transition(
@@ -668,7 +488,7 @@ class Scheduler:
             )
             job.stop.stop(Reason.TIMED_OUT)
 
-    # --- one attempt --------------------------------------------------------------------------
+    # --- one attempt ------------------------------------------------------------------------------
 
     async def _worker(self) -> None:
         """Runs assigned jobs' attempts one after the other; there are as many workers as
@@ -681,7 +501,7 @@ class Scheduler:
             self._idle.append(wake)
             await wake.wait()
 
-    async def _attempt(self, job: _Job) -> None:
+    async def _attempt(self, job: Job) -> None:
         try:
             if job.state is not JobState.ASSIGNED:  # canceled before it could start
                 return
@@ -737,7 +557,9 @@ class Scheduler:
                 job.attempts -= 1
                 return
             failures: list[str] = []
-            if job.step.artifact_paths and not self._retry_wanted(job, attempt, result):
+            if job.step.artifact_paths and not job.retry_wanted(
+                attempt, result, stopping=self._stopping
+            ):
                 failures = await self._collect_artifacts(job, attempt)
             self._attempt_finished(job, attempt, result, failures)
         finally:
@@ -745,29 +567,22 @@ class Scheduler:
             self._count.tasks -= 1
             self._advance()
 
-    async def _collect_artifacts(self, job: _Job, attempt: int) -> list[str]:
+    async def _collect_artifacts(self, job: Job, attempt: int) -> list[str]:
         """After the final attempt, before the job's terminal state is recorded (so whatever
         runs next, e.g. a dependent job or a client polling the state, finds them): copy the
         step's artifacts into the store and record them; notes go to the job's log. Returns
         the files that matched but could not be kept (the job fails for them)."""
-
-        def collect() -> tuple[list[str], list[Collected], list[str]]:
-            paths, notes = match_artifacts(self.working_dir, job.step.artifact_paths)
-            collection = collect_artifacts(
+        collection = await anyio.to_thread.run_sync(
+            partial(
+                gather_artifacts,
                 self.working_dir,
-                paths,
+                job.step.artifact_paths,
                 self.store.blobs,
                 max_bytes=self.options.max_artifact_bytes,
             )
-            return (
-                notes + collection.notes + collection.failures,
-                collection.artifacts,
-                (collection.failures),
-            )
-
-        notes, collected, failures = await anyio.to_thread.run_sync(collect)
+        )
         at = _now()
-        for item in collected:
+        for item in collection.artifacts:
             self._write(
                 self.store.record_artifact,
                 job.id,
@@ -776,37 +591,20 @@ class Scheduler:
                 blob=item.blob,
                 at=at,
             )
-        if len(notes) > _MAX_NOTES:
-            notes = [*notes[:_MAX_NOTES], f"... and {len(notes) - _MAX_NOTES} more like these"]
-        for note in notes:
+        for note in collection.notes:
             # surrogateescape: a file name that is not UTF-8 goes to the log as its bytes
             line = f"[harmont-exec] {note}\n".encode("utf-8", "surrogateescape")
             self._write(self.store.append_log, job.id, attempt, "meta", line, at=at)
-        self._log.info("artifacts_collected", job=job.key, count=len(collected), notes=len(notes))
-        return failures
-
-    def _retry_wanted(self, job: _Job, attempt: int, result: AttemptResult) -> bool:
-        """Whether this attempt's end sends the job back to ``scheduled`` (THE retry rule)."""
-        retry = job.step.retry_policy
-        if retry is None or attempt > retry.limit or self._stopping or job.state.is_terminal:
-            return False
-        if result.reason is Reason.SPAWN_FAILED:
-            return False
-        if result.reason is Reason.EXECUTOR_LOST:
-            # A remote worker that went away (Buildkite's "agent lost"): an attempt that ran
-            # is retried like any failure when the policy retries every exit ("*"): it has no
-            # exit code to match a list against.
-            return job.state is JobState.RUNNING and retry.exit_codes == "*"
-        if job.state is JobState.CANCELING:
-            return False
-        if job.state is JobState.TIMING_OUT:
-            return retry.on_timeout
-        if result.exit_code == 0:
-            return False
-        return retry.retries_exit_code(result.exit_code if result.exit_code is not None else 255)
+        self._log.info(
+            "artifacts_collected",
+            job=job.key,
+            count=len(collection.artifacts),
+            notes=len(collection.notes),
+        )
+        return collection.failures
 
     def _attempt_finished(
-        self, job: _Job, attempt: int, result: AttemptResult, failures: list[str]
+        self, job: Job, attempt: int, result: AttemptResult, failures: list[str]
     ) -> None:
         at = result.finished_at
         self._write(
@@ -827,71 +625,29 @@ class Scheduler:
         )
         if job.state.is_terminal:  # canceled or timed out with the build; the process is gone
             return
-        step = job.step
-        retry_wanted = self._retry_wanted(job, attempt, result)
-        if result.reason is Reason.EXECUTOR_LOST and retry_wanted:
-            self._retry(job, attempt, at, result.exit_code)
+        retry = job.retry_wanted(attempt, result, stopping=self._stopping)
+        outcome = job.outcome(result, failures, retry=retry)
+        if outcome.event is Event.RETRY_SCHEDULED:
+            self._retry(job, attempt, at, outcome.exit_code)
             return
-        if result.reason is Reason.SPAWN_FAILED or result.reason is Reason.EXECUTOR_LOST:
-            lost = (
-                ErrorCode.SPAWN_FAILED
-                if result.reason is Reason.SPAWN_FAILED
-                else ErrorCode.EXECUTOR_LOST
-            )
-            self._transition(
-                job,
-                Event.EXECUTOR_LOST,
-                at=at,
-                error_code=lost,
-                error_message=result.error or lost,
-                exit_code=result.exit_code,
-            )
-        elif job.state is JobState.CANCELING:
-            self._transition(job, Event.PROCESS_GONE, at=at, exit_code=result.exit_code)
-        elif job.state is JobState.TIMING_OUT:
-            if retry_wanted:
-                self._retry(job, attempt, at, result.exit_code)
-                return
-            self._transition(job, Event.PROCESS_GONE, at=at, exit_code=result.exit_code)
-        elif failures:  # its files could not be kept: a hard failure, the exit code kept
-            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-            self._transition(
-                job,
-                Event.ARTIFACT_UPLOAD_FAILED,
-                at=at,
-                exit_code=result.exit_code,
-                soft_failed=False,
-                error_code=ErrorCode.ARTIFACT_UPLOAD_FAILED,
-                error_message=f"{failures[0]}{more}",
-            )
-        elif result.exit_code == 0:
-            self._transition(
-                job, Event.EXITED_ZERO, at=at, exit_code=0, error_code=None, error_message=None
-            )
-        else:
-            code = result.exit_code if result.exit_code is not None else 255
-            if retry_wanted:
-                self._retry(job, attempt, at, code)
-                return
-            soft = step.soft_fail_policy is not None and step.soft_fail_policy.matches(code)
-            self._transition(
-                job,
-                Event.EXITED_NONZERO,
-                at=at,
-                exit_code=code,
-                soft_failed=soft,
-                error_code=None,  # the exit code says it; error codes are for what it cannot
-                error_message=None,
-            )
+        self._transition(
+            job,
+            outcome.event,
+            at=at,
+            exit_code=outcome.exit_code,
+            soft_failed=outcome.soft_failed,
+            error_code=outcome.error_code,
+            error_message=outcome.error_message,
+        )
         self._finish(job)
 
-    def _retry(self, job: _Job, attempt: int, at: datetime, exit_code: int | None) -> None:
+    def _retry(self, job: Job, attempt: int, at: datetime, exit_code: int | None) -> None:
         retry = job.step.retry_policy
-        assert retry is not None
-        backoff = retry.backoff
-        delay = min(backoff.max_seconds, backoff.initial_seconds * backoff.factor ** (attempt - 1))
-        if backoff.jitter:
-            delay = random.uniform(0, delay)
+        if retry is None:
+            raise InternalError(f"job {job.key!r} is retried, but its step has no retry_policy")
+        if self._tg is None:
+            raise InternalError(f"job {job.key!r}: a retry was scheduled outside run()")
+        delay = retry_delay(retry, attempt)
         self._transition(
             job, Event.RETRY_SCHEDULED, at=at, exit_code=exit_code, retries_count=attempt
         )
@@ -901,10 +657,9 @@ class Scheduler:
             attempt=attempt + 1,
             delay_s=round(delay, 3),
         )
-        assert self._tg is not None
         self._tg.start_soon(self._requeue_after, job, delay)
 
-    async def _requeue_after(self, job: _Job, delay: float) -> None:
+    async def _requeue_after(self, job: Job, delay: float) -> None:
         # A timer, not a job task: a cancel settles the job and the end of the build cancels it.
         await anyio.sleep(delay)
         if job.state is JobState.SCHEDULED and not self._stopping:
@@ -920,19 +675,5 @@ class Scheduler:
             self.build.pipeline,
             self._state,
             error_code,
-            {
-                k: JobResult(
-                    k,
-                    j.id,
-                    j.state,
-                    j.exit_code,
-                    j.soft_failed,
-                    j.attempts,
-                    j.error_code,
-                    j.error_message,
-                    j.started_at,
-                    j.finished_at,
-                )
-                for k, j in self._jobs.items()
-            },
+            {k: j.result() for k, j in self._jobs.items()},
         )
