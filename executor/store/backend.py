@@ -3,10 +3,12 @@
 A ``Backend`` is a driver behind a small, sqlite3-shaped interface: ``connect()`` gives a
 ``Connection`` in autocommit mode whose statements take ``?`` placeholders and whose rows are
 addressed by column name and by position; ``errors`` are the driver's exception classes and
-``error()`` turns one into a StoreError that names the store and says what to do. Everything
-else (the SQL, the transactions, the locking) is shared; the few statements that differ are
-chosen by ``dialect`` in ``sql.py``. ``migrate`` brings a database to ``SCHEMA_VERSION`` on
-either backend. No driver exception leaves the store package.
+``read_error`` reads one (its code, its message); ``failure()`` says what it means and
+``error()`` turns it into a StoreError that names the store and says what to do, both by the
+one table in ``failures.py``. Everything else (the SQL, the transactions, the locking) is
+shared; the few statements that differ are chosen by ``dialect`` in ``sql.py``. ``migrate``
+brings a database to ``SCHEMA_VERSION`` on either backend. No driver exception leaves the store
+package.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Protocol
 
 from executor.errors import StoreError
 from executor.store import sql
+from executor.store.failures import DriverError, Failure, classify, store_failure
 from executor.store.rows import format_time
 
 __all__ = ["Backend", "Connection", "DbCursor", "migrate"]
@@ -61,26 +64,42 @@ class Backend:
     location: str  # for messages: the file, or the URL without its password
     connect: Callable[[], Connection]
     errors: tuple[type[Exception], ...]
-    describe: Callable[[str, Exception], StoreError]  # (what we were doing, the driver's error)
+    read_error: Callable[[Exception], DriverError]  # one of ``errors``, as failures.py reads it
     blob_root: Path  # where artifact files live
     path: Path | None = None  # the SQLite file, if it is one
     # Before the first connection: create the store's directory and file privately, tighten
     # an existing one (SPEC §5); returns what it tightened, for the caller to say once.
     prepare: Callable[[], list[str]] = lambda: []
-    # Whether a driver error says the disk is full, and, if so, free the reserve kept for
-    # that moment (the bytes it freed): the final writes of a stopped build land in it.
-    is_full: Callable[[Exception], bool] = lambda exc: False
+    # When a driver error says the disk is full (``failure``): free the reserve kept for that
+    # moment (the bytes it freed), so that the final writes of a stopped build land in it.
     release_reserve: Callable[[], int] = lambda: 0
     # Whether the store cannot be written now (a read-only file system or file): reads work,
     # the recovery writes are skipped.
     read_only: Callable[[], bool] = lambda: False
-    # Whether a driver error is a refused write on a read-only store (then ``found_read_only``
-    # makes ``read_only`` say so from then on).
-    is_read_only_error: Callable[[Exception], bool] = lambda exc: False
+    # A write was refused as read-only (``failure``): ``read_only`` says so from then on.
     found_read_only: Callable[[], None] = lambda: None
 
+    @property
+    def on_server(self) -> bool:
+        """A database server (PostgreSQL), not a file on this machine."""
+        return self.path is None
+
+    @property
+    def named(self) -> str:
+        """The store as messages name it: its file, or ``the PostgreSQL store <location>``."""
+        return (
+            self.location
+            if self.path is not None
+            else f"the {self.dialect.title} store {self.location}"
+        )
+
+    def failure(self, exc: Exception, action: str = "") -> Failure:
+        """What the driver error ``exc`` means (the disk is full, the store read-only, ...)."""
+        return classify(self.read_error(exc), server=self.on_server, action=action)
+
     def error(self, action: str, exc: Exception) -> StoreError:
-        return self.describe(action, exc)
+        """``exc``, met while doing ``action``, as a StoreError that says what to do."""
+        return store_failure(action, self.read_error(exc), store=self.named, server=self.on_server)
 
 
 def _version(db: Connection, dialect: sql.Dialect) -> int:

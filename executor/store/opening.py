@@ -15,7 +15,13 @@ from pathlib import Path
 
 import structlog
 
-from executor.errors import StoreError, StoreNotFoundError, StoreReadOnlyError
+from executor.errors import (
+    ErrorCode,
+    StoreError,
+    StoreLocationError,
+    StoreNotFoundError,
+    StoreReadOnlyError,
+)
 from executor.store.backend import Backend
 from executor.store.postgresql import postgresql_backend, redact
 from executor.store.recovery import LostBuild, resume_hint
@@ -61,7 +67,7 @@ def resolve_backend(url: str | Path | None = None) -> Backend:
             return postgresql_backend(url, origin)
         if _CONNINFO.match(url):
             shown = _CONNINFO_PASSWORD.sub(r"\1***", url)
-            raise StoreError(
+            raise StoreLocationError(
                 f"{origin}={shown!r} looks like a libpq key=value connection string; "
                 "harmont-exec takes PostgreSQL stores as URLs: "
                 "postgresql://USER@HOST:PORT/DBNAME (keep a password in ~/.pgpass or PGPASSWORD)"
@@ -74,7 +80,7 @@ def resolve_db_path(url: str | Path | None = None) -> Path:
     not one of the accepted forms."""
     backend = resolve_backend(url)
     if backend.path is None:
-        raise StoreError(f"{backend.location!r} is a PostgreSQL store, not a SQLite file")
+        raise StoreLocationError(f"{backend.location!r} is a PostgreSQL store, not a SQLite file")
     return backend.path
 
 
@@ -88,23 +94,25 @@ def _sqlite_path(url: str | Path | None, origin: str) -> Path:
         name = scheme.group(1).lower() if scheme else None
         if name == "sqlite":
             if not url.startswith("sqlite:///") or url == "sqlite:///":
-                raise StoreError(
+                raise StoreLocationError(
                     f"{origin}={url!r} is not a SQLite URL harmont-exec understands; use "
                     "sqlite:///relative/path or sqlite:////absolute/path"
                 )
             path = Path(url.removeprefix("sqlite:///"))
         elif scheme is not None and url[scheme.end() :].startswith("//"):
-            raise StoreError(f"{origin}={redact(url)!r} is not a store location; use {_FORMS}")
+            raise StoreLocationError(
+                f"{origin}={redact(url)!r} is not a store location; use {_FORMS}"
+            )
         else:
             path = Path(url)
     if str(path) == ":memory:":
-        raise StoreError(
+        raise StoreLocationError(
             f"{origin}=':memory:': the store must be a file that the runner, its writer thread "
             "and readers share; give a file path"
         )
     path = path.expanduser()
     if _is_dir(path):
-        raise StoreError(
+        raise StoreLocationError(
             f"{origin}={str(path)!r} is a directory; give a file path such as {path / 'harmont.db'}"
         )
     return Path(os.path.abspath(path))
@@ -179,7 +187,7 @@ def open_store(
         )
     for build in lost:
         log.warning(
-            "build_abandoned",
+            ErrorCode.BUILD_ABANDONED.value,  # the log line's event is the build's error code
             build=f"{build.org}/{build.pipeline} #{build.number}",
             executor=build.executor,
             lost_jobs=build.lost_jobs,

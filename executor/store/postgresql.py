@@ -5,7 +5,8 @@ It needs psycopg 3 (``pip install 'harmont-exec[postgresql]'``), imported only w
 uses: autocommit with explicit ``BEGIN``/``COMMIT``, ``?`` placeholders (rewritten to ``%s``),
 ``BEGIN IMMEDIATE`` read as ``BEGIN`` (PostgreSQL locks rows, not the database: statements that
 must serialize lock what they change, see ``sql.Dialect.lock_rows``), and rows addressed by
-column name and by position. psycopg errors become StoreErrors that say what to do, by SQLSTATE.
+column name and by position. A psycopg error is read as its SQLSTATE and message
+(``read_error``); ``failures.py`` says what it means and what to do.
 
 Tables live in the connection's current schema, so one database can hold several records:
 ``?options=-csearch_path%3Dname`` in the URL picks the schema (it must exist). Artifact files
@@ -27,6 +28,7 @@ from urllib.parse import urlsplit
 from executor.errors import StoreError
 from executor.store import sql
 from executor.store.backend import Backend
+from executor.store.failures import DriverError
 from executor.store.private import make_private_dirs
 
 __all__ = [
@@ -173,56 +175,14 @@ class PgConnection:
         self._db.close()
 
 
-_HINTS = (  # SQLSTATE (or its class, two characters) -> what to do
-    ("53100", "free disk space on the database server, then run the build again"),
-    (
-        "53",
-        "the database server is out of resources (connections, memory); retry, or raise its "
-        "limits (max_connections)",
-    ),
-    ("25006", "the server is read-only (a standby?); point --db / HARMONT_DB at the primary"),
-    ("3D000", "create the database first (e.g. createdb NAME), or fix its name in the URL"),
-    ("3F000", "create the schema named in the URL's search_path first (CREATE SCHEMA name)"),
-    ("28", "check the user name and password in the URL (or ~/.pgpass)"),
-    ("42501", "grant the user in the URL rights to create and write tables in the schema"),
-    ("08", "check that the PostgreSQL server in the URL is running and reachable"),
-    ("57P", "the server is shutting down or restarting; retry when it is back"),
-    ("40", "another transaction conflicted with this one; retry"),
-    ("42P01", "the store's tables are missing: point --db / HARMONT_DB at a harmont-exec store"),
-)
+def read_error(exc: Exception) -> DriverError:
+    """What the server (or libpq) said: the SQLSTATE (None for a client-side error, such as
+    a refused connection) and the message."""
+    return DriverError.read(exc, getattr(exc, "sqlstate", None))
 
 
-def _hint(sqlstate: str | None, text: str, action: str) -> str:
-    if sqlstate:
-        for code, hint in _HINTS:
-            if sqlstate.startswith(code):
-                return hint
-    lowered = text.lower()
-    if "database" in lowered and "does not exist" in lowered:
-        return "create the database first (e.g. createdb NAME), or fix its name in the URL"
-    if "password" in lowered:  # none supplied, or a wrong one
-        return "check the user name and password in the URL (or ~/.pgpass)"
-    if ("role" in lowered and "does not exist" in lowered) or "authentication failed" in lowered:
-        return "check the user name and password in the URL (or ~/.pgpass)"
-    if action == "connect" or "connection" in lowered or "timeout" in lowered:
-        return "check that the PostgreSQL server in the URL is running and reachable"
-    if "closed" in lowered:
-        return "the store was closed; open it again"
-    return "check the server's log"
-
-
-def _describe(location: str) -> Any:
-    def describe(action: str, exc: Exception) -> StoreError:
-        sqlstate = getattr(exc, "sqlstate", None)
-        lines = str(exc).strip().splitlines()  # the first says it; the rest quote the SQL
-        text = " ".join(lines[0].split()) if lines else type(exc).__name__
-        where = "to" if action == "connect" else "in"
-        return StoreError(
-            f"could not {action} {where} the PostgreSQL store {location}: {text}; "
-            f"{_hint(sqlstate, text, action)}"
-        )
-
-    return describe
+_FOUND_READ_ONLY: set[str] = set()  # stores (by location) a write was refused on, as read-only
+# (a standby): read commands go on without the recovery writes, in this process
 
 
 def artifacts_root() -> Path:
@@ -244,7 +204,6 @@ def postgresql_backend(url: str, origin: str) -> Backend:
             f"{origin}={location!r} names a PostgreSQL store, which needs psycopg; install it "
             "with pip install 'harmont-exec[postgresql]'"
         ) from None
-    describe = _describe(location)
 
     def connect() -> PgConnection:
         try:
@@ -257,20 +216,22 @@ def postgresql_backend(url: str, origin: str) -> Backend:
                 application_name=str(name),
             )
         except psycopg.Error as exc:
-            raise describe("connect", exc) from None
+            raise backend.error("connect", exc) from None
         return PgConnection(db)
 
-    return Backend(
+    backend = Backend(
         dialect=sql.POSTGRESQL,
         url=url,
         location=location,
         connect=connect,
         errors=(psycopg.Error,),
-        describe=describe,
+        read_error=read_error,
         blob_root=artifacts_root(),
         prepare=lambda: _prepare_artifacts(artifacts_root()),
-        is_full=lambda exc: getattr(exc, "sqlstate", None) == "53100",  # disk_full
+        read_only=lambda: location in _FOUND_READ_ONLY,
+        found_read_only=lambda: _FOUND_READ_ONLY.add(location),
     )
+    return backend
 
 
 def _prepare_artifacts(root: Path) -> list[str]:

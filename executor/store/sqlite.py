@@ -1,9 +1,10 @@
 """The SQLite backend: one file in WAL mode, safe beside concurrent readers (the default).
 
 Every connection comes from ``connect`` (WAL, synchronous=FULL, foreign keys on, a busy
-timeout) and every sqlite3 exception is translated by ``store_error``, so no sqlite3 exception
-leaves the package. Artifact files live in ``artifacts/`` beside the database file. This module
-builds no queries of its own: the SQL text lives in ``sql.py``.
+timeout) and every sqlite3 exception is read by ``read_error`` for ``failures.py`` (what it
+means, what to do), so no sqlite3 exception leaves the package. Artifact files live in
+``artifacts/`` beside the database file. This module builds no queries of its own: the SQL text
+lives in ``sql.py``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from urllib.parse import quote
 from executor.errors import StoreError
 from executor.store import sql
 from executor.store.backend import Backend
+from executor.store.failures import DriverError, Failure, classify
 from executor.store.private import check_owned, create_private_file, make_private_dirs, tighten
 
-__all__ = ["BUSY_TIMEOUT_S", "MIN_SQLITE", "connect", "sqlite_backend", "store_error"]
+__all__ = ["BUSY_TIMEOUT_S", "MIN_SQLITE", "connect", "read_error", "sqlite_backend"]
 
 MIN_SQLITE = (3, 33, 0)
 """UPDATE ... FROM (the writer's batched job updates) arrived in SQLite 3.33 (2020)."""
@@ -56,9 +58,6 @@ def sqlite_backend(path: Path) -> Backend:
     """The store in the SQLite file ``path`` (an absolute path; see ``url.resolve_db_path``)."""
     blob_root = artifacts_beside(path)
 
-    def describe(action: str, exc: Exception) -> StoreError:
-        return store_error(action, exc, path)
-
     def prepare() -> list[str]:
         _check_version()  # before anything is made: nothing is left at the path
         make_private_dirs(path.parent)
@@ -74,14 +73,12 @@ def sqlite_backend(path: Path) -> Backend:
         location=str(path),
         connect=lambda: connect(path),
         errors=(sqlite3.Error,),
-        describe=describe,
+        read_error=lambda exc: read_error(exc, path),
         blob_root=blob_root,
         path=path,
         prepare=prepare,
-        is_full=is_full,
         release_reserve=lambda: release_reserve(path),
         read_only=lambda: read_only(path),
-        is_read_only_error=is_read_only_error,
         found_read_only=lambda: found_read_only(path),
     )
 
@@ -136,37 +133,16 @@ def release_reserve(path: Path) -> int:
     return size
 
 
-def is_full(exc: Exception) -> bool:
-    """Whether SQLite said the disk (or the file's size limit) is full."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code == sqlite3.SQLITE_FULL or "database or disk is full" in str(exc)
+def read_error(exc: Exception, path: Path | None = None) -> DriverError:
+    """What SQLite said: its error name (``SQLITE_FULL``; None when sqlite3 gives none), its
+    message and, given the database file, the free space beside it (a full disk may only say
+    "disk I/O error")."""
+    free = None if path is None else _free_bytes(path.parent)
+    return DriverError.read(exc, getattr(exc, "sqlite_errorname", None), free)
 
 
-def store_error(action: str, exc: Exception, path: Path) -> StoreError:
-    """A StoreError for ``exc`` that names the file, SQLite's message and what to do."""
-    text = str(exc)
-    lowered = text.lower()
-    hint = "check the disk and the file's permissions"
-    free = _free_bytes(path.parent)
-    if "full" in lowered or (free is not None and free < 1 << 20 and "i/o" in lowered):
-        hint = (
-            f"free disk space where the database lives ({free // 1024} KB free there now), "
-            "then run the build again"
-            if free is not None
-            else "free disk space where the database lives, then run the build again"
-        )
-    elif "readonly" in lowered or "read-only" in lowered:
-        hint = (
-            "make the database file and its directory writable (read commands work on a "
-            "read-only store; recording needs to write)"
-        )
-    elif "locked" in lowered or "busy" in lowered:
-        hint = "another process held the database too long; retry when it is done"
-    elif "not a database" in lowered or "malformed" in lowered:
-        hint = "point --db / HARMONT_DB at a harmont-exec database file"
-    elif "closed" in lowered:
-        hint = "the store was closed; open it again"
-    return StoreError(f"could not {action} in {path}: {text}; {hint}")
+def _failure(exc: Exception) -> Failure:
+    return classify(read_error(exc), server=False)
 
 
 def _wal(db: sqlite3.Connection) -> str:
@@ -181,7 +157,7 @@ def _wal(db: sqlite3.Connection) -> str:
                 mode = str(db.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
             return mode
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
+            if _failure(exc) is not Failure.BUSY or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
 
@@ -211,12 +187,6 @@ def read_only(path: Path) -> bool:
     except OSError:
         return False
     return path.exists() and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
-
-
-def is_read_only_error(exc: Exception) -> bool:
-    """Whether SQLite refused a write because the database (or its disk) is read-only."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code == sqlite3.SQLITE_READONLY or "readonly database" in str(exc)
 
 
 def found_read_only(path: Path) -> None:
@@ -257,7 +227,7 @@ def connect(path: Path) -> sqlite3.Connection:
         return _connect_writable(path)
     except sqlite3.OperationalError as exc:
         cannot_open = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_CANTOPEN
-        if path.exists() and (cannot_open or is_read_only_error(exc)):
+        if path.exists() and (cannot_open or _failure(exc) is Failure.READ_ONLY):
             # Its disk said it was writable, but it is not (the kernel remounted it
             # read-only after an error, or the -shm cannot be made): read it as such.
             found_read_only(path)

@@ -42,8 +42,8 @@ from executor.store.changes import (
     Change,
     JobChanged,
     LogAppended,
-    RawStatement,
 )
+from executor.store.failures import Failure
 from executor.store.liveness import (
     LOST_AFTER_S,
     executor_alive,
@@ -297,7 +297,7 @@ class Store(Reader):
                         self._db, self._backend.dialect, row["id"], row["state"], executor, now
                     )
             except self._errors as exc:
-                if self._backend.is_read_only_error(exc):
+                if self._backend.failure(exc) is Failure.READ_ONLY:
                     self._backend.found_read_only()
                     raise StoreReadOnlyError(
                         f"{self._backend.location} is read-only: abandoned build "
@@ -372,7 +372,7 @@ class Store(Reader):
                     self._db.execute(sql.ENSURE_STORE_KEY, (name, secrets.token_hex(32), now))
                     found = self._db.execute(sql.STORE_KEY, (name,)).fetchone()
         except self._errors as exc:
-            if self._backend.is_read_only_error(exc) or self._backend.read_only():
+            if self._backend.failure(exc) is Failure.READ_ONLY or self._backend.read_only():
                 raise StoreReadOnlyError(
                     f"the store {self.location} is read-only and has no {name!r} key yet (it "
                     "is made the first time it is needed); open the store once where it can be "
@@ -611,11 +611,6 @@ class Store(Reader):
     def _committed_to(self, count: int) -> None:
         for listener in list(self._commit_listeners):
             listener(count)
-
-    def _execute_in_writer(self, statement: str) -> None:
-        """Test hook: queue a raw statement on the writer's connection (e.g. ``PRAGMA
-        max_page_count``, to make the disk look full). Not for production code."""
-        self._put(RawStatement(statement))
 
     # --- lifecycle -----------------------------------------------------------------------------
 

@@ -35,8 +35,9 @@ from typing import NamedTuple
 from executor.errors import StoreError
 from executor.store.backend import Backend, DbCursor
 from executor.store.changes import Change, LogAppended, apply_batch, apply_one
+from executor.store.failures import Failure
 
-__all__ = ["BATCH_LIMIT", "COMMIT_INTERVAL_S", "WRITER_NICE", "Writer"]
+__all__ = ["BATCH_LIMIT", "COMMIT_INTERVAL_S", "THREAD_NAME", "WRITER_NICE", "Writer"]
 
 BATCH_LIMIT = 5000
 """At most this many changes per transaction (bounds the writer's lock hold time)."""
@@ -50,6 +51,9 @@ WRITER_NICE = 10
 """The writer thread's nice value (Linux): recording must not take CPU from the event loop or
 the jobs. Starved while a build keeps every core busy, it commits bigger batches, which costs
 less per change; it catches up as soon as a core is free (at the latest, at the final flush)."""
+
+THREAD_NAME = "harmont-store-writer"
+"""The writer thread's name (in a traceback, a profile; tests find its connection by it)."""
 
 
 def _yield_cpu() -> None:
@@ -91,7 +95,7 @@ class Writer:
         self.trouble: StoreError | None = None
         self.dropped_output: dict[str, int] = {}  # job id -> bytes of output not recorded
         self._output_budget = 0  # bytes of output the reserve may still take
-        self._thread = threading.Thread(target=self._loop, name="harmont-store-writer", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=THREAD_NAME, daemon=True)
         self._thread.start()
 
     @property
@@ -168,7 +172,7 @@ class Writer:
             failed = self._save_what_fits(changes)
         else:
             failed = self._commit(changes)
-            if failed is not None and self._backend.is_full(failed):
+            if failed is not None and self._backend.failure(failed) is Failure.FULL:
                 freed = self._backend.release_reserve()
                 if freed:
                     self.trouble = self._backend.error(
