@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from executor.cli import artifacts, browse, plan, run, serve  # noqa: F401  (registers the commands)
+from executor.cli import artifacts, browse, plan, run, serve, verify  # noqa: F401  (registers the commands)
 from executor.cli.common import EXIT_INVALID, cli
 from executor.cli.output import guard_standard_streams, output_lost
 
@@ -19,7 +19,7 @@ __all__ = ["EXIT_INVALID", "cli", "main"]
 
 # Commands whose point is their output: if stdout could not be written (a full disk under a
 # redirect), they fail. The others (run, resume, retry) exit with their build's status.
-_READERS = frozenset({"builds", "jobs", "logs", "artifacts", "plan", "token"})
+_READERS = frozenset({"builds", "jobs", "logs", "artifacts", "plan", "token", "verify"})
 
 
 def main() -> None:

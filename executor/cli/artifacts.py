@@ -14,8 +14,8 @@ import click
 from rich.table import Table
 
 from executor.cli.browse import build_or_exit
-from executor.cli.common import EXIT_INVALID, cli, db_option, fail, make_console
-from executor.errors import ExecutorError, StoreError
+from executor.cli.common import Failed, Refused, cli, db_option, make_console
+from executor.errors import StoreError
 from executor.store import ArtifactRow, Store, open_store
 from executor.store.blobs import CHUNK_BYTES
 
@@ -52,17 +52,14 @@ def _size_text(size: int) -> str:
 @click.option("--pipeline", help="Pipeline of the build (needed when the number is ambiguous).")
 def list_artifacts(number: int, db: str | None, org: str | None, pipeline: str | None) -> None:
     """List the artifacts of build NUMBER (its jobs in plan order, then by path)."""
-    try:
-        with open_store(db, must_exist=True) as store:
-            build = build_or_exit(store, number, org, pipeline)
-            keys = {j.id: j.step_key for j in store.list_jobs(build.id)}
-            rows: list[ArtifactRow] = []
-            while page := store.list_artifacts(
-                build_id=build.id, after=rows[-1].id if rows else None, limit=500
-            ):
-                rows.extend(page)
-    except ExecutorError as exc:
-        fail(exc)
+    with open_store(db, must_exist=True) as store:
+        build = build_or_exit(store, number, org, pipeline)
+        keys = {j.id: j.step_key for j in store.list_jobs(build.id)}
+        rows: list[ArtifactRow] = []
+        while page := store.list_artifacts(
+            build_id=build.id, after=rows[-1].id if rows else None, limit=500
+        ):
+            rows.extend(page)
     if not rows:
         click.echo(
             f"build #{build.number} of {build.org}/{build.pipeline} has no artifacts (steps "
@@ -116,12 +113,10 @@ def download(artifact_id: str, db: str | None, output: str | None) -> None:
         with open_store(db, must_exist=True) as store:
             artifact = store.get_artifact(artifact_id.lower())
             if artifact is None:
-                click.echo(
-                    f"harmont-exec: no artifact {artifact_id!r}; `harmont-exec artifacts NUMBER` "
+                raise Refused(
+                    f"no artifact {artifact_id!r}; `harmont-exec artifacts NUMBER` "
                     "lists a build's artifacts and their ids",
-                    err=True,
                 )
-                sys.exit(EXIT_INVALID)
             if output == "-":
                 # Checked before a byte goes out: what is written to a pipe cannot be taken back.
                 _copy_checked(store, artifact, _Discard())
@@ -130,21 +125,17 @@ def download(artifact_id: str, db: str | None, output: str | None) -> None:
                 return
             target = Path(output) if output is not None else Path(artifact.filename)
             if output is None and target.exists():
-                click.echo(
-                    f"harmont-exec: {target} already exists; choose where to write the "
+                raise Refused(
+                    f"{target} already exists; choose where to write the "
                     "artifact with -o PATH (or -o - for stdout)",
-                    err=True,
                 )
-                sys.exit(EXIT_INVALID)
             if target.is_dir():
                 target = target / artifact.filename
             if not target.parent.is_dir():
-                click.echo(
-                    f"harmont-exec: cannot write {target}: the directory {target.parent} does "
+                raise Refused(
+                    f"cannot write {target}: the directory {target.parent} does "
                     "not exist; create it or choose another -o PATH",
-                    err=True,
                 )
-                sys.exit(EXIT_INVALID)
             # Into a temporary file beside the target, renamed at the end: a failed or
             # interrupted copy never leaves a partial file under the artifact's name.
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
@@ -158,9 +149,6 @@ def download(artifact_id: str, db: str | None, output: str | None) -> None:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-    except ExecutorError as exc:
-        fail(exc)
     except OSError as exc:
-        click.echo(f"harmont-exec: cannot write the artifact: {exc}", err=True)
-        sys.exit(1)
+        raise Failed(f"cannot write the artifact: {exc}") from None
     click.echo(f"{target} ({_size_text(artifact.file_size)}, sha256 {artifact.sha256})", err=True)

@@ -8,8 +8,14 @@ import time
 import click
 from rich.table import Table
 
-from executor.cli.common import EXIT_INVALID, cli, db_option, duration_text, fail, make_console
-from executor.errors import ExecutorError
+from executor.cli.common import (
+    EXIT_INTERRUPTED,
+    Refused,
+    cli,
+    db_option,
+    duration_text,
+    make_console,
+)
 from executor.store import BuildRow, Store, open_store
 from executor.store.reads import JOB_ID_PREFIX_MIN
 
@@ -18,10 +24,7 @@ def build_or_exit(store: Store, number: int, org: str | None, pipeline: str | No
     build = store.get_build(number, org=org, pipeline=pipeline)
     if build is None:
         where = f" in pipeline {pipeline!r}" if pipeline else ""
-        click.echo(
-            f"harmont-exec: no build #{number}{where}; `harmont-exec builds` lists them", err=True
-        )
-        sys.exit(EXIT_INVALID)
+        raise Refused(f"no build #{number}{where}; `harmont-exec builds` lists them")
     return build
 
 
@@ -32,11 +35,8 @@ def build_or_exit(store: Store, number: int, org: str | None, pipeline: str | No
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
 def builds(db: str | None, org: str | None, pipeline: str | None, limit: int) -> None:
     """List recorded builds, newest first."""
-    try:
-        with open_store(db, must_exist=True) as store:
-            rows = store.list_builds(org=org, pipeline=pipeline, limit=limit)
-    except ExecutorError as exc:
-        fail(exc)
+    with open_store(db, must_exist=True) as store:
+        rows = store.list_builds(org=org, pipeline=pipeline, limit=limit)
     table = Table()
     for column in ("pipeline", "#", "state", "created", "duration", "branch", "error"):
         table.add_column(column)
@@ -69,13 +69,10 @@ def _reused_from(store: Store, job_id: str | None) -> str:
 @click.option("--pipeline", help="Pipeline of the build (needed when the number is ambiguous).")
 def jobs(number: int, db: str | None, org: str | None, pipeline: str | None) -> None:
     """Show the jobs of build NUMBER in plan order."""
-    try:
-        with open_store(db, must_exist=True) as store:
-            build = build_or_exit(store, number, org, pipeline)
-            rows = store.list_jobs(build.id)
-            notes = {j.id: _reused_from(store, j.reused_from_job_id) for j in rows}
-    except ExecutorError as exc:
-        fail(exc)
+    with open_store(db, must_exist=True) as store:
+        build = build_or_exit(store, number, org, pipeline)
+        rows = store.list_jobs(build.id)
+        notes = {j.id: _reused_from(store, j.reused_from_job_id) for j in rows}
     table = Table(title=f"{build.org}/{build.pipeline} build #{build.number}: {build.state.value}")
     for column in ("job", "id", "state", "exit", "retries", "duration", "note"):
         table.add_column(column)
@@ -121,12 +118,9 @@ def logs(job_id: str, db: str | None, follow: bool) -> None:
                     if len(job_id) < JOB_ID_PREFIX_MIN
                     else ""
                 )
-                click.echo(
-                    f"harmont-exec: no job {job_id!r}{short}; `harmont-exec jobs NUMBER` lists "
-                    "job ids",
-                    err=True,
+                raise Refused(
+                    f"no job {job_id!r}{short}; `harmont-exec jobs NUMBER` lists job ids",
                 )
-                sys.exit(EXIT_INVALID)
             if job.reused_from_job_id is not None:
                 click.echo(
                     f"harmont-exec: job {job.id} did not run: it reused the result of job "
@@ -145,10 +139,8 @@ def logs(job_id: str, db: str | None, follow: bool) -> None:
                 if now is None or now.state.is_terminal:
                     break
                 time.sleep(FOLLOW_POLL_S)
-    except ExecutorError as exc:
-        fail(exc)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:  # `logs ... | head`: the reader is gone, so are we
         sys.stderr.close()
         sys.exit(0)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from executor.cli.common import EXIT_INVALID, cli
-from executor.errors import ExecutorError
+from executor.cli.common import cli
 from executor.load import load_plan
 from executor.render import plan_to_data, plan_to_dot, plan_to_mermaid, plan_to_text
 
@@ -26,11 +24,7 @@ from executor.render import plan_to_data, plan_to_dot, plan_to_mermaid, plan_to_
 )
 def plan(file: Path, fmt: str) -> None:
     """Validate FILE and show its jobs in the order they would run."""
-    try:
-        result = load_plan(file)
-    except ExecutorError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(EXIT_INVALID)
+    result = load_plan(file)  # an invalid file: the group prints its diagnostics, exit 2
     if fmt == "json":
         click.echo(json.dumps(plan_to_data(result), indent=2, ensure_ascii=False))
     elif fmt == "dot":

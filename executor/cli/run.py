@@ -23,7 +23,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from executor.cli.common import (
-    EXIT_INVALID,
     STATE_STYLE,
     cli,
     configure_logging,
@@ -31,7 +30,7 @@ from executor.cli.common import (
     duration_text,
     make_console,
 )
-from executor.errors import BuildFileError, ExecutorError, RecordFailedError
+from executor.errors import ExecutorError, RecordFailedError
 from executor.load import load_plan
 from executor.run.artifacts import DEFAULT_MAX_BYTES
 from executor.run.build import resume_build, retry_build, run_build
@@ -339,11 +338,7 @@ def _job_count(number: int, org: str | None, pipeline: str | None, store: Store)
 
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option(
-    "--db",
-    envvar="HARMONT_DB",
-    help="Store: a SQLite path or sqlite:/// URL [default: .harmont/harmont.db; env HARMONT_DB].",
-)
+@db_option
 @click.option("--org", default="local", show_default=True, help="Organization to record into.")
 @click.option("--pipeline", help="Pipeline to record into [default: the file's name].")
 @_jobs_option
@@ -378,11 +373,7 @@ def run(
     address = _executor_choice(ctx, executor, scheduler)
     if log_format is not None:
         configure_logging(log_format, logging.INFO if ctx.obj["verbose"] else logging.WARNING)
-    try:
-        plan = load_plan(file)
-    except BuildFileError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(EXIT_INVALID)
+    plan = load_plan(file)  # an invalid file: the group prints its diagnostics, exit 2
     # What exists now (modules, the plan) lives until exit: keep the cyclic garbage collector
     # from walking it again and again while jobs run (~10% of the CPU of 10k short jobs).
     gc.freeze()
@@ -441,18 +432,14 @@ def _drive(
                 return await start(store, view, runner)
 
     started = time.monotonic()
-    try:
-        with open_store(db) as store:
-            try:
-                result = anyio.run(go, store)
-            except RecordFailedError as failed:
-                # What the record says, not what this process thought: they must agree.
-                _recorded_summary(console, store, failed)
-                raise
-            _summary(console, store, result, tail_lines)
-    except ExecutorError as exc:
-        click.echo(f"harmont-exec: {exc}", err=True)
-        sys.exit(1)
+    with open_store(db) as store:
+        try:
+            result = anyio.run(go, store)
+        except RecordFailedError as failed:
+            # What the record says, not what this process thought: they must agree.
+            _recorded_summary(console, store, failed)
+            raise
+        _summary(console, store, result, tail_lines)
     console.print(
         f"build #{result.number} {result.state.value} in "
         f"{time.monotonic() - started:.1f}s (exit {result.exit_status})"

@@ -11,8 +11,7 @@ from urllib.parse import urlsplit
 import click
 from rich.table import Table
 
-from executor.cli.common import EXIT_INVALID, cli, db_option, make_console
-from executor.errors import ExecutorError
+from executor.cli.common import EXIT_INTERRUPTED, Refused, cli, db_option, make_console
 from executor.store import open_store
 
 RECOVER_EVERY_S = 10.0
@@ -86,11 +85,7 @@ def serve(db: str | None, host: str, port: int, cors_origins: tuple[str, ...]) -
 
     from executor.api import API_PREFIX, create_app
 
-    try:
-        store = open_store(db)
-    except ExecutorError as exc:
-        click.echo(f"harmont-exec: {exc}", err=True)
-        sys.exit(1)
+    store = open_store(db)
     click.echo(
         f"serving {store.location} on http://{host}:{port}{API_PREFIX}/ "
         "(Authorization: Bearer <token from `harmont-exec token create`>)",
@@ -121,7 +116,7 @@ def serve(db: str | None, host: str, port: int, cors_origins: tuple[str, ...]) -
     try:
         Server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, once it has stopped
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     finally:
         store.close()
 
@@ -152,17 +147,13 @@ def token_create(
     """Create a token and print it (only this once: the store keeps its SHA-256)."""
     now = datetime.now(UTC)
     expires = None if expires_in is None else now + timedelta(days=expires_in)
-    try:
-        with open_store(db) as store:
-            row, secret = store.create_token(
-                description=description,
-                organizations=list(orgs) or None,
-                expires_at=expires,
-                now=now,
-            )
-    except ExecutorError as exc:
-        click.echo(f"harmont-exec: {exc}", err=True)
-        sys.exit(1)
+    with open_store(db) as store:
+        row, secret = store.create_token(
+            description=description,
+            organizations=list(orgs) or None,
+            expires_at=expires,
+            now=now,
+        )
     click.echo(secret)
     scope = ", ".join(row.organizations) if row.organizations else "every organization"
     until = f"until {row.expires_at:%Y-%m-%d %H:%M} UTC" if row.expires_at else "with no expiry"
@@ -176,12 +167,8 @@ def token_create(
 @db_option
 def token_list(db: str | None) -> None:
     """List tokens (never their secrets)."""
-    try:
-        with open_store(db) as store:
-            rows = store.list_tokens()
-    except ExecutorError as exc:
-        click.echo(f"harmont-exec: {exc}", err=True)
-        sys.exit(1)
+    with open_store(db) as store:
+        rows = store.list_tokens()
     now = datetime.now(UTC)
     table = Table()
     for column in ("id", "description", "organizations", "created", "expires", "status"):
@@ -204,16 +191,10 @@ def token_list(db: str | None) -> None:
 @db_option
 def token_revoke(token_id: str, db: str | None) -> None:
     """Revoke the token with id TOKEN_ID (from `token list`); it stops working at once."""
-    try:
-        with open_store(db) as store:
-            row = store.revoke_token(token_id, now=datetime.now(UTC))
-    except ExecutorError as exc:
-        click.echo(f"harmont-exec: {exc}", err=True)
-        sys.exit(1)
+    with open_store(db) as store:
+        row = store.revoke_token(token_id, now=datetime.now(UTC))
     if row is None:
-        click.echo(
-            f"harmont-exec: no token {token_id!r}; `harmont-exec token list` shows the ids",
-            err=True,
+        raise Refused(
+            f"no token {token_id!r}; `harmont-exec token list` shows the ids",
         )
-        sys.exit(EXIT_INVALID)
     click.echo(f"token {row.id} revoked")

@@ -33,6 +33,7 @@ from executor.store.rows import (
     TokenRow,
     TransitionRow,
 )
+from executor.store.verify import Verification, check_record
 
 __all__ = ["JOB_ID_PREFIX_MIN", "LOG_PAGE_ROWS", "Reader", "token_hash"]
 
@@ -324,8 +325,6 @@ class Reader:
         rows = self._rows(sql.TOKEN_BY_HASH, (token_hash(secret),))
         return TokenRow.from_db(rows[0]) if rows else None
 
-    def check_integrity(self) -> str:
-        """``"ok"`` when the store is sound, else the problems found, one per line (SQLite:
-        ``PRAGMA integrity_check``; PostgreSQL: every job's state is where its history ends)."""
-        rows = self._rows(sql.integrity_check(self._backend.dialect))
-        return "\n".join(str(r[0]) for r in rows) or "ok"
+    def verify(self) -> Verification:
+        """Check the whole record (``harmont-exec verify``; see ``store.verify``): read only."""
+        return check_record(self._rows, self._backend.dialect, self.blobs)

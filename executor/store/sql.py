@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import NamedTuple
 
+from executor.errors import ErrorCode
+
 __all__ = [
     "POSTGRESQL",
     "SCHEMA_VERSION",
@@ -29,10 +31,11 @@ __all__ = [
     "Dialect",
     "batch_statements",
     "count_tables",
-    "integrity_check",
     "lock_build_state",
     "migrations",
     "migrations_table_exists",
+    "verify_orphans",
+    "verify_structure",
 ]
 
 
@@ -89,20 +92,6 @@ def count_tables(dialect: Dialect) -> str:
     if dialect is SQLITE:
         return "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'"
     return "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema()"
-
-
-def integrity_check(dialect: Dialect) -> str:
-    """Rows of text, one per problem found, or one row ``ok``. SQLite checks its file's
-    structure; a PostgreSQL server guarantees its own pages, so there the record's invariant is
-    checked: every job's state is where its history ends."""
-    if dialect is SQLITE:
-        return "PRAGMA integrity_check"
-    return (
-        "SELECT 'job ' || j.id || ' is ' || j.state || ' but its history ends in ' || "
-        "COALESCE(t.to_state, 'nothing') FROM jobs j LEFT JOIN LATERAL (SELECT to_state FROM "
-        "job_transitions WHERE job_id = j.id ORDER BY seq DESC LIMIT 1) t ON true "
-        "WHERE t.to_state IS DISTINCT FROM j.state ORDER BY j.id LIMIT 100"
-    )
 
 
 _V1: tuple[str, ...] = (
@@ -577,22 +566,23 @@ END_JOB = (  # a NULL error code or message keeps the job's own
     "UPDATE jobs SET state = ?, error_code = COALESCE(?, error_code), "
     "error_message = COALESCE(?, error_message), finished_at = ? WHERE id = ? AND state = ?"
 )
-END_OPEN_ATTEMPTS = (
-    "UPDATE attempts SET outcome = 'executor_lost', finished_at = ? WHERE finished_at IS NULL "
-    "AND job_id IN (SELECT id FROM jobs WHERE build_id = ?)"
+END_OPEN_ATTEMPTS = (  # the attempt's outcome is the same word as the job's error code
+    f"UPDATE attempts SET outcome = '{ErrorCode.EXECUTOR_LOST}', finished_at = ? "
+    "WHERE finished_at IS NULL AND job_id IN (SELECT id FROM jobs WHERE build_id = ?)"
 )
 ABANDON_BUILD = (
-    "UPDATE builds SET state = 'failed', error_code = 'build_abandoned', error_message = ?, "
-    "finished_at = ? WHERE id = ? AND state = ?"
+    f"UPDATE builds SET state = 'failed', error_code = '{ErrorCode.BUILD_ABANDONED}', "
+    "error_message = ?, finished_at = ? WHERE id = ? AND state = ?"
 )
 
 # --- resuming an abandoned build (store/recovery.py) -----------------------------------------
 
 BUILD_PLAN = "SELECT plan_json, working_dir, state, error_code FROM builds WHERE id = ?"
+_ABANDONED = f"('{ErrorCode.BUILD_ABANDONED}', '{ErrorCode.RECORD_FAILED}')"
+"""The build error codes of a build whose executor stopped before it ended: resumable."""
 RESUMABLE_JOBS_OF_BUILD = (
     "SELECT id, state FROM jobs WHERE build_id = ? AND ((state = 'failed' AND error_code = "
-    "'executor_lost') OR (state = 'canceled' AND error_code IN ('build_abandoned', "
-    "'record_failed'))) "
+    f"'{ErrorCode.EXECUTOR_LOST}') OR (state = 'canceled' AND error_code IN {_ABANDONED})) "
     "ORDER BY position"
 )
 REOPEN_JOB = (
@@ -603,7 +593,7 @@ REOPEN_BUILD = (
     "UPDATE builds SET state = 'running', error_code = NULL, error_message = NULL, "
     "finished_at = NULL, cancel_requested = 0, executor_host = ?, executor_pid = ?, "
     "executor_started_at = ?, executor_id = ?, heartbeat_at = ? "
-    "WHERE id = ? AND state = 'failed' AND error_code IN ('build_abandoned', 'record_failed')"
+    f"WHERE id = ? AND state = 'failed' AND error_code IN {_ABANDONED}"
 )
 ATTEMPT_COUNTS_OF_BUILD = (
     "SELECT a.job_id, COUNT(*) FROM attempts a JOIN jobs j ON j.id = a.job_id "
@@ -642,3 +632,61 @@ ENSURE_STORE_KEY = (
 )
 STORE_KEY = "SELECT secret FROM store_keys WHERE name = ?"
 REVOKE_TOKEN = "UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"
+
+# --- verify (store/verify.py): whole-table reads, in the order the checks group them ---------
+
+
+def verify_structure(dialect: Dialect) -> str:
+    """Rows of text, ``ok`` or one per problem in the database's own structure. SQLite checks
+    its file; a PostgreSQL server guarantees its pages, so there every constraint and index of
+    the store's schema must be valid (none left half-built or NOT VALID)."""
+    if dialect is SQLITE:
+        return "PRAGMA integrity_check"
+    return (
+        "SELECT 'constraint ' || c.conname || ' is not validated' FROM pg_constraint c "
+        "JOIN pg_namespace n ON n.oid = c.connamespace WHERE n.nspname = current_schema() "
+        "AND NOT c.convalidated UNION ALL SELECT 'index ' || i.indexrelid::regclass::text || "
+        "' is not valid' FROM pg_index i JOIN pg_class r ON r.oid = i.indrelid JOIN "
+        "pg_namespace n ON n.oid = r.relnamespace WHERE n.nspname = current_schema() "
+        "AND NOT i.indisvalid"
+    )
+
+
+VERIFY_REFERENCES: tuple[tuple[str, str, str], ...] = (
+    ("pipelines", "organization_id", "organizations"),
+    ("builds", "pipeline_id", "pipelines"),
+    ("jobs", "build_id", "builds"),
+    ("jobs", "reused_from_job_id", "jobs"),
+    ("job_dependencies", "job_id", "jobs"),
+    ("job_dependencies", "depends_on_job_id", "jobs"),
+    ("attempts", "job_id", "jobs"),
+    ("job_transitions", "job_id", "jobs"),
+    ("log_chunks", "job_id", "jobs"),
+    ("artifacts", "job_id", "jobs"),
+)
+"""Every reference of the schema: (table, column, the table whose ``id`` it holds)."""
+
+
+def verify_orphans(child: str, column: str, parent: str) -> str:
+    """One row: how many rows of ``child`` hold a ``column`` that no ``parent`` row has (the
+    foreign-key check, the same on both backends). The names come from VERIFY_REFERENCES."""
+    return (
+        f"SELECT COUNT(*) FROM {child} c WHERE c.{column} IS NOT NULL AND NOT EXISTS "
+        f"(SELECT 1 FROM {parent} p WHERE p.id = c.{column})"
+    )
+
+
+VERIFY_BUILDS = (
+    "SELECT b.id, b.number, b.state, b.cancel_requested, b.error_code, "
+    "COALESCE(o.slug, '?'), COALESCE(p.slug, '?') FROM builds b "
+    "LEFT JOIN pipelines p ON p.id = b.pipeline_id "
+    "LEFT JOIN organizations o ON o.id = p.organization_id ORDER BY b.created_at, b.id"
+)
+VERIFY_JOBS = (
+    "SELECT id, build_id, step_key, state, soft_failed FROM jobs ORDER BY build_id, position, id"
+)
+VERIFY_TRANSITIONS = (
+    "SELECT job_id, seq, from_state, event, to_state FROM job_transitions ORDER BY job_id, seq"
+)
+VERIFY_ATTEMPTS = "SELECT job_id, number FROM attempts ORDER BY job_id, number"
+VERIFY_ARTIFACTS = "SELECT id, job_id, path, file_size, sha256 FROM artifacts ORDER BY job_id, id"
