@@ -7,9 +7,12 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from hypothesis import HealthCheck, settings
+
+if TYPE_CHECKING:
+    from executor.store import Store
 
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
@@ -29,6 +32,15 @@ import pytest  # noqa: E402
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def absent(message: str, *, allow_module_level: bool = False) -> NoReturn:
+    """Something a test needs is not here (a server, a package, a file): skip, with
+    ``message`` saying what and how to get it; under CI (``CI`` set to anything) fail instead,
+    so that CI never passes without having tested it."""
+    if os.environ.get("CI"):
+        pytest.fail(f"under CI nothing is skipped: {message}", pytrace=False)
+    pytest.skip(message, allow_module_level=allow_module_level)
 
 
 # --- stores: every store test runs on SQLite and on PostgreSQL ----------------------------------
@@ -74,6 +86,16 @@ def postgresql_url(
     with psycopg.connect(postgresql_server, autocommit=True) as admin:
         admin.execute("SET lock_timeout = '10s'")
         admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """A new, open SQLite store in tmp_path (tests that must run on every backend take
+    ``store_url`` instead; tests/test_store.py's own ``store`` does)."""
+    from executor.store import open_store
+
+    with open_store(tmp_path / "db" / "harmont.db") as opened:
+        yield opened
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -1,25 +1,29 @@
-"""Running harmont-exec as real processes in tests: `python -m executor ...` in its own
-session, a `serve` fixture on a free loopback port, and bounded polling for a condition."""
+"""Running harmont-exec as real processes in tests: `python -m executor ...` to its end or in
+its own session, a `serve` fixture on a free loopback port, bounded polling for a condition and
+bounded reads of a child's output; and the read API's usual start: tokens, an ASGI client."""
 
 from __future__ import annotations
 
 import os
+import selectors
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, Any, TypeVar
 
+import anyio
 import httpx
 import pytest
 
 from executor.api import API_PREFIX
-from executor.store import Store
+from executor.store import Store, open_store
 
 T = TypeVar("T")
 TIMEOUT_S = 120.0
@@ -31,7 +35,7 @@ a hang reaches it."""
 
 
 def cli(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``python -m executor ARGS`` to its end (bounded), text output captured."""
     return subprocess.run(
@@ -42,6 +46,17 @@ def cli(
         timeout=TIMEOUT_S,
         check=False,
         env=env,
+    )
+
+
+def cli_bytes(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    """`cli`, with the output as the bytes it wrote (a job's log, an artifact)."""
+    return subprocess.run(
+        [sys.executable, "-m", "executor", *args],
+        capture_output=True,
+        cwd=cwd,
+        timeout=TIMEOUT_S,
+        check=False,
     )
 
 
@@ -117,6 +132,45 @@ def poll(
         time.sleep(0.02)
 
 
+async def poll_async(check: Callable[[], T | None], what: str) -> T:
+    """`poll` for a test whose own event loop runs what it waits for (a build in a task):
+    sleeps between calls without blocking the loop; bounded by TIMEOUT_S."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while (result := check()) is None:  # a file or a row: nothing to wait on as an event
+        assert time.monotonic() < deadline, f"{what}: not within {TIMEOUT_S}s"
+        await anyio.sleep(0.02)
+    return result
+
+
+def read_until(pipe: IO[Any], needle: bytes, what: str) -> bytes:
+    """Read a child's output pipe until ``needle`` has come, bounded by TIMEOUT_S (a select
+    on the descriptor: a child that stops talking fails the test instead of hanging it); all
+    that was read. Reads the descriptor itself, past the file object's buffer: read the rest
+    with ``communicate`` (it has buffered nothing)."""
+    fd = pipe.fileno()
+    seen = b""
+    deadline = time.monotonic() + TIMEOUT_S
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while needle not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{what}: not within {TIMEOUT_S}s; the output so far: {seen!r}"
+            if selector.select(timeout=left):
+                data = os.read(fd, 65536)
+                assert data, f"the output ended before {what}: {seen!r}"
+                seen += data
+    return seen
+
+
+def bounded(items: Iterable[T], what: str) -> Iterator[T]:
+    """``items`` (an SSE stream's lines, say), failing the test once TIMEOUT_S have passed:
+    a stream whose heartbeats keep every read under its timeout cannot then go on forever."""
+    deadline = time.monotonic() + TIMEOUT_S
+    for item in items:
+        assert time.monotonic() < deadline, f"{what}: not within {TIMEOUT_S}s"
+        yield item
+
+
 @dataclass(frozen=True)
 class Server:
     url: str
@@ -151,20 +205,42 @@ def server(tmp_path: Path, store_url: str) -> Iterator[Server]:
         stop(proc)
 
 
-def create_token(db: str | Path, cwd: Path) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "executor", "token", "create", "--db", str(db)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+def create_token(db: str | Path, cwd: Path | None = None) -> str:
+    """A new API token's secret, as `harmont-exec token create` shows it."""
+    result = cli("token", "create", "--db", str(db), cwd=cwd)
     assert result.returncode == 0, result.stdout + result.stderr
     secret = result.stdout.strip()
     assert result.stdout == secret + "\n"  # the secret alone on stdout
     assert secret.startswith("hm_") and len(secret) == 3 + 43, secret
     return secret
+
+
+def mint_token(
+    db: str | Path, *, organizations: list[str] | None = None, now: datetime | None = None
+) -> str:
+    """A new API token's secret, created straight in the store at ``db`` (once the test's
+    builds are recorded there: the usual start of a read-API test); ``create_token`` goes
+    through `harmont-exec token create` instead."""
+    with open_store(db) as store:
+        _, secret = store.create_token(
+            description=None,
+            organizations=organizations,
+            expires_at=None,
+            now=now or datetime.now(UTC),
+        )
+    return secret
+
+
+@asynccontextmanager
+async def asgi_client(app: Any, token: str | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client of the real ASGI app (no server), with the token as a Bearer header
+    when given; the whole use bounded by TIMEOUT_S."""
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    with anyio.fail_after(TIMEOUT_S):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test", headers=headers
+        ) as client:
+            yield client
 
 
 def job_log(store: Store, job_id: str) -> bytes:
@@ -197,3 +273,10 @@ def log_token_for(
         api_token_id=api_token_id,
         issued_at=now,
     )
+
+
+def assert_sound(store: Store) -> None:
+    """The whole record passes `verify` (store/verify.py): histories, attempts, roll-ups,
+    references, artifact files and the database's own structure."""
+    found = store.verify()
+    assert found.ok, "\n".join([*map(str, found.problems), found.summary()])

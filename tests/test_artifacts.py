@@ -7,20 +7,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
 import pytest
-from serving import TIMEOUT_S, Server, create_token, poll, server
+from serving import (
+    TIMEOUT_S,
+    Server,
+    asgi_client,
+    cli_bytes,
+    create_token,
+    mint_token,
+    poll,
+    server,
+)
 
 import executor
 from executor.api import create_app
@@ -289,26 +295,15 @@ def record(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Record]:
     second = executor.run_build_sync(work / "ci.json", db=db, org="acme", pipeline="ci")
     assert first.exit_status == 0 and second.exit_status == 0
     executor.run_build_sync(work / "ci.json", db=db, org="other", pipeline="ci")
+    token, other = mint_token(db, now=NOW), mint_token(db, organizations=["other"], now=NOW)
     with open_store(db) as store:
-        _, token = store.create_token(
-            description=None, organizations=None, expires_at=None, now=NOW
-        )
-        _, other = store.create_token(
-            description=None, organizations=["other"], expires_at=None, now=NOW
-        )
         yield Record(db, work, store, token, other, first.build_id, second.build_id)
 
 
-@asynccontextmanager
-async def _client(record: Record, token: str | None = None) -> AsyncIterator[httpx.AsyncClient]:
-    headers = {"Authorization": f"Bearer {token or record.token}"}
-    with anyio.fail_after(30):
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_app(store=record.store)),
-            base_url="http://test",
-            headers=headers,
-        ) as client:
-            yield client
+def _client(
+    record: Record, token: str | None = None
+) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+    return asgi_client(create_app(store=record.store), token or record.token)
 
 
 def _ok(response: httpx.Response) -> Any:
@@ -502,16 +497,12 @@ async def test_artifacts_download_of_a_non_ascii_name_has_an_ascii_fallback(
     db = tmp_path / "harmont.db"
     result = await executor.run_build(tmp_path / "b.yaml", db=db)
     assert result.exit_status == 0
+    secret = mint_token(db, now=NOW)
     with open_store(db) as store:
         (artifact,) = store.list_artifacts(build_id=result.build_id)
-        _, secret = store.create_token(
-            description=None, organizations=None, expires_at=None, now=NOW
-        )
         url = f"{API}/local/pipelines/b/builds/1/artifacts/{artifact.id}/download"
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_app(store=store)), base_url="http://t"
-        ) as client:
-            response = await client.get(url, headers={"Authorization": f"Bearer {secret}"})
+        async with asgi_client(create_app(store=store), secret) as client:
+            response = await client.get(url)
     assert response.status_code == 200, response.text
     assert response.content == b"x"
     assert response.headers["content-disposition"] == (
@@ -525,17 +516,13 @@ async def test_artifacts_download_of_a_missing_file_is_artifact_content_missing(
     (tmp_path / "b.json").write_text(json.dumps({"steps": [BUILD["steps"][0]]}))  # type: ignore[index]
     db = tmp_path / "harmont.db"
     result = await executor.run_build(tmp_path / "b.json", db=db)
+    secret = mint_token(db, now=NOW)
     with open_store(db) as store:
         artifact = store.list_artifacts(build_id=result.build_id)[0]
         store.blobs.path_of(artifact.sha256).unlink()
-        _, secret = store.create_token(
-            description=None, organizations=None, expires_at=None, now=NOW
-        )
         url = f"{API}/local/pipelines/b/builds/1/artifacts/{artifact.id}/download"
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_app(store=store)), base_url="http://t"
-        ) as client:
-            response = await client.get(url, headers={"Authorization": f"Bearer {secret}"})
+        async with asgi_client(create_app(store=store), secret) as client:
+            response = await client.get(url)
     message = _error(response, 500, "artifact_content_missing")["message"]
     assert artifact.id in message and str(tmp_path / "harmont.db.artifacts") in message
 
@@ -543,25 +530,15 @@ async def test_artifacts_download_of_a_missing_file_is_artifact_content_missing(
 # --- the CLI ---------------------------------------------------------------------------------
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "executor", *args],
-        cwd=cwd,
-        capture_output=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
-
-
 def test_cli_run_summary_says_how_many_artifacts_were_kept(tmp_path: Path) -> None:
     (tmp_path / "b.json").write_text(json.dumps({"steps": [BUILD["steps"][0]]}))  # type: ignore[index]
-    result = _cli("run", "b.json", cwd=tmp_path)
+    result = cli_bytes("run", "b.json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert b"3 artifacts kept (harmont-exec artifacts 1 --pipeline b)" in result.stdout
 
 
 def test_cli_artifacts_lists_a_builds_artifacts(record: Record) -> None:
-    result = _cli("artifacts", "1", "--org", "acme", "--pipeline", "ci", cwd=record.work)
+    result = cli_bytes("artifacts", "1", "--org", "acme", "--pipeline", "ci", cwd=record.work)
     assert result.returncode == 0, result.stderr
     out = result.stdout.decode()
     for path in ("out/deep/er/result.json", "out/report.txt", "flaky.txt"):
@@ -574,24 +551,26 @@ def test_cli_artifacts_download_writes_the_same_bytes(record: Record, tmp_path: 
         for a in record.store.list_artifacts(build_id=record.build_id)
         if a.path == "out/deep/er/result.json"
     ]
-    result = _cli("artifacts", "download", artifact.id, cwd=tmp_path)
+    result = cli_bytes("artifacts", "download", artifact.id, cwd=tmp_path)
     assert result.returncode == 2  # there is no store here (the default place): said so
     assert b"no store at" in result.stderr and b".harmont/harmont.db" in result.stderr
     open_store(tmp_path / ".harmont" / "harmont.db").close()
-    result = _cli("artifacts", "download", artifact.id, cwd=tmp_path)
+    result = cli_bytes("artifacts", "download", artifact.id, cwd=tmp_path)
     assert result.returncode == 2  # the store here has no such artifact
     assert b"no artifact" in result.stderr
     db = str(record.db)
     target = tmp_path / "copy.json"
-    result = _cli("artifacts", "download", artifact.id, "--db", db, "-o", str(target), cwd=tmp_path)
+    result = cli_bytes(
+        "artifacts", "download", artifact.id, "--db", db, "-o", str(target), cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert _sha256(target.read_bytes()) == artifact.sha256
     # Without -o: its file name here, and never over an existing file.
-    result = _cli("artifacts", "download", artifact.id, "--db", db, cwd=tmp_path)
+    result = cli_bytes("artifacts", "download", artifact.id, "--db", db, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "result.json").read_bytes() == target.read_bytes()
     (tmp_path / "result.json").write_bytes(b"mine")
-    result = _cli("artifacts", "download", artifact.id, "--db", db, cwd=tmp_path)
+    result = cli_bytes("artifacts", "download", artifact.id, "--db", db, cwd=tmp_path)
     assert result.returncode == 2
     assert b"already exists" in result.stderr and b"-o PATH" in result.stderr
     assert (tmp_path / "result.json").read_bytes() == b"mine"
@@ -611,7 +590,7 @@ def test_cli_artifacts_download_refuses_content_that_does_not_match(tmp_path: Pa
     blob.chmod(0o644)
     blob.write_bytes(b"tampered")
     target = tmp_path / "out.json"
-    result = _cli(
+    result = cli_bytes(
         "artifacts", "download", artifact.id, "--db", str(db), "-o", str(target), cwd=work
     )
     assert result.returncode == 1

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -19,6 +18,7 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import absent
 
 from executor import JobState, RunOptions, load_plan, open_dask_runner, run_build
 from executor.run.process import ProcessRunner
@@ -29,14 +29,13 @@ from executor.store import Store, open_store
 try:
     import distributed
 except ImportError:  # pragma: no cover - CI installs the test extra, which has it
-    if os.environ.get("CI") == "true":
-        raise
-    pytest.skip(
-        "distributed is not installed: pip install -e '.[test]' (or 'harmont-exec[dask]')",
+    absent(
+        "the `distributed` package is not installed, so the Dask executor is not tested: "
+        "pip install -e '.[test]' (or 'harmont-exec[dask]')",
         allow_module_level=True,
     )
 
-from serving import TIMEOUT_S, alive, cli, free_port, job_log
+from serving import TIMEOUT_S, alive, cli, free_port, job_log, poll, poll_async
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,12 +80,6 @@ async def _runner(kind: str, address: str) -> AsyncIterator[ProcessRunner | None
 # --- helpers -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with open_store(tmp_path / "db" / "harmont.db") as s:
-        yield s
-
-
 def _write(directory: Path, text: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "build.yaml"
@@ -104,19 +97,8 @@ def _pids(path: Path) -> list[int]:
     return [int(p) for p in path.read_text().split()]
 
 
-async def _until(check: Any, what: str) -> Any:
-    """Poll ``check()`` (bounded) until it returns something other than None."""
-    with anyio.fail_after(TIMEOUT_S):
-        while (result := check()) is None:  # noqa: ASYNC110  (a file or a row, not an event)
-            await anyio.sleep(0.02)
-    return result
-
-
 def _wait_gone(pids: list[int]) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    while any(alive(p) for p in pids):
-        assert time.monotonic() < deadline, f"processes {pids} are still alive"
-        time.sleep(0.02)
+    poll(lambda: None if any(alive(p) for p in pids) else True, f"processes {pids} to be gone")
 
 
 def _record(store: Store, result: BuildResult) -> dict[str, tuple[Any, ...]]:
@@ -267,7 +249,7 @@ async def test_dask_cancel_stops_running_and_waiting_jobs(
 
                 tg.start_soon(go)
                 pidfiles = [tmp_path / "a.pid", tmp_path / "b.pid"]
-                await _until(lambda: all(p.exists() for p in pidfiles) or None, "a and b")
+                await poll_async(lambda: all(p.exists() for p in pidfiles) or None, "a and b")
                 scheduler.cancel()
     result = done[0]
     assert result.state is BuildState.CANCELED and result.exit_status == 130
@@ -313,7 +295,7 @@ async def test_dask_output_reaches_the_log_while_the_job_runs(
                 log = job_log(store, jobs[0].id) if jobs else b""
                 return log or None
 
-            assert await _until(first_chunk, "the first chunk") == b"first\n"
+            assert await poll_async(first_chunk, "the first chunk") == b"first\n"
             assert store.list_jobs(store.list_builds(limit=1)[0].id)[0].state is JobState.RUNNING
             (tmp_path / "go").touch()
     job = done[0].jobs["talk"]
@@ -407,7 +389,7 @@ async def _run_and_kill_worker(address: str, path: Path, store: Store) -> BuildR
                 done.append(await run_build(path, store=store, runner=runner))
 
             tg.start_soon(go)
-            worker = await _until(lambda: (marker.exists() and _pids(marker)) or None, "worker")
+            worker = await poll_async(lambda: (marker.exists() and _pids(marker)) or None, "worker")
             assert worker[0] != os.getpid()  # the job runs in a worker process, not here
             os.kill(worker[0], signal.SIGKILL)
     return done[0]
@@ -589,10 +571,7 @@ def dask_processes(tmp_path: Path) -> Iterator[str]:
             assert scheduler.poll() is None, env_config.read_text()
             return "Register worker" in env_config.read_text() or None
 
-        deadline = time.monotonic() + TIMEOUT_S
-        while not joined():
-            assert time.monotonic() < deadline, env_config.read_text()
-            time.sleep(0.05)
+        poll(joined, "the Dask worker to join the scheduler")
         yield address
     finally:
         if worker is not None:
@@ -647,11 +626,12 @@ def test_dask_attempt_is_stopped_when_its_executor_dies(tmp_path: Path, cluster:
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not (tmp_path / "pids").exists():
+
+        def started() -> bool | None:
             assert run.poll() is None, out.read_text()
-            assert time.monotonic() < deadline, out.read_text()
-            time.sleep(0.02)
+            return True if (tmp_path / "pids").exists() else None
+
+        poll(started, "the job to write its pids")
         pids = _pids(tmp_path / "pids")
         assert all(alive(p) for p in pids)
         run.send_signal(signal.SIGKILL)

@@ -20,10 +20,16 @@ import pytest
 from serving import (
     TIMEOUT_S,
     Server,
+    asgi_client,
+    bounded,
+    cli,
     create_token,
     log_token_for,
+    mint_token,
     output,
     poll,
+    poll_async,
+    read_until,
     server,
     start,
     stop,
@@ -65,9 +71,10 @@ class Stream:
 
 
 def _events(lines: Iterator[str], stream: Stream) -> Iterator[Event]:
-    """SSE parsing (the WHATWG rules this server uses): fields until a blank line."""
+    """SSE parsing (the WHATWG rules this server uses): fields until a blank line; bounded, so
+    a stream that never ends (its heartbeats keep each read alive) fails the test."""
     current = Event()
-    for line in lines:
+    for line in bounded(lines, "the event stream to end"):
         if line == "":
             if current.data or current.name != "message":
                 stream.events.append(current)
@@ -248,10 +255,8 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
     db = work / "harmont.db"
     first = executor.run_build_sync(work / "b.json", db=db)
     second = executor.run_build_sync(work / "b.json", db=db)
+    token = mint_token(db)
     with open_store(db) as store:
-        _, token = store.create_token(
-            description=None, organizations=None, expires_at=None, now=datetime.now(UTC)
-        )
         job = store.get_job(first.jobs["bytes"].job_id)
     assert job is not None
     return Finished(db, token, job, second.build_id)
@@ -260,12 +265,8 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
 async def _get(
     db: Path, path: str, headers: dict[str, str] | None = None, **app_options: Any
 ) -> httpx.Response:
-    with anyio.fail_after(TIMEOUT_S):
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_app(db=db, **app_options)),
-            base_url="http://test",
-        ) as client:
-            return await client.get(path, headers=headers)
+    async with asgi_client(create_app(db=db, **app_options)) as client:
+        return await client.get(path, headers=headers)
 
 
 def _log_token(db: Path, build_id: str, expires_at: datetime) -> str:
@@ -423,13 +424,15 @@ async def _run_in_background(path: Path, db: Path) -> None:
 
 async def _wait_running(db: Path) -> JobRow:
     with open_store(db) as store:
-        while True:
+
+        def running() -> JobRow | None:
             builds = store.list_builds()
-            if builds:
-                (job,) = store.list_jobs(builds[0].id)
-                if job.state.value == "running":
-                    return job
-            await anyio.sleep(0.02)
+            if not builds:
+                return None
+            (job,) = store.list_jobs(builds[0].id)
+            return job if job.state.value == "running" else None
+
+        return await poll_async(running, "the job to run")
 
 
 async def _asgi_body(app: Any, path: str, query: str) -> AsyncIterator[bytes]:
@@ -494,11 +497,7 @@ def test_cli_logs_follow_prints_output_as_it_comes_and_ends_with_the_job(
     )
     try:
         assert follow.stdout is not None
-        seen = b""
-        while b"first\n" not in seen:
-            line = follow.stdout.readline()
-            assert line, follow.stderr.read() if follow.stderr else b""
-            seen += line
+        seen = read_until(follow.stdout, b"first\n", "`logs --follow` to print the first line")
         assert _job_state(live) == "running"  # printed while the job still runs
         (live.work / "go").touch()
         (live.work / "go2").touch()
@@ -535,13 +534,7 @@ def test_serve_stops_quietly_while_a_stream_is_open(live: Live, signum: signal.S
 
 def test_cli_logs_of_a_too_short_id_prefix_says_how_long_it_must_be(tmp_path: Path) -> None:
     open_store(tmp_path / "h.db").close()
-    result = subprocess.run(
-        [sys.executable, "-m", "executor", "logs", "e77fe5b", "--db", str(tmp_path / "h.db")],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+    result = cli("logs", "e77fe5b", "--db", str(tmp_path / "h.db"), cwd=tmp_path)
     assert result.returncode == 2
     assert "no job 'e77fe5b' (a prefix needs at least 8 characters)" in result.stderr
 

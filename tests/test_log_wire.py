@@ -19,7 +19,17 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from serving import TIMEOUT_S, Server, create_token, output, poll, server, start, stop
+from serving import (
+    TIMEOUT_S,
+    Server,
+    bounded,
+    create_token,
+    output,
+    poll,
+    server,
+    start,
+    stop,
+)
 
 from executor.api.logtext import LogText, ends_of_streams, held_back, text_of
 from executor.store import LogChunk, open_store
@@ -439,7 +449,7 @@ def test_log_stream_ends_an_attempts_unfinished_character_once_the_attempt_is_ov
             "GET", f"{base}/v0/jobs/{job_id}/logs", params={"token": token}, timeout=TIMEOUT_S
         ) as response:
             lines = []
-            for line in response.iter_lines():
+            for line in bounded(response.iter_lines(), "the stream's first frame"):
                 if line == "" and lines:
                     break  # the first frame is complete
                 lines.append(line)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
-from serving import TIMEOUT_S, cli, output, poll, start, stop
+from serving import TIMEOUT_S, assert_sound, cli, output, poll, poll_async, start, stop
 
 from executor.api import create_app
 from executor.load import load_plan
@@ -164,7 +164,7 @@ def test_recovery_finishes_the_lost_build_as_the_spec_says(killed: Killed) -> No
         assert jobs["after"].state is JobState.CANCELED
         assert jobs["after"].error_code == "build_abandoned"
         assert_histories_are_legal(store, killed.build_id)
-        assert store.check_integrity() == "ok"
+        assert_sound(store)
 
 
 def test_recovery_happens_once_when_several_processes_notice_at_once(killed: Killed) -> None:
@@ -250,7 +250,7 @@ def test_two_executors_running_one_pipeline_at_once_share_the_store(
                 log = b"".join(c.content for c in store.read_log(job.id))
                 assert log == f"{build.number}\n".encode()
             assert_histories_are_legal(store, build.id)
-        assert store.check_integrity() == "ok"
+        assert_sound(store)
 
 
 def test_recovery_never_touches_a_live_build(tmp_path: Path) -> None:
@@ -402,13 +402,13 @@ def test_resume_runs_the_lost_jobs_again_and_keeps_the_finished_ones(killed: Kil
         events = [t.event for t in store.job_transitions(jobs["after"].id)]
         assert events[:3] == ["created", "cancel_requested", "resumed"]
         assert_histories_are_legal(store, killed.build_id)
-        assert store.check_integrity() == "ok"
+        assert_sound(store)
 
 
 def test_resume_is_refused_for_a_live_build(tmp_path: Path) -> None:
     db, _ = _recorded_build(tmp_path)  # its executor, this test, is alive
     result = cli("resume", "1", "--db", str(db), cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2  # refused: exit 2, as a bad argument
     assert "is scheduled: its executor (pid" in result.stderr
     assert "resume continues only a build whose executor is gone" in result.stderr
 
@@ -417,7 +417,7 @@ def test_resume_is_refused_for_a_build_that_finished_by_itself(tmp_path: Path) -
     (tmp_path / "ok.yaml").write_text("steps:\n  - {key: a, command: 'true'}\n")
     assert cli("run", "ok.yaml", cwd=tmp_path).returncode == 0
     result = cli("resume", "1", cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "finished by itself (passed)" in result.stderr
     assert "harmont-exec retry 1 --pipeline ok" in result.stderr
 
@@ -425,7 +425,9 @@ def test_resume_is_refused_for_a_build_that_finished_by_itself(tmp_path: Path) -
 # --- kill -9 at random points, property-style -------------------------------------------------
 
 # Parallel jobs, retries (each `flaky` fails its first attempt), jobs that leave a background
-# process in their group, a wait barrier: most kill points catch something in flight.
+# process in their group, a wait barrier; `last` waits for a file `go` that the test creates
+# only after the kill, so the build cannot end before any kill point: every kill lands
+# mid-build, whatever the machine's speed.
 CHAOS = {
     "steps": [
         *(
@@ -442,9 +444,18 @@ CHAOS = {
         ),
         "wait",
         {"key": "join", "command": "echo join"},
-        {"key": "last", "command": "sleep 0.1", "depends_on": "join"},
+        {
+            "key": "last",
+            "command": "while [ ! -e go ]; do sleep 0.05; done",
+            "depends_on": "join",
+        },
     ]
 }
+CHAOS_ROWS_BEFORE_GO = 56
+"""History rows CHAOS records before `last` waits for `go`, whatever the order: the 9 jobs'
+created, ready, slot_acquired, started and end, 3 more for each `flaky` job's retry
+(retry_scheduled, slot_acquired, started), but not the end of `last`."""
+KILLED = "killed mid-build"
 
 
 def _transitions_recorded(db: Path) -> int:
@@ -458,13 +469,16 @@ def _transitions_recorded(db: Path) -> int:
 @settings(
     max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(kill_after=st.integers(min_value=9, max_value=70), jobs=st.sampled_from(["2", "4"]))
-def test_recovery_kill_9_at_any_point_then_resume_completes_the_build(
-    tmp_path_factory: pytest.TempPathFactory, kill_after: int, jobs: str
+@given(
+    kill_after=st.integers(min_value=9, max_value=CHAOS_ROWS_BEFORE_GO),
+    jobs=st.sampled_from(["2", "4"]),
+)
+def _kill_9_then_resume(
+    tmp_path_factory: pytest.TempPathFactory, outcomes: list[str], kill_after: int, jobs: str
 ) -> None:
     """Kill -9 `run` once the store holds ``kill_after`` history rows (9 are the jobs'
-    creation; a full build records about 80): the next start finishes it legally and kills
-    its leftovers, and `resume` completes it."""
+    creation): the next start finishes it legally and kills its leftovers, and `resume`
+    completes it. How the kill landed goes into ``outcomes``."""
     work = tmp_path_factory.mktemp("chaos")
     (work / "b.json").write_text(json.dumps(CHAOS))
     db = work / "harmont.db"
@@ -483,24 +497,42 @@ def test_recovery_kill_9_at_any_point_then_resume_completes_the_build(
             build = store.get_build(1)
             assert build is not None
             assert build.state.is_terminal
-            assert store.check_integrity() == "ok"
+            assert_sound(store)
             assert_histories_are_legal(store, build.id)
             job_ids = {j.id for j in store.list_jobs(build.id)}
             abandoned = build.error_code == "build_abandoned"
+        outcome = KILLED if abandoned else f"ended {build.state.value} before the kill"
+        event(outcome)
+        note(f"kill after {kill_after} rows, -j {jobs}: {outcome}")
+        outcomes.append(outcome)
         poll(lambda: True if not job_processes(job_ids) else None, "no leftover job process")
         if not abandoned:
             assert build.state.value == "passed"  # it ended before the kill
             return
+        (work / "go").touch()  # this time `last` can finish
         resumed = cli("resume", "1", "--db", str(db), cwd=work)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         with open_store(db) as store:
             build = store.get_build(1)
             assert build is not None and build.state.value == "passed"
             assert_histories_are_legal(store, build.id)
-            assert store.check_integrity() == "ok"
+            assert_sound(store)
         assert not job_processes(job_ids)
     finally:
         stop(run)
+
+
+def test_recovery_kill_9_at_any_point_then_resume_completes_the_build(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The property above, and that it tested something: a kill that came after the build
+    had ended would pass it without testing recovery. CHAOS cannot end before the kill, so
+    every example must have killed it mid-build."""
+    outcomes: list[str] = []
+    _kill_9_then_resume(tmp_path_factory=tmp_path_factory, outcomes=outcomes)
+    hit = outcomes.count(KILLED)
+    print(f"kill points: {hit} of {len(outcomes)} examples killed the build mid-build")
+    assert outcomes and hit == len(outcomes), f"only {hit} of {len(outcomes)}: {outcomes}"
 
 
 # --- disk trouble -------------------------------------------------------------------------------
@@ -519,14 +551,15 @@ steps:
 # The build of DISK_BUILD in a child process (as `harmont-exec run` would be), with a write
 # failure injected at the store boundary once `talk` runs: as root, permissions cannot make a
 # file read-only, and a full disk cannot be had without a mount; a PRAGMA on the writer's
-# connection makes every later commit fail as those would ("database or disk is full",
-# "attempt to write a readonly database").
+# connection (tests/faults.py wraps the backend) makes every later commit fail as those would
+# ("database or disk is full", "attempt to write a readonly database").
 DISK_CHILD = """
 import sys, anyio, executor
 from pathlib import Path
-from executor.store import open_store
 work, db, statement = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-store = open_store(db)
+sys.path.insert(0, sys.argv[4])
+from faults import open_faulty_store
+store, faults = open_faulty_store(db)
 
 async def main():
     async with anyio.create_task_group() as tg:
@@ -534,7 +567,7 @@ async def main():
             while not (work / "started").exists():
                 await anyio.sleep(0.02)
             store.flush()
-            store._execute_in_writer(statement)
+            faults.inject(statement)
         tg.start_soon(inject)
         await executor.run_build(work / "b.yaml", store=store)
 
@@ -566,8 +599,9 @@ def test_disk_trouble_mid_build_stops_the_jobs_and_loses_nothing_recorded(
 ) -> None:
     (tmp_path / "b.yaml").write_text(DISK_BUILD)
     db = tmp_path / "harmont.db"
+    tests = str(Path(__file__).parent)  # where the child finds faults.py
     child = subprocess.run(
-        [sys.executable, "-c", DISK_CHILD, str(tmp_path), str(db), statement],
+        [sys.executable, "-c", DISK_CHILD, str(tmp_path), str(db), statement, tests],
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
@@ -578,7 +612,7 @@ def test_disk_trouble_mid_build_stops_the_jobs_and_loses_nothing_recorded(
     assert re.search(error, message), message
     assert "`harmont-exec resume 1 --pipeline b` runs" in message  # exact, copyable
     with open_store(db) as again:  # the next start: the build is resumable
-        assert again.check_integrity() == "ok"
+        assert_sound(again)
         build = again.get_build(1)
         assert build is not None
         assert (build.state.value, build.error_code) == ("failed", recorded)
@@ -653,7 +687,7 @@ def test_retry_without_failed_runs_every_job_again(tmp_path: Path) -> None:
 def test_retry_is_refused_for_a_build_still_running(tmp_path: Path) -> None:
     db, _ = _recorded_build(tmp_path)  # scheduled, its executor (this test) alive
     result = cli("retry", "1", "--db", str(db), cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "is scheduled; retry a build once it has finished" in result.stderr
 
 
@@ -668,8 +702,10 @@ async def test_a_running_api_server_finishes_lost_builds_too(tmp_path: Path) -> 
     with anyio.fail_after(TIMEOUT_S):
         async with app.router.lifespan_context(app):
             # Read without recovering (this check must not do the server's work).
-            while _state(db, build_id, recover=False) != "failed":  # noqa: ASYNC110
-                await anyio.sleep(0.05)
+            await poll_async(
+                lambda: True if _state(db, build_id, recover=False) == "failed" else None,
+                "the server to finish the lost build",
+            )
 
 
 def _kill_mid_build(tmp_path: Path, text: str, ready: Callable[[JobRow], bool]) -> Path:
@@ -744,7 +780,7 @@ def test_resume_is_refused_when_no_job_can_run_again(tmp_path: Path) -> None:
         for job in jobs:
             raw.execute("UPDATE jobs SET state = 'skipped' WHERE id = ?", (job.id,))
     result = cli("resume", "1", "--db", str(db), cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "has no job to run again" in result.stderr and "harmont-exec retry 1" in result.stderr
 
 

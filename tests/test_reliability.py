@@ -19,13 +19,12 @@ import sys
 import tempfile
 import termios
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
-from serving import TIMEOUT_S, alive, output, poll, start, stop
+from serving import TIMEOUT_S, alive, assert_sound, cli, mint_token, output, poll, start, stop
 from test_recovery import assert_histories_are_legal, job_processes
 
 from executor.api import create_app
@@ -171,7 +170,7 @@ def test_run_with_stdout_or_stderr_closed_runs_and_records_the_build(tmp_path: P
             "third": "failed",
         }, closed
         with open_store(db) as store:  # nothing was written into the database by "stderr"
-            assert store.check_integrity() == "ok"
+            assert_sound(store)
 
 
 # --- a disk that fills: a real tmpfs ----------------------------------------------------------
@@ -222,14 +221,7 @@ def test_full_disk_loses_nothing_shown_and_the_build_resumes(tmp_path: Path) -> 
     (tmp_path / "b.yaml").write_text(FILLING)
     with tmpfs(tmp_path / "disk", "2m") as disk:
         db = disk / "harmont.db"
-        run = subprocess.run(
-            [PY, "-m", "executor", "run", "b.yaml", "--db", str(db), "-j", "2"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-            check=False,
-        )
+        run = cli("run", "b.yaml", "--db", str(db), "-j", "2", cwd=tmp_path)
         assert run.returncode == 1, run.stdout + run.stderr
         message = run.stderr.strip().splitlines()[-1]
         assert "the disk is full" in message, message
@@ -243,7 +235,7 @@ def test_full_disk_loses_nothing_shown_and_the_build_resumes(tmp_path: Path) -> 
                 shown.setdefault(match.group(1), []).append(match.group(2))
         assert shown["before"][-1] == "passed"
         with open_store(db) as store:
-            assert store.check_integrity() == "ok"
+            assert_sound(store)
             (build,) = store.list_builds()
             assert (build.state.value, build.error_code) == ("failed", "record_failed")
             jobs = {j.step_key: j for j in store.list_jobs(build.id)}
@@ -270,14 +262,7 @@ def test_full_disk_loses_nothing_shown_and_the_build_resumes(tmp_path: Path) -> 
         # Space freed: resume runs what did not end.
         _remount(disk, "64m")
         (tmp_path / "go").touch()
-        resumed = subprocess.run(
-            [PY, "-m", "executor", "resume", "1", "--pipeline", "b", "--db", str(db)],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-            check=False,
-        )
+        resumed = cli("resume", "1", "--pipeline", "b", "--db", str(db), cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         with open_store(db) as store:
             (build,) = store.list_builds()
@@ -299,14 +284,7 @@ def test_full_artifact_store_fails_the_job_with_artifact_upload_failed(tmp_path:
     db = tmp_path / "store" / "harmont.db"
     open_store(db).close()
     with tmpfs(artifacts_beside(db), "1m"):
-        run = subprocess.run(
-            [PY, "-m", "executor", "run", "a.yaml", "--db", str(db)],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-            check=False,
-        )
+        run = cli("run", "a.yaml", "--db", str(db), cwd=tmp_path)
         assert run.returncode == 1, run.stdout + run.stderr
         with open_store(db) as store:
             (build,) = store.list_builds()
@@ -328,14 +306,7 @@ def test_artifact_over_the_size_limit_fails_its_job_before_any_copy(tmp_path: Pa
         "  - {key: sparse, command: 'truncate -s 2G huge.img', artifact_paths: [huge.img]}\n"
     )
     db = tmp_path / "h.db"
-    run = subprocess.run(
-        [PY, "-m", "executor", "run", "a.yaml", "--db", str(db), "--max-artifact-mb", "1"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+    run = cli("run", "a.yaml", "--db", str(db), "--max-artifact-mb", "1", cwd=tmp_path)
     assert run.returncode == 1, run.stdout + run.stderr
     with open_store(db) as store:
         (build,) = store.list_builds()
@@ -468,25 +439,11 @@ def test_an_existing_store_is_tightened_on_open_and_said_once(tmp_path: Path) ->
     open_store(db).close()
     store.chmod(0o755)
     db.chmod(0o644)
-    first = subprocess.run(
-        [PY, "-m", "executor", "builds"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+    first = cli("builds", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert first.stderr.count("store_permissions_tightened") == 1, first.stderr
     assert _mode(store) == 0o700 and _mode(db) == 0o600
-    again = subprocess.run(
-        [PY, "-m", "executor", "builds"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+    again = cli("builds", cwd=tmp_path)
     assert "store_permissions_tightened" not in again.stderr
 
 
@@ -517,14 +474,7 @@ def test_read_commands_work_on_a_read_only_store_and_skip_recovery(tmp_path: Pat
             stop(run)
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         for args in (["builds"], ["jobs", "1"]):
-            result = subprocess.run(
-                [PY, "-m", "executor", *args, "--db", str(db)],
-                cwd=tmp_path,
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT_S,
-                check=False,
-            )
+            result = cli(*args, "--db", str(db), cwd=tmp_path)
             assert result.returncode == 0, (args, result.stdout, result.stderr)
             assert "running" in result.stdout  # shown as left: nothing could be written
             assert result.stderr.count("recovery_skipped") == 1, result.stderr
@@ -627,14 +577,7 @@ def test_permissions_are_only_ever_tightened_and_a_users_artifacts_dir_is_left_a
     (tmp_path / "b.yaml").write_text(
         "steps:\n  - {key: a, command: 'echo x > out.txt', artifact_paths: [out.txt]}\n"
     )
-    run = subprocess.run(
-        [PY, "-m", "executor", "run", "b.yaml", "--db", "ci.db"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+    run = cli("run", "b.yaml", "--db", "ci.db", cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     assert _mode(tmp_path / "artifacts") == 0o755 and not list((tmp_path / "artifacts").iterdir())
     assert _mode(tmp_path / "ci.db.artifacts") == 0o700
@@ -644,14 +587,7 @@ def test_permissions_are_only_ever_tightened_and_a_users_artifacts_dir_is_left_a
     open_store(store / "harmont.db").close()
     store.chmod(0o500)
     try:
-        listed = subprocess.run(
-            [PY, "-m", "executor", "builds", "--db", str(store / "harmont.db")],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-            check=False,
-        )
+        listed = cli("builds", "--db", str(store / "harmont.db"), cwd=tmp_path)
         assert "store_permissions_tightened" not in listed.stderr, listed.stderr
         assert _mode(store) == 0o500
     finally:
@@ -665,14 +601,7 @@ def test_an_artifact_directory_another_user_owns_is_refused(tmp_path: Path) -> N
     foreign.mkdir()
     os.chown(foreign, NOBODY, NOBODY)
     (tmp_path / "b.yaml").write_text("steps:\n  - {key: a, command: 'true'}\n")
-    result = subprocess.run(
-        [PY, "-m", "executor", "run", "b.yaml", "--db", str(tmp_path / "x.db")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+    result = cli("run", "b.yaml", "--db", str(tmp_path / "x.db"), cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"{foreign} belongs to another user (uid {NOBODY})" in result.stderr
     assert "Traceback" not in result.stderr
@@ -709,14 +638,7 @@ def test_a_read_only_copy_with_a_wal_but_no_shm_is_refused_not_shown_stale(
             shutil.copy(source, ro / "harmont.db")
             shutil.copy(wal, ro / "harmont.db-wal")  # but not the -shm
             subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
-            result = subprocess.run(
-                [PY, "-m", "executor", "builds", "--db", str(ro / "harmont.db")],
-                cwd=tmp_path,
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT_S,
-                check=False,
-            )
+            result = cli("builds", "--db", str(ro / "harmont.db"), cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "harmont.db-wal holds changes that cannot be read without its harmont.db-shm" in (
         result.stderr
@@ -780,14 +702,7 @@ def test_a_disk_the_kernel_turns_read_only_mid_build_stops_it_and_reads_still_wo
         finally:
             stop(run)
         for args in (["builds"], ["jobs", "1"]):
-            result = subprocess.run(
-                [PY, "-m", "executor", *args, "--db", str(db)],
-                cwd=tmp_path,
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT_S,
-                check=False,
-            )
+            result = cli(*args, "--db", str(db), cwd=tmp_path)
             assert result.returncode == 0, (args, result.stdout, result.stderr)
             assert result.stderr.count("recovery_skipped") == 1, result.stderr
             assert "Traceback" not in result.stderr
@@ -801,10 +716,7 @@ def test_serve_reads_a_read_only_store_and_says_why_it_cannot_mint_log_tokens(
     import executor
 
     executor.run_build_sync(tmp_path / "b.yaml", db=source)
-    with open_store(source) as store:
-        _, secret = store.create_token(
-            description=None, organizations=None, expires_at=None, now=datetime.now(UTC)
-        )
+    secret = mint_token(source)
     with tmpfs(tmp_path / "ro", "16m") as ro:
         shutil.copy(source, ro / "harmont.db")  # closed cleanly: no -wal to copy
         subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)

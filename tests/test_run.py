@@ -11,13 +11,13 @@ from pathlib import Path
 
 import anyio
 import pytest
-from serving import alive, job_log
+from serving import TIMEOUT_S, alive, job_log
 
 from executor import JobState
 from executor.run.build import run_build
 from executor.run.scheduler import BuildResult, RunOptions
 from executor.states import TRANSITIONS, BuildState, Event
-from executor.store import Store, open_store
+from executor.store import Store
 
 pytestmark = pytest.mark.anyio
 PY = sys.executable
@@ -32,12 +32,6 @@ def _write(tmp_path: Path, text: str, name: str = "build.yaml") -> Path:
 async def _run(path: Path, store: Store, **options: object) -> BuildResult:
     with anyio.fail_after(60):
         return await run_build(path, store=store, options=RunOptions(**options))  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    with open_store(tmp_path / "db" / "harmont.db") as s:
-        yield s  # type: ignore[misc]
 
 
 def _resolved(path: Path) -> str:
@@ -93,18 +87,61 @@ async def test_run_starts_jobs_only_after_their_prerequisites(tmp_path: Path, st
         _assert_legal_history(store, job.job_id)
 
 
-async def test_run_never_exceeds_the_concurrency_limit(tmp_path: Path, store: Store) -> None:
+# Job #N to start (numbered by arrived/N, claimed in turn) records "start KEY", fails at once if
+# fewer than N - LIMIT jobs have ended (ended/ only grows: more than LIMIT ran at once), then
+# waits, bounded, until job #N+LIMIT-1 has started (or all TOTAL have) and records "end KEY".
+# So LIMIT jobs are running at every start after the first LIMIT, whatever the timing; a
+# scheduler that runs fewer leaves a job waiting for one that cannot start: its bounded wait
+# fails it, saying so, instead of hanging.
+GATE = """\
+import os, sys, time
+key, limit, total, bound_s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+with open('events.log', 'a') as f:
+    f.write('start ' + key + chr(10))
+n = 1
+while True:
+    try:
+        open(os.path.join('arrived', str(n)), 'x').close()
+        break
+    except FileExistsError:
+        n += 1
+ended = len(os.listdir('ended'))
+if ended < n - limit:
+    sys.exit(f'{key}: job #{n} started while only {ended} had ended: over the limit {limit}')
+want = min(total, n + limit - 1)
+deadline = time.monotonic() + bound_s
+while len(os.listdir('arrived')) < want:
+    if time.monotonic() > deadline:
+        got = len(os.listdir('arrived'))
+        sys.exit(f'{key}: job #{n} waited {bound_s}s for job #{want} to start; {got} started')
+    time.sleep(0.01)
+with open('events.log', 'a') as f:
+    f.write('end ' + key + chr(10))
+open(os.path.join('ended', key), 'x').close()
+"""
+
+
+async def test_run_never_exceeds_the_concurrency_limit_and_reaches_it(
+    tmp_path: Path, store: Store
+) -> None:
+    (tmp_path / "gate.py").write_text(GATE)
+    (tmp_path / "arrived").mkdir()
+    (tmp_path / "ended").mkdir()
     steps = "\n".join(
-        f"  - {{key: j{n}, command: '{MARK} start j{n} && {MARK} end j{n}'}}" for n in range(16)
+        f"  - {{key: j{n}, command: '{PY} gate.py j{n} 3 16 {TIMEOUT_S}'}}" for n in range(16)
     )
     build = _write(tmp_path, "steps:\n" + steps + "\n")
-    result = await _run(build, store, concurrency=3)
-    assert result.state is BuildState.PASSED
+    with anyio.fail_after(2 * TIMEOUT_S):
+        # fail_fast: a job that finds the limit broken (or never reached) ends the build.
+        options = RunOptions(concurrency=3, fail_fast=True)
+        result = await run_build(build, store=store, options=options)
+    logs = {k: job_log(store, j.job_id) for k, j in result.jobs.items() if j.exit_code}
+    assert result.state is BuildState.PASSED, logs
     running = peak = 0
     for kind, _ in _events(tmp_path / "events.log"):
         running += 1 if kind == "start" else -1
         peak = max(peak, running)
-    assert 1 <= peak <= 3
+    assert peak == 3  # never more (checked by each job as it started), and reached
 
 
 async def test_run_retries_only_listed_exit_codes(tmp_path: Path, store: Store) -> None:

@@ -19,7 +19,16 @@ import anyio.lowlevel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from executor import Backoff, BuildSpec, JobState, JobStatus, Readiness, StepSpec, build_plan
+from executor import (
+    Backoff,
+    BuildSpec,
+    JobState,
+    JobStatus,
+    Readiness,
+    StepSpec,
+    WaitSpec,
+    build_plan,
+)
 from executor.plan import Plan
 from executor.run.process import AttemptResult, AttemptSpec, Reason, StopRequest, Stream
 from executor.run.scheduler import JobUpdate, RunOptions, Scheduler
@@ -188,3 +197,89 @@ def test_scheduler_invariants_under_random_outcomes_and_cancels(
         last = {c.key: c.state for c in runner.shown if c.key is not None}
         assert last == {j.step_key: j.state.value for j in jobs}
         assert [c.state for c in runner.shown if c.key is None][-1] == build.state.value
+
+
+class GateRunner:
+    """Holds the attempts of a group of independent jobs until ``limit`` of them run at once,
+    or the whole group has started; once a group's gate opens it stays open. So the build can
+    only end if the scheduler fills every slot it may fill: the peak is determined."""
+
+    def __init__(self, groups: list[int], limit: int) -> None:
+        self.groups = groups
+        self.limit = limit
+        self.running = 0
+        self.peak = 0
+        self.started = [0] * len(groups)
+        self.gates = [anyio.Event() for _ in groups]
+
+    async def run(
+        self,
+        spec: AttemptSpec,
+        *,
+        on_start: Callable[[], None],
+        on_output: Callable[..., None],
+        stop: StopRequest,
+    ) -> AttemptResult:
+        group = int(spec.env["HARMONT_STEP_KEY"].split("-")[0].removeprefix("g"))
+        started_at = datetime.now(UTC)
+        self.running += 1
+        self.started[group] += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            assert self.running <= self.limit, (self.running, self.limit)
+            on_start()
+            if self.running == self.limit or self.started[group] == self.groups[group]:
+                self.gates[group].set()
+            await self.gates[group].wait()
+            return AttemptResult(Reason.EXITED, 0, None, started_at, datetime.now(UTC))
+        finally:
+            self.running -= 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    groups=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    concurrency=st.integers(1, 5),
+    in_build_file=st.booleans(),
+)
+def test_scheduler_runs_as_many_jobs_at_once_as_the_limit_and_the_plan_allow(
+    groups: list[int], concurrency: int, in_build_file: bool
+) -> None:
+    """Groups of independent jobs separated by wait barriers: the most jobs running at once is
+    exactly min(limit, largest group), the limit given in the build file or the options."""
+    steps: list[StepSpec | WaitSpec] = []
+    for g, size in enumerate(groups):
+        if g:
+            steps.append(WaitSpec())
+        steps.extend(StepSpec(key=f"g{g}-{i}", command="true") for i in range(size))
+    spec = BuildSpec(steps=tuple(steps), concurrency=concurrency if in_build_file else None)
+    plan = build_plan(spec)
+    runner = GateRunner(groups, concurrency)
+    with tempfile.TemporaryDirectory() as tmp, open_store(Path(tmp) / "h.db") as store:
+        created = store.create_build(
+            org="local",
+            pipeline="p",
+            plan=plan,
+            build_file=None,
+            working_dir=tmp,
+            now=datetime.now(UTC),
+        )
+        options = RunOptions(
+            concurrency=None if in_build_file else concurrency, working_dir=Path(tmp)
+        )
+        scheduler = Scheduler(plan, store, created, options=options, runner=runner)
+
+        async def go() -> None:
+            try:
+                with anyio.fail_after(30):
+                    result = await scheduler.run()
+            except TimeoutError:
+                raise AssertionError(
+                    f"stuck: jobs started per group {runner.started} of {groups}, at most "
+                    f"{runner.peak} at once with a limit of {concurrency}: the scheduler left "
+                    "slots free while jobs were ready"
+                ) from None
+            assert result.state.value == "passed"
+
+        anyio.run(go)
+    assert runner.peak == min(concurrency, max(groups))

@@ -20,8 +20,10 @@ from urllib.parse import urlsplit
 
 import pytest
 from conftest import with_schema
+from faults import Faults, open_faulty_store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from serving import assert_sound
 
 import executor
 from executor.errors import StoreError
@@ -523,47 +525,52 @@ def test_store_reads_committed_data_while_another_connection_writes(store: Store
     assert job is not None and job.state is JobState.SCHEDULED
 
 
-def _fill_disk(store: Store, job_id: str) -> str:
-    """Make the store refuse writes and queue one; return what the error says (SQLite: the
-    file turned read-only; PostgreSQL: the server went read-only, as a standby). A full disk,
-    which a reserve helps with, is the reliability tests' (a real tmpfs)."""
+def _fill_disk(store: Store, faults: Faults, job_id: str) -> str:
+    """Make the database refuse the writer's writes (on its connection, ``faults``) and queue
+    one; return what the error says (SQLite: the file turned read-only; PostgreSQL: the server
+    went read-only, as a standby). A full disk, which a reserve helps with, is the reliability
+    tests' (a real tmpfs)."""
     if store.dialect == "sqlite":
-        store._execute_in_writer("PRAGMA query_only = 1")
+        faults.inject("PRAGMA query_only = 1")
         expected = r"readonly.*make the database file"
     else:
-        store._execute_in_writer("SET TRANSACTION READ ONLY")  # first in its transaction
-        store._execute_in_writer("SET default_transaction_read_only = on")  # and later ones
+        faults.inject(
+            "SET TRANSACTION READ ONLY",  # first in its transaction
+            "SET default_transaction_read_only = on",  # and later ones
+        )
         expected = r"read-only.*point --db / HARMONT_DB at the primary"
     store.append_log(job_id, 1, "stdout", b"x" * 1_000_000, at=T0)
     return expected
 
 
 def test_store_failed_write_raises_from_flush_and_keeps_committed_data(db: str) -> None:
-    store = open_store(db)
+    store, faults = open_faulty_store(db)
     job_id = _create(store).job_ids["deps"]
     store.append_log(job_id, 1, "stdout", b"kept", at=T0)
     store.flush()
-    expected = _fill_disk(store, job_id)
+    expected = _fill_disk(store, faults, job_id)
     with pytest.raises(StoreError, match=expected):
         store.flush()
     store.close()  # already reported: close does not raise it again
     with open_store(db) as again:
         assert [c.content for c in again.read_log(job_id)] == [b"kept"]
-        assert again.check_integrity() == "ok"
+        assert_sound(again)
 
 
-def test_store_refuses_writes_after_a_failed_write(store: Store) -> None:
+def test_store_refuses_writes_after_a_failed_write(db: str) -> None:
+    store, faults = open_faulty_store(db)
     job_id = _create(store).job_ids["deps"]
-    expected = _fill_disk(store, job_id)
+    expected = _fill_disk(store, faults, job_id)
     with pytest.raises(StoreError, match=expected):
         store.flush()
     with pytest.raises(StoreError, match=expected):
         store.record_attempt_started(job_id, 1, at=T0)
+    store.close()  # already reported: close does not raise it again
 
 
 def test_store_close_raises_a_failed_write_not_yet_reported(db: str) -> None:
-    store = open_store(db)
-    expected = _fill_disk(store, _create(store).job_ids["deps"])
+    store, faults = open_faulty_store(db)
+    expected = _fill_disk(store, faults, _create(store).job_ids["deps"])
     with pytest.raises(StoreError, match=expected):
         store.close()
     store.close()  # idempotent
@@ -597,9 +604,9 @@ def test_store_commits_queued_writes_when_a_process_exits_without_close(db: str)
         assert [c.content for c in store.read_log(job_id)] == [b"%d" % i for i in range(1000)]
 
 
-def test_store_check_integrity_reports_ok(store: Store) -> None:
+def test_store_a_new_build_passes_verify(store: Store) -> None:
     _create(store)
-    assert store.check_integrity() == "ok"
+    assert_sound(store)
 
 
 # --- locations --------------------------------------------------------------------------------
@@ -759,7 +766,7 @@ def test_store_batches_record_exactly_what_one_by_one_writes_would(
             attempts = {a.number: (a.started_at, a.exit_code) for a in store.list_attempts(job_id)}
             assert attempts == expected_attempts.get(key, {})
             assert [c.content for c in store.read_log(job_id)] == expected_log.get(key, [])
-        assert store.check_integrity() == "ok"
+        assert_sound(store)
 
 
 # --- PostgreSQL: what a user gets wrong -------------------------------------------------------
