@@ -22,8 +22,13 @@ __all__ = [
     "ErrorCode",
     "ExecutorError",
     "InternalError",
+    "InvalidNameError",
+    "InvalidSourceError",
     "InvalidTransitionError",
+    "OrganizationNotFoundError",
     "RecordFailedError",
+    "SlugTakenError",
+    "SourceTooLargeError",
     "StoreError",
     "StoreLocationError",
     "StoreNotFoundError",
@@ -46,6 +51,7 @@ class ErrorCode(StrEnum):
     BUILD_ABANDONED = "build_abandoned"
     RECORD_FAILED = "record_failed"
     ARTIFACT_UPLOAD_FAILED = "artifact_upload_failed"
+    INVALID_SOURCE = "invalid_source"  # a build refused at createBuild: its tarball (SPEC §6.3)
     # The API's error envelope (SPEC §6; docs/api.md).
     UNAUTHORIZED = "unauthorized"
     ORGANIZATION_NOT_FOUND = "organization_not_found"
@@ -64,6 +70,10 @@ class ErrorCode(StrEnum):
     STORE_READ_ONLY = "store_read_only"
     STORE_UNAVAILABLE = "store_unavailable"
     INTERNAL_ERROR = "internal_error"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    SERVICE_UNAVAILABLE = "service_unavailable"
+    TOKEN_SCOPE_FORBIDDEN = "token_scope_forbidden"
+    API_TOKEN_NOT_FOUND = "api_token_not_found"
     # Exceptions only (the CLI prints them; the API answers them as one of the above).
     EXECUTOR_ERROR = "executor_error"
     INVALID_BUILD_FILE = "invalid_build_file"
@@ -73,6 +83,8 @@ class ErrorCode(StrEnum):
     STORE_NOT_FOUND = "store_not_found"
     INVALID_STORE_LOCATION = "invalid_store_location"
     INVALID_BUILD_STATE = "invalid_build_state"
+    SLUG_TAKEN = "slug_taken"
+    INVALID_NAME = "invalid_name"
 
 
 class ExecutorError(Exception):
@@ -108,7 +120,10 @@ class Diagnostic:
                 if self.column is not None:
                     where += f":{self.column}"
             where += ": "
-        step = f"step {self.step_key!r}: " if self.step_key is not None else ""
+        step = ""
+        if self.step_key is not None:
+            key = repr(self.step_key)  # cut as model.show_value cuts values: a key can be huge
+            step = f"step {key if len(key) <= 80 else key[:77] + '...'}: "
         return f"{where}{step}{self.message}"
 
 
@@ -160,6 +175,40 @@ class CycleError(BuildFileError):
     def __init__(self, cycle: list[str], diagnostic: Diagnostic) -> None:
         self.cycle = tuple(cycle)
         super().__init__([diagnostic])
+
+
+class InvalidNameError(ExecutorError):
+    """A name given for a new organization or pipeline cannot be one: empty, too long, or
+    without a letter or digit to make its slug from."""
+
+    code = ErrorCode.INVALID_NAME
+
+
+class InvalidSourceError(ExecutorError):
+    """A build's source tarball (``createBuild``'s ``source_b64``) cannot be unpacked safely:
+    not a gzip tarball, or a member that would write outside the workspace (an absolute path,
+    ``..``, a link leading out), a device or FIFO; the message names the member."""
+
+    code = ErrorCode.INVALID_SOURCE
+
+
+class SourceTooLargeError(InvalidSourceError):
+    """A build's source tarball unpacks to more than the server takes (``serve
+    --max-upload-mb``): the API answers 413, as for an upload over the limit."""
+
+    code = ErrorCode.PAYLOAD_TOO_LARGE
+
+
+class OrganizationNotFoundError(ExecutorError):
+    """No organization has the slug asked for (a pipeline created in it, ...)."""
+
+    code = ErrorCode.ORGANIZATION_NOT_FOUND
+
+
+class SlugTakenError(ExecutorError):
+    """A new organization's or pipeline's name makes a slug that one already has."""
+
+    code = ErrorCode.SLUG_TAKEN
 
 
 class InternalError(ExecutorError):

@@ -10,6 +10,7 @@ This package re-exports the public names and holds no logic.
 from __future__ import annotations
 
 from executor.store.blobs import Blob, BlobStore
+from executor.store.names import MAX_NAME_LENGTH, slug_for
 from executor.store.opening import (
     DB_ENV,
     DEFAULT_DB,
@@ -20,6 +21,7 @@ from executor.store.opening import (
 from executor.store.reads import token_hash
 from executor.store.recovery import LostBuild
 from executor.store.rows import (
+    REFUSED_CODES,
     UNSET,
     ArtifactRow,
     AttemptRow,
@@ -35,12 +37,15 @@ from executor.store.rows import (
     TransitionRow,
     Unset,
 )
-from executor.store.sql import SCHEMA_VERSION
+from executor.store.sql import LOCAL_ORGANIZATION, SCHEMA_VERSION
 from executor.store.store import TOKEN_PREFIX, Store
 
 __all__ = [
     "DB_ENV",
     "DEFAULT_DB",
+    "LOCAL_ORGANIZATION",
+    "MAX_NAME_LENGTH",
+    "REFUSED_CODES",
     "SCHEMA_VERSION",
     "TOKEN_PREFIX",
     "UNSET",
@@ -64,5 +69,6 @@ __all__ = [
     "open_store",
     "resolve_backend",
     "resolve_db_path",
+    "slug_for",
     "token_hash",
 ]

@@ -181,6 +181,17 @@ class Reader:
         rows = self._rows(sql.BUILD_BY_ID, (build_id,))
         return BuildRow.from_db(rows[0]) if rows else None
 
+    def cancel_requested(self, build_id: str) -> bool:
+        """Whether a cancel of the build was requested (``Store.request_cancel``): its executor
+        asks about every second."""
+        rows = self._rows(sql.CANCEL_REQUESTED, (build_id,))
+        return bool(rows and rows[0][0])
+
+    def abandoned_queued_builds(self, host: str) -> list[BuildRow]:
+        """Builds of ``host``'s `serve` queue whose executor died before they ended, with jobs
+        that ``resume`` would run again; oldest first."""
+        return [BuildRow.from_db(r) for r in self._rows(sql.ABANDONED_QUEUED_BUILDS, (host,))]
+
     # --- jobs ------------------------------------------------------------------------------
 
     def list_jobs(self, build_id: str) -> list[JobRow]:

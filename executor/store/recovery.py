@@ -15,7 +15,7 @@ from executor.store import sql
 from executor.store.backend import Connection
 from executor.store.rows import format_time
 
-__all__ = ["LostBuild", "abandon_build", "reopen_build", "reuse_results"]
+__all__ = ["LostBuild", "abandon_build", "reopen_build", "reuse_in_transaction", "reuse_results"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,32 +140,38 @@ def reuse_results(db: Connection, pairs: list[tuple[str, str]], now: datetime) -
     """For each (new job id, earlier passed job id): the new job (``pending``) becomes
     ``passed`` by event ``reused``, with the earlier job's exit code and times, a reference to
     it, and copies of its artifact records (the files are shared). One transaction."""
-    at = format_time(now)
     db.execute("BEGIN IMMEDIATE")
     try:
-        for new_id, old_id in pairs:
-            old = db.execute(sql.JOB_BY_ID, (old_id,)).fetchone()
-            if old is None or old["state"] != JobState.PASSED.value:
-                raise ValueError(f"job {old_id} did not pass: its result cannot be reused")
-            changed = db.execute(
-                sql.REUSE_JOB,
-                (old["exit_code"], old["started_at"], old["finished_at"], old_id, new_id),
-            ).rowcount
-            if changed != 1:
-                raise ValueError(f"job {new_id} is not pending: it cannot take a result")
-            new = transition(JobState.PENDING, Event.REUSED)
-            last = db.execute(sql.LAST_TRANSITION_SEQ, (new_id,)).fetchone()[0]
-            db.execute(
-                sql.INSERT_TRANSITION,
-                (new_id, (last or 0) + 1, "pending", Event.REUSED.value, new.value, at),
-            )
-            for row in db.execute(sql.ARTIFACTS_OF_JOB_ALL, (old_id,)).fetchall():
-                db.execute(sql.INSERT_ARTIFACT, (str(uuid.uuid4()), new_id, *tuple(row)))
+        reuse_in_transaction(db, pairs, format_time(now))
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+
+
+def reuse_in_transaction(db: Connection, pairs: list[tuple[str, str]], at: str) -> None:
+    """``reuse_results`` inside a transaction the caller holds (``create_build`` of a queued
+    retry: its jobs take their results before any executor can claim it). ValueError when a
+    job cannot take or give a result (a bug)."""
+    for new_id, old_id in pairs:
+        old = db.execute(sql.JOB_BY_ID, (old_id,)).fetchone()
+        if old is None or old["state"] != JobState.PASSED.value:
+            raise ValueError(f"job {old_id} did not pass: its result cannot be reused")
+        changed = db.execute(
+            sql.REUSE_JOB,
+            (old["exit_code"], old["started_at"], old["finished_at"], old_id, new_id),
+        ).rowcount
+        if changed != 1:
+            raise ValueError(f"job {new_id} is not pending: it cannot take a result")
+        new = transition(JobState.PENDING, Event.REUSED)
+        last = db.execute(sql.LAST_TRANSITION_SEQ, (new_id,)).fetchone()[0]
+        db.execute(
+            sql.INSERT_TRANSITION,
+            (new_id, (last or 0) + 1, "pending", Event.REUSED.value, new.value, at),
+        )
+        for row in db.execute(sql.ARTIFACTS_OF_JOB_ALL, (old_id,)).fetchall():
+            db.execute(sql.INSERT_ARTIFACT, (str(uuid.uuid4()), new_id, *tuple(row)))
 
 
 def resume_hint(build: LostBuild) -> str:

@@ -14,10 +14,11 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, NamedTuple, Protocol
 
-from executor.errors import InternalError
+from executor.errors import ErrorCode, InternalError
 from executor.states import BuildState, JobState
 
 __all__ = [
+    "REFUSED_CODES",
     "UNSET",
     "ArtifactRow",
     "AttemptRow",
@@ -45,6 +46,12 @@ class Unset(Enum):
 
 
 UNSET = Unset.UNSET
+
+REFUSED_CODES = frozenset(
+    {ErrorCode.INVALID_BUILD_FILE, ErrorCode.INVALID_SOURCE, ErrorCode.PAYLOAD_TOO_LARGE}
+)
+"""The error codes of a build refused when it was submitted (its IR, its source): recorded
+``failed`` with no jobs; nothing of it ever ran."""
 
 
 class DbRow(Protocol):
@@ -101,23 +108,45 @@ class CreatedBuild:
 
 @dataclass(frozen=True, slots=True)
 class OrganizationRow:
+    """An organization. ``name`` and ``url`` are what ``createOrganization`` was given; None
+    for one that `run` made on first use (and for ``local``): the slug is its name."""
+
     slug: str
     created_at: datetime
+    name: str | None = None
+    url: str | None = None
 
     @classmethod
     def from_db(cls, r: DbRow) -> OrganizationRow:
-        return cls(slug=r["slug"], created_at=_time(r["created_at"]))
+        return cls(slug=r["slug"], created_at=_time(r["created_at"]), name=r["name"], url=r["url"])
 
 
 @dataclass(frozen=True, slots=True)
 class PipelineRow:
+    """A pipeline. The fields after ``created_at`` are what ``createPipeline`` was given;
+    None for one that `run` made on first use."""
+
     org: str
     slug: str
     created_at: datetime
+    name: str | None = None
+    repository: str | None = None
+    default_branch: str | None = None
+    description: str | None = None
+    repo_name: str | None = None
 
     @classmethod
     def from_db(cls, r: DbRow) -> PipelineRow:
-        return cls(org=r["org"], slug=r["slug"], created_at=_time(r["created_at"]))
+        return cls(
+            org=r["org"],
+            slug=r["slug"],
+            created_at=_time(r["created_at"]),
+            name=r["name"],
+            repository=r["repository"],
+            default_branch=r["default_branch"],
+            description=r["description"],
+            repo_name=r["repo_name"],
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +205,19 @@ class BuildRow:
     executor_host: str | None
     executor_pid: int | None
     heartbeat_at: datetime | None
+    # The host whose `serve` queue took the build (its workspace is there); None for a build
+    # a command (`run`, `retry`) ran directly.
+    queue_host: str | None = None
+
+    @property
+    def queued(self) -> bool:
+        """Waiting in a `serve` queue: recorded, not yet claimed by an executor."""
+        return self.state is BuildState.SCHEDULED and self.executor_host is None
+
+    @property
+    def refused(self) -> bool:
+        """Refused when it was submitted (``REFUSED_CODES``): nothing of it ran."""
+        return self.state is BuildState.FAILED and self.error_code in REFUSED_CODES
 
     @classmethod
     def from_db(cls, r: DbRow) -> BuildRow:
@@ -201,6 +243,7 @@ class BuildRow:
             executor_host=r["executor_host"],
             executor_pid=r["executor_pid"],
             heartbeat_at=parse_time(r["heartbeat_at"]),
+            queue_host=r["queue_host"],
         )
 
 

@@ -54,9 +54,24 @@ class Dialect:
     # that a second process waits and then sees the change (SQLite's BEGIN IMMEDIATE already
     # serializes whole write transactions).
     lock_rows: str
+    # Appended to the SELECT that picks a queued build to claim: a row another process is
+    # claiming is passed over, not waited for (SQLite: the write lock serializes claims).
+    skip_locked: str
+    # The current time as the store's timestamp text (``format_time``), in SQL: for the rows
+    # a migration writes.
+    now_text: str
 
 
-SQLITE = Dialect("sqlite", "SQLite", "BLOB", "INTEGER PRIMARY KEY AUTOINCREMENT", None, "")
+SQLITE = Dialect(
+    "sqlite",
+    "SQLite",
+    "BLOB",
+    "INTEGER PRIMARY KEY AUTOINCREMENT",
+    None,
+    "",
+    "",
+    "strftime('%Y-%m-%dT%H:%M:%S', 'now') || '.000000Z'",
+)
 POSTGRESQL = Dialect(
     "postgresql",
     "PostgreSQL",
@@ -65,6 +80,8 @@ POSTGRESQL = Dialect(
     # An arbitrary constant key ("harmont" in ASCII), held until the transaction ends.
     "SELECT pg_advisory_xact_lock(7526466726876116)",
     " FOR UPDATE",
+    " FOR UPDATE SKIP LOCKED",
+    "to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
 )
 
 CREATE_SCHEMA_MIGRATIONS = (
@@ -267,12 +284,38 @@ _V5: Mapping[str, tuple[str, ...]] = {
     ),
 }
 
+LOCAL_ORGANIZATION = "local"
+"""The organization every store has from the start (SPEC §6.3), where `run` records by
+default."""
+LOCAL_ORGANIZATION_ID = "6c6f6361-6c00-4000-8000-000000000000"  # fixed: the migration makes it
+
+_V6: tuple[str, ...] = (
+    # Organizations and pipelines created through the API (createOrganization, createPipeline)
+    # keep what they were created with; NULL for those `run` made on first use.
+    "ALTER TABLE organizations ADD COLUMN name TEXT",
+    "ALTER TABLE organizations ADD COLUMN url TEXT",
+    "ALTER TABLE pipelines ADD COLUMN name TEXT",
+    "ALTER TABLE pipelines ADD COLUMN repository TEXT",
+    "ALTER TABLE pipelines ADD COLUMN default_branch TEXT",
+    "ALTER TABLE pipelines ADD COLUMN description TEXT",
+    "ALTER TABLE pipelines ADD COLUMN repo_name TEXT",
+    # The build queue of `serve`: a build it accepted is queued on its host (where its
+    # workspace is) until a `serve` there claims it (executor_host NULL until then).
+    "ALTER TABLE builds ADD COLUMN queue_host TEXT",
+    "CREATE INDEX builds_queued ON builds (queue_host, created_at) WHERE executor_host IS NULL",
+    # A fresh store is usable by Harmont's SDK at once: it has the `local` organization.
+    "INSERT INTO organizations (id, slug, created_at) VALUES "
+    f"('{LOCAL_ORGANIZATION_ID}', '{LOCAL_ORGANIZATION}', {{now_text}}) "
+    "ON CONFLICT (slug) DO NOTHING",
+)
+
 _MIGRATIONS: tuple[tuple[str, ...] | Mapping[str, tuple[str, ...]], ...] = (
     _V1,
     _V2,
     _V3,
     _V4,
     _V5,
+    _V6,
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -282,7 +325,11 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 @cache
 def migrations(dialect: Dialect) -> tuple[tuple[str, ...], ...]:
     """The migrations' statements for ``dialect``, in order; entry n-1 is migration n."""
-    words = {"bytes_type": dialect.bytes_type, "serial_key": dialect.serial_key}
+    words = {
+        "bytes_type": dialect.bytes_type,
+        "serial_key": dialect.serial_key,
+        "now_text": dialect.now_text,
+    }
     scripts = (m if isinstance(m, tuple) else m[dialect.name] for m in _MIGRATIONS)
     return tuple(tuple(s.format(**words) for s in script) for script in scripts)
 
@@ -306,8 +353,9 @@ TAKE_BUILD_NUMBER = (
 INSERT_BUILD = (
     "INSERT INTO builds (id, pipeline_id, number, state, source, branch, commit_sha, message, "
     "created_at, scheduled_at, build_file, working_dir, plan_json, cancel_requested, "
-    "executor_host, executor_pid, executor_started_at, heartbeat_at, executor_id) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)"
+    "executor_host, executor_pid, executor_started_at, heartbeat_at, executor_id, queue_host, "
+    "error_code, error_message, finished_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 INSERT_JOB = (
     "INSERT INTO jobs (id, build_id, position, step_key, name, command, state, retry_policy, "
@@ -449,7 +497,7 @@ _BUILDS = (  # every column but plan_json, which can be large
     "SELECT b.id, b.number, b.state, b.source, b.branch, b.commit_sha, b.message, b.error_code, "
     "b.error_message, b.created_at, b.scheduled_at, b.started_at, b.finished_at, b.build_file, "
     "b.working_dir, b.cancel_requested, b.executor_host, b.executor_pid, b.executor_started_at, "
-    "b.heartbeat_at, p.slug AS pipeline, o.slug AS org FROM builds b "
+    "b.heartbeat_at, b.queue_host, p.slug AS pipeline, o.slug AS org FROM builds b "
     "JOIN pipelines p ON p.id = b.pipeline_id "
     "JOIN organizations o ON o.id = p.organization_id"
 )
@@ -530,10 +578,12 @@ ARTIFACTS_OF_JOB_PAGE = (
     "(SELECT a2.path, a2.id FROM artifacts a2 WHERE a2.id = ?) ORDER BY a.path, a.id LIMIT ?"
 )
 ARTIFACTS_OF_JOB_FIRST = f"{_ARTIFACTS} WHERE a.job_id = ? ORDER BY a.path, a.id LIMIT ?"
-ORGANIZATIONS = "SELECT slug, created_at FROM organizations ORDER BY slug"
-ORGANIZATION = "SELECT slug, created_at FROM organizations WHERE slug = ?"
+_ORGANIZATIONS = "SELECT slug, name, url, created_at FROM organizations"
+ORGANIZATIONS = f"{_ORGANIZATIONS} ORDER BY slug"
+ORGANIZATION = f"{_ORGANIZATIONS} WHERE slug = ?"
 _PIPELINES = (
-    "SELECT p.slug, p.created_at, o.slug AS org FROM pipelines p "
+    "SELECT p.slug, p.name, p.repository, p.default_branch, p.description, p.repo_name, "
+    "p.created_at, o.slug AS org FROM pipelines p "
     "JOIN organizations o ON o.id = p.organization_id"
 )
 PIPELINES_PAGE = f"{_PIPELINES} WHERE o.slug = ? AND p.slug > ? ORDER BY p.slug LIMIT ?"
@@ -544,11 +594,12 @@ BUILDS_PAGE = (  # newest first: numbers grow with creation within a pipeline
 
 # --- finding and finishing builds whose executor is gone (store/liveness.py) --------------
 
-ACTIVE_BUILDS = (
+ACTIVE_BUILDS = (  # a queued build (no executor yet) is waiting, not lost
     "SELECT b.id, b.number, b.state, b.executor_host, b.executor_pid, b.executor_id, "
     "b.heartbeat_at, p.slug AS pipeline, o.slug AS org FROM builds b "
     "JOIN pipelines p ON p.id = b.pipeline_id JOIN organizations o ON o.id = p.organization_id "
-    "WHERE b.state IN ('scheduled', 'running', 'failing', 'canceling')"
+    "WHERE b.state IN ('scheduled', 'running', 'failing', 'canceling') "
+    "AND b.executor_host IS NOT NULL"
 )
 BUILD_STATE = "SELECT state FROM builds WHERE id = ?"
 
@@ -609,6 +660,65 @@ REUSE_JOB = (
 ARTIFACTS_OF_JOB_ALL = (
     "SELECT path, filename, mime_type, file_size, sha1_sum, sha256, state, created_at "
     "FROM artifacts WHERE job_id = ? ORDER BY path, id"
+)
+
+# --- organizations and pipelines made through the API ----------------------------------------
+
+INSERT_ORGANIZATION = (
+    "INSERT INTO organizations (id, slug, name, url, created_at) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (slug) DO NOTHING"
+)
+INSERT_PIPELINE = (
+    "INSERT INTO pipelines (id, organization_id, slug, name, repository, default_branch, "
+    "description, repo_name, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (organization_id, slug) DO NOTHING"
+)
+
+# --- the build queue of `serve` (store.py: claim, cancel) -----------------------------------
+
+
+def oldest_queued_build(dialect: Dialect) -> str:
+    """The id of the oldest build queued on a host (``?``: the host), held for the claim."""
+    return (
+        "SELECT id FROM builds WHERE executor_host IS NULL AND queue_host = ? "
+        "AND state = 'scheduled' ORDER BY created_at, number, id LIMIT 1" + dialect.skip_locked
+    )
+
+
+CLAIM_BUILD = (
+    "UPDATE builds SET executor_host = ?, executor_pid = ?, executor_started_at = ?, "
+    "executor_id = ?, heartbeat_at = ? WHERE id = ? AND executor_host IS NULL "
+    "AND state = 'scheduled'"
+)
+
+
+def lock_build_for_cancel(dialect: Dialect) -> str:
+    """A build's state and executor, its row held until the transaction ends."""
+    return "SELECT state, executor_host FROM builds WHERE id = ?" + dialect.lock_rows
+
+
+JOBS_OF_BUILD_STATES = "SELECT id, state FROM jobs WHERE build_id = ? ORDER BY position"
+CANCEL_QUEUED_JOB = (
+    "UPDATE jobs SET state = ?, error_code = ?, error_message = ?, finished_at = ? "
+    "WHERE id = ? AND state = ?"
+)
+CANCEL_QUEUED_BUILD = (
+    "UPDATE builds SET state = 'canceled', cancel_requested = 1, finished_at = ? "
+    "WHERE id = ? AND state = 'scheduled' AND executor_host IS NULL"
+)
+REQUEST_CANCEL = (
+    "UPDATE builds SET cancel_requested = 1 WHERE id = ? "
+    "AND state IN ('scheduled', 'running', 'failing', 'canceling')"
+)
+CANCEL_REQUESTED = "SELECT cancel_requested FROM builds WHERE id = ?"
+# Builds of a host's queue whose executor died (finished as abandoned) with jobs to run again:
+# the `serve` of that host resumes them when it starts.
+ABANDONED_QUEUED_BUILDS = (
+    f"{_BUILDS} WHERE b.queue_host = ? AND b.state = 'failed' "
+    f"AND b.error_code = '{ErrorCode.BUILD_ABANDONED}' AND EXISTS (SELECT 1 FROM jobs j "
+    f"WHERE j.build_id = b.id AND ((j.state = 'failed' AND j.error_code = "
+    f"'{ErrorCode.EXECUTOR_LOST}') OR (j.state = 'canceled' AND j.error_code = "
+    f"'{ErrorCode.BUILD_ABANDONED}'))) ORDER BY b.created_at, b.id"
 )
 
 # --- API tokens (written synchronously, not through the writer: they are few) -----------------

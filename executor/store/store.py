@@ -9,31 +9,44 @@ same number. Everything else
 thread (group commit, see ``writer``) and returns at once; ``flush`` waits for it and raises the
 first failed write. This process is the only writer of the builds it creates, so the per-job
 sequence numbers of the history and the log, and each job's changing columns, are kept here, in
-memory; the write methods must therefore not be called from two threads at once. Nothing here
+memory; the queued write methods must therefore not be called from two threads at once (the
+synchronous ones take the store's lock: `serve`'s request threads create queued builds and
+cancel while its queue's thread records the running builds). Nothing here
 decides states: the transition table lives in ``executor.states`` and the runner applies it
 before it records; the store only refuses (as a bug) a change whose ``from_state`` is not the
 job's state in the store.
+
+A build may also be created queued, for a `serve` of this host to claim
+(``claim_queued_build``), or refused (``record_refused_build``); a cancel is requested of any
+build (``request_cancel``): the transactions are in ``queue``. Organizations, pipelines, tokens
+and keys are written by ``Catalog`` (``catalog``), which this class extends.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import socket
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-from executor.errors import StoreError, StoreReadOnlyError
+from executor.errors import (
+    BuildNotFoundError,
+    ErrorCode,
+    InternalError,
+    StoreError,
+    StoreReadOnlyError,
+)
 from executor.plan import Plan
 from executor.states import BuildState, Event, JobState
 from executor.store import sql
 from executor.store.backend import Backend, migrate
 from executor.store.blobs import Blob
+from executor.store.catalog import TOKEN_PREFIX, Catalog
 from executor.store.changes import (
     ArtifactRecorded,
     AttemptFinished,
@@ -50,15 +63,28 @@ from executor.store.liveness import (
     kill_job_processes,
     process_identity,
 )
-from executor.store.reads import Reader, token_hash
+from executor.store.queue import (
+    QUEUED,
+    Executor,
+    NewBuild,
+    cancel_build,
+    claim_build,
+    insert_build,
+    plan_rows,
+)
 from executor.store.recovery import LostBuild, abandon_build, reopen_build, reuse_results
-from executor.store.rows import UNSET, CreatedBuild, TokenRow, Unset, format_time, parse_time
+from executor.store.rows import (
+    UNSET,
+    BuildRow,
+    CreatedBuild,
+    Unset,
+    format_time,
+    parse_time,
+)
 from executor.store.writer import Writer
 
 __all__ = ["TOKEN_PREFIX", "LostBuild", "Store"]
 
-TOKEN_PREFIX = "hm_"
-"""Every API token starts with this (Harmont's format: ``hm_`` + 43 url-safe characters)."""
 
 _STREAMS = frozenset({"stdout", "stderr", "meta"})
 _NEW_JOB = (JobState.PENDING.value, None, 0, None, None, 0, None, None)  # sql.JOB_COLUMNS
@@ -82,7 +108,7 @@ def _fields(**given: Any) -> tuple[tuple[str, ...], list[Any]]:
     return names, [_value(given[name]) for name in names]
 
 
-class Store(Reader):
+class Store(Catalog):
     """The record of builds in one store (a SQLite file or a PostgreSQL database). Open it with
     ``open_store``; use it as a context manager or call ``close()``."""
 
@@ -138,134 +164,182 @@ class Store(Reader):
         pipeline: str,
         plan: Plan,
         build_file: str | None,
-        working_dir: str,
+        working_dir: str | Callable[[int], str],
+        source: str = "api",
+        branch: str | None = None,
+        commit: str | None = None,
+        message: str | None = None,
+        queued: bool = False,
+        reuse: Mapping[str, str] | None = None,
+        now: datetime,
+    ) -> CreatedBuild:
+        """Record a new build of ``plan`` (state ``scheduled``) with one ``pending`` job per
+        step, in plan order, and each job's first history row; committed when it returns.
+        Creates the organization and pipeline on first use.
+
+        This process is its executor, unless ``queued``: then it waits in the `serve` queue of
+        this host for ``claim_queued_build``. ``working_dir`` may be a function of the build's
+        number, called inside the transaction, that puts the directory in place and returns
+        it (the service moves an unpacked upload there; if it raises, nothing is recorded).
+        ``reuse`` (step key -> an earlier passed job's id; ``retry --failed``): those jobs
+        take that result (event ``reused``) in the same transaction."""
+        self._check_open()
+        at = format_time(now)
+        build_id = str(uuid.uuid4())
+        job_ids = {key: str(uuid.uuid4()) for key in plan.order}
+        jobs, edges, created = plan_rows(plan, build_id, job_ids, at)
+        pairs = [(job_ids[key], old_id) for key, old_id in (reuse or {}).items()]
+        new = NewBuild(
+            build_id,
+            org,
+            pipeline,
+            BuildState.SCHEDULED,
+            source,
+            branch,
+            commit,
+            message,
+            at,
+            build_file,
+            working_dir,
+            json.dumps(plan.spec.to_data()),
+            QUEUED if queued else self._executor(),
+            socket.gethostname() if queued else None,
+        )
+        number = self._insert(new, f"{org}/{pipeline}", jobs, edges, created, pairs)
+        if not queued:  # counted from here; a queued build's executor reads them from the file
+            reused = {new_id for new_id, _ in pairs}
+            for job_id in job_ids.values():
+                if job_id not in reused:
+                    self._transition_seq[job_id] = 1
+                    self._job_columns[job_id] = list(_NEW_JOB)
+                self._log_seq[job_id] = 0
+        return CreatedBuild(build_id, number, org, pipeline, job_ids)
+
+    def record_refused_build(
+        self,
+        *,
+        org: str,
+        pipeline: str,
+        error_code: ErrorCode,
+        error_message: str,
+        plan: Plan | None,
+        working_dir: str | Callable[[int], str],
         source: str = "api",
         branch: str | None = None,
         commit: str | None = None,
         message: str | None = None,
         now: datetime,
-    ) -> CreatedBuild:
-        """DbRow a new build of ``plan`` (state ``scheduled``) with one ``pending`` job per
-        step, in plan order, and each job's first history row; committed when it returns.
-        Creates the organization and pipeline on first use."""
+    ) -> BuildRow:
+        """Record a build refused when it was submitted (its IR does not load, its source
+        cannot be unpacked): ``failed`` at once with ``error_code`` and ``error_message``, no
+        jobs, nothing to run, as Harmont keeps it. Returns its row."""
         self._check_open()
-        at = format_time(now)
         build_id = str(uuid.uuid4())
-        job_ids = {key: str(uuid.uuid4()) for key in plan.order}
-        jobs = [
-            (
-                job_ids[step.key],
-                build_id,
-                position,
-                step.key,
-                step.label,
-                step.command,
-                JobState.PENDING.value,
-                None
-                if step.retry_policy is None
-                else json.dumps(step.retry_policy.model_dump(mode="json")),
-                None
-                if step.soft_fail_policy is None
-                else json.dumps(step.soft_fail_policy.model_dump(mode="json")),
-                at,
-            )
-            for position, step in enumerate(plan)
-        ]
-        edges = [
-            (job_ids[e.target], job_ids[e.source], ",".join(k.value for k in e.kinds))
-            for e in plan.edges
-        ]
-        created = [
-            (job_id, 0, None, "created", JobState.PENDING.value, at) for job_id in job_ids.values()
-        ]
-        plan_json = json.dumps(plan.spec.to_data())
-        try:
-            with self._lock:
-                db = self._db
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    db.execute(sql.ENSURE_ORGANIZATION, (str(uuid.uuid4()), org, at))
-                    org_id = db.execute(sql.ORGANIZATION_ID, (org,)).fetchone()[0]
-                    db.execute(sql.ENSURE_PIPELINE, (str(uuid.uuid4()), org_id, pipeline, at))
-                    pipeline_id = db.execute(sql.PIPELINE_ID, (org_id, pipeline)).fetchone()[0]
-                    number = int(db.execute(sql.TAKE_BUILD_NUMBER, (pipeline_id,)).fetchone()[0])
-                    db.execute(
-                        sql.INSERT_BUILD,
-                        (
-                            build_id,
-                            pipeline_id,
-                            number,
-                            BuildState.SCHEDULED.value,
-                            source,
-                            branch,
-                            commit,
-                            message,
-                            at,
-                            at,
-                            build_file,
-                            working_dir,
-                            plan_json,
-                            socket.gethostname(),
-                            os.getpid(),
-                            _PROCESS_STARTED_AT,
-                            at,
-                            _IDENTITY,
-                        ),
-                    )
-                    db.executemany(sql.INSERT_JOB, jobs)
-                    db.executemany(sql.INSERT_DEPENDENCY, edges)
-                    db.executemany(sql.INSERT_TRANSITION, created)
-                    db.execute("COMMIT")
-                except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
-                    raise
-        except self._errors as exc:
-            raise self._backend.error(f"record a new build of {org}/{pipeline}", exc) from None
-        for job_id in job_ids.values():
-            self._transition_seq[job_id] = 1
-            self._log_seq[job_id] = 0
-            self._job_columns[job_id] = list(_NEW_JOB)
-        return CreatedBuild(build_id, number, org, pipeline, job_ids)
+        new = NewBuild(
+            build_id,
+            org,
+            pipeline,
+            BuildState.FAILED,
+            source,
+            branch,
+            commit,
+            message,
+            format_time(now),
+            None,
+            working_dir,
+            "null" if plan is None else json.dumps(plan.spec.to_data()),
+            QUEUED,
+            socket.gethostname(),
+            (error_code.value, error_message),
+        )
+        self._insert(new, f"{org}/{pipeline}")
+        return self._build_row(build_id)
 
-    # --- API tokens (synchronous) ------------------------------------------------------------
-
-    def create_token(
+    def _insert(
         self,
-        *,
-        description: str | None,
-        organizations: Sequence[str] | None,
-        expires_at: datetime | None,
-        now: datetime,
-    ) -> tuple[TokenRow, str]:
-        """DbRow a new API token; return its row and its secret (``hm_`` + 43 url-safe
-        characters), which is not stored and cannot be shown again. ``organizations`` limits
-        what it sees (None: every organization)."""
-        self._check_open()
-        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        token_id = str(uuid.uuid4())
-        orgs = None if organizations is None else json.dumps(sorted(set(organizations)))
-        expires = None if expires_at is None else format_time(expires_at)
-        args = (token_id, token_hash(secret), description, orgs, format_time(now), expires)
+        new: NewBuild,
+        name: str,
+        jobs: Sequence[tuple[Any, ...]] = (),
+        edges: Sequence[tuple[Any, ...]] = (),
+        created: Sequence[tuple[Any, ...]] = (),
+        reuse: list[tuple[str, str]] | None = None,
+    ) -> int:
         try:
             with self._lock:
-                self._db.execute(sql.INSERT_TOKEN, args)
-                row = self._db.execute(sql.TOKEN_BY_ID, (token_id,)).fetchone()
+                number, _ = insert_build(
+                    self._db, new, jobs=jobs, edges=edges, created=created, reuse=reuse
+                )
         except self._errors as exc:
-            raise self._backend.error("record a new API token", exc) from None
-        return TokenRow.from_db(row), secret
+            raise self._backend.error(f"record a new build of {name}", exc) from None
+        except ValueError as exc:
+            raise StoreError(f"{exc}; this is a bug in harmont-exec") from None
+        return number
 
-    def revoke_token(self, token_id: str, *, now: datetime) -> TokenRow | None:
-        """Revoke a token (at once: the next request with it gets 401). Returns its row, or
-        None if there is no such token; revoking twice keeps the first time."""
+    def _executor(self) -> Executor:
+        """This process, as a build's executor (see store/liveness.py)."""
+        return (socket.gethostname(), os.getpid(), _PROCESS_STARTED_AT, _IDENTITY)
+
+    def _build_row(self, build_id: str) -> BuildRow:
+        row = self.get_build_by_id(build_id)
+        if row is None:  # written by this process a moment ago
+            raise InternalError(f"build {build_id} is not in {self.location} after writing it")
+        return row
+
+    # --- the build queue of `serve` (synchronous) --------------------------------------------
+
+    def claim_queued_build(self, now: datetime) -> BuildRow | None:
+        """Take the oldest build queued on this host (``create_build(queued=True)``) for this
+        process to run: its row, now with this process as its executor, or None if none is
+        queued. Atomic: two processes (on either backend) never claim the same build."""
         self._check_open()
         try:
             with self._lock:
-                self._db.execute(sql.REVOKE_TOKEN, (format_time(now), token_id))
-                row = self._db.execute(sql.TOKEN_BY_ID, (token_id,)).fetchone()
+                build_id = claim_build(
+                    self._db, self._backend.dialect, self._executor(), format_time(now)
+                )
         except self._errors as exc:
-            raise self._backend.error(f"revoke API token {token_id}", exc) from None
-        return None if row is None else TokenRow.from_db(row)
+            raise self._backend.error("claim a queued build", exc) from None
+        if build_id is None:
+            return None
+        # Its jobs are as create_build made them (those a retry --failed passed excepted):
+        # counted from here, without a read per job on the executor's event loop.
+        for job_id, state in self._rows(sql.JOBS_OF_BUILD_STATES, (build_id,)):
+            if state == JobState.PENDING.value:
+                self._transition_seq[job_id] = 1
+                self._job_columns[job_id] = list(_NEW_JOB)
+                self._log_seq[job_id] = 0
+        return self._build_row(build_id)
+
+    def request_cancel(self, build_id: str, now: datetime) -> BuildRow:
+        """Cancel a build, whoever runs it (SPEC §6.3), and return its row as recorded now: a
+        queued one is ``canceled`` at once (its jobs too, through the transition table, in one
+        transaction); a running one is marked ``cancel_requested``, and its executor cancels
+        it within about a second, as a first SIGINT would; a finished one is unchanged.
+        BuildNotFoundError if there is no such build."""
+        self._check_open()
+        try:
+            with self._lock:
+                canceled = cancel_build(
+                    self._db,
+                    self._backend.dialect,
+                    build_id,
+                    format_time(now),
+                    "the build was canceled before it started",
+                )
+        except self._errors as exc:
+            raise self._backend.error(f"cancel build {build_id}", exc) from None
+        if canceled is None:
+            raise BuildNotFoundError(f"no build with id {build_id} in {self.location}")
+        self.forget_jobs(canceled)
+        return self._build_row(build_id)
+
+    def forget_jobs(self, job_ids: Iterable[str]) -> None:
+        """Drop what this process keeps in memory about jobs whose build has ended (a
+        long-running `serve` runs many builds). Call it only once their writes are flushed."""
+        for job_id in job_ids:
+            self._transition_seq.pop(job_id, None)
+            self._log_seq.pop(job_id, None)
+            self._job_columns.pop(job_id, None)
 
     # --- builds whose executor is gone (synchronous) -----------------------------------------
 
@@ -356,30 +430,6 @@ class Store(Reader):
         for new_id, _ in pairs:  # the file has them now: counted from there
             self._transition_seq.pop(new_id, None)
             self._job_columns.pop(new_id, None)
-
-    # --- the store's own keys (synchronous) -------------------------------------------------
-
-    def store_key(self, name: str) -> bytes:
-        """A 32-byte secret kept in the store under ``name``, made by the first process that
-        asks; every process sharing the store gets the same one (e.g. the live-log tokens'
-        HMAC key, so a token minted by one server is good at another)."""
-        self._check_open()
-        try:
-            with self._lock:
-                found = self._db.execute(sql.STORE_KEY, (name,)).fetchone()
-                if found is None:  # (only then a write: a read-only store with one works)
-                    now = format_time(datetime.now(UTC))
-                    self._db.execute(sql.ENSURE_STORE_KEY, (name, secrets.token_hex(32), now))
-                    found = self._db.execute(sql.STORE_KEY, (name,)).fetchone()
-        except self._errors as exc:
-            if self._backend.failure(exc) is Failure.READ_ONLY or self._backend.read_only():
-                raise StoreReadOnlyError(
-                    f"the store {self.location} is read-only and has no {name!r} key yet (it "
-                    "is made the first time it is needed); open the store once where it can be "
-                    "written"
-                ) from None
-            raise self._backend.error(f"read or create the key {name!r}", exc) from None
-        return bytes.fromhex(found[0])
 
     # --- queued writes -------------------------------------------------------------------------
 
@@ -550,10 +600,6 @@ class Store(Reader):
                 f"no job {job_id} in {self._backend.location}; record changes of its own jobs"
             )
         return list(rows[0])
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StoreError(f"the store {self._backend.location} is closed; open it again")
 
     def _check_writable(self) -> None:
         self._check_open()

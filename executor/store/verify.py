@@ -22,6 +22,7 @@ from executor.errors import ErrorCode, StoreError
 from executor.states import TRANSITIONS, BuildState, Event, JobState, JobStatus, roll_up
 from executor.store import sql
 from executor.store.blobs import CHUNK_BYTES, BlobStore
+from executor.store.rows import REFUSED_CODES
 
 __all__ = ["Problem", "Verification", "check_record"]
 
@@ -219,6 +220,8 @@ def _roll_up_problem(build: Any, jobs: Iterable[Any]) -> str | None:
         statuses = [JobStatus(JobState(j[3]), bool(j[4])) for j in jobs]
     except ValueError:
         return None  # a job with an unknown state is reported by its history
+    if not statuses and state is BuildState.FAILED and build[4] in REFUSED_CODES:
+        return None  # refused when it was submitted: recorded failed, with nothing to run
     expected = roll_up(statuses, cancel_requested=bool(build[3]))
     if build[4] == ErrorCode.BUILD_ABANDONED or (
         build[4] == ErrorCode.RECORD_FAILED and expected is BuildState.CANCELED
