@@ -1,7 +1,10 @@
 """A recorded build from start to end: open the store, record the build, run it, handle signals.
 
 ``run_build`` is the library entry point (``executor.run_build``); ``run_build_sync`` wraps it
-for code without an event loop. The CLI's ``run`` command is a thin layer over it.
+for code without an event loop. The CLI's ``run`` command is a thin layer over it. ``resume_build``
+and ``retry_build`` run a recorded build again (in place, or as a new one: ``record_retry``
+records it, run here or queued for ``serve``); ``run_queued_build`` runs a build of the
+``serve`` queue that this process claimed, from its recorded plan and working directory.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import anyio
 import structlog
@@ -32,7 +36,19 @@ from executor.run.scheduler import Scheduler
 from executor.states import BuildState, JobState
 from executor.store import BuildRow, CreatedBuild, Store, open_store
 
-__all__ = ["git_metadata", "resume_build", "retry_build", "run_build", "run_build_sync"]
+__all__ = [
+    "RecordedRetry",
+    "git_metadata",
+    "record_retry",
+    "resume_build",
+    "retry_build",
+    "run_build",
+    "run_build_sync",
+    "run_queued_build",
+]
+
+OnScheduler = Callable[[Scheduler], None]
+"""Told the scheduler of a build about to run (``serve`` keeps it, to stop the build)."""
 
 log = structlog.get_logger("executor.run")
 
@@ -150,6 +166,7 @@ async def resume_build(
     runner: ProcessRunner | None = None,
     on_change: Callable[[JobUpdate], None] | None = None,
     handle_signals: bool = False,
+    on_scheduler: OnScheduler | None = None,
 ) -> BuildResult:
     """Continue build ``number``, abandoned by an executor that died (``build_abandoned``) or
     stopped because its record could not be written (``record_failed``: a full disk), in
@@ -226,6 +243,8 @@ async def resume_build(
         prior=prior,
         state=BuildState.RUNNING,
     )
+    if on_scheduler is not None:
+        on_scheduler(scheduler)
     return await _drive(scheduler, handle_signals)
 
 
@@ -246,49 +265,129 @@ async def retry_build(
     there are not run: they take that result (event ``reused``, with a reference to the job,
     and its artifacts); every other job runs. Refused for a build that is still running."""
     build = _recorded_build(store, number, org, pipeline)
+    retry = await anyio.to_thread.run_sync(
+        partial(record_retry, build, store=store, failed_only=failed_only)
+    )
+    created = retry.created
+    log.info("build_created", build=created.number, retry_of=build.number, reused=len(retry.prior))
+    options = replace(options or RunOptions(), working_dir=Path(retry.working_dir))
+    scheduler = Scheduler(
+        retry.plan,
+        store,
+        created,
+        options=options,
+        runner=runner,
+        on_change=on_change,
+        prior=retry.prior,
+    )
+    return await _drive(scheduler, handle_signals)
+
+
+class RecordedRetry(NamedTuple):
+    """A retry ``record_retry`` recorded: what to run, where, and the results it took."""
+
+    plan: Plan
+    created: CreatedBuild
+    working_dir: str
+    prior: dict[str, JobResult]
+
+
+def record_retry(
+    build: BuildRow, *, store: Store, failed_only: bool, queued: bool = False
+) -> RecordedRetry:
+    """Record a new build of the plan ``build`` recorded, in its working directory (``retry``:
+    the next number of the same pipeline; with ``failed_only`` the jobs that passed in
+    ``build`` take that result in the same transaction), to run here or, ``queued``, in this
+    host's ``serve`` queue. Returns its plan, its ids and the results it took. BuildStateError
+    for a build that has not finished, or that was refused when it was submitted."""
+    name = f"build #{build.number} of {build.org}/{build.pipeline}"
     if not build.state.is_terminal:
         raise BuildStateError(
-            f"build #{build.number} of {build.org}/{build.pipeline} is {build.state.value}; "
-            "retry a build once it has finished (or resume one whose executor died)"
+            f"{name} is {build.state.value}; retry a build once it has finished (or resume "
+            "one whose executor died)"
+        )
+    if build.refused and not store.list_jobs(build.id):
+        raise BuildStateError(
+            f"{name} was refused when it was submitted ({build.error_code}: "
+            f"{build.error_message}); nothing of it ran, so there is nothing to retry: submit "
+            "it again"
         )
     plan, working_dir = _recorded_plan(store, build)
     _warn_if_changed(build.build_file, plan, build.number)
-    created = await anyio.to_thread.run_sync(
-        partial(
-            store.create_build,
-            org=build.org,
-            pipeline=build.pipeline,
-            plan=plan,
-            build_file=build.build_file,
-            working_dir=working_dir,
-            branch=build.branch,
-            commit=build.commit,
-            message=f"retry of build #{build.number}"
-            + (" (failed jobs only)" if failed_only else ""),
-            now=_now(),
-        )
+    passed = (
+        [j for j in store.list_jobs(build.id) if j.state is JobState.PASSED] if failed_only else []
     )
-    prior: dict[str, JobResult] = {}
-    if failed_only:
-        passed = [j for j in store.list_jobs(build.id) if j.state is JobState.PASSED]
-        pairs = [(created.job_ids[j.step_key], j.id) for j in passed]
-        await anyio.to_thread.run_sync(store.reuse_passed_results, pairs, _now())
-        prior = {
-            j.step_key: JobResult(
-                j.step_key,
-                created.job_ids[j.step_key],
-                JobState.PASSED,
-                exit_code=j.exit_code,
-                started_at=j.started_at,
-                finished_at=j.finished_at,
-            )
-            for j in passed
-        }
-    log.info("build_created", build=created.number, retry_of=build.number, reused=len(prior))
+    created = store.create_build(
+        org=build.org,
+        pipeline=build.pipeline,
+        plan=plan,
+        build_file=build.build_file,
+        working_dir=working_dir,
+        source=build.source,
+        branch=build.branch,
+        commit=build.commit,
+        message=f"retry of build #{build.number}" + (" (failed jobs only)" if failed_only else ""),
+        queued=queued,
+        reuse={j.step_key: j.id for j in passed},
+        now=_now(),
+    )
+    prior = {
+        j.step_key: JobResult(
+            j.step_key,
+            created.job_ids[j.step_key],
+            JobState.PASSED,
+            exit_code=j.exit_code,
+            started_at=j.started_at,
+            finished_at=j.finished_at,
+        )
+        for j in passed
+    }
+    return RecordedRetry(plan, created, working_dir, prior)
+
+
+async def run_queued_build(
+    build: BuildRow,
+    *,
+    store: Store,
+    options: RunOptions | None = None,
+    runner: ProcessRunner | None = None,
+    on_change: Callable[[JobUpdate], None] | None = None,
+    handle_signals: bool = False,
+    on_scheduler: OnScheduler | None = None,
+) -> BuildResult:
+    """Run ``build``, a build of the ``serve`` queue this process claimed
+    (``Store.claim_queued_build``), from its recorded plan in its recorded working directory;
+    the jobs that already have a result (``retry --failed``) keep it."""
+    plan, working_dir = _recorded_plan(store, build)
+    jobs = store.list_jobs(build.id)
+    counts = store.attempt_counts(build.id)
+    prior = {
+        j.step_key: JobResult(
+            j.step_key,
+            j.id,
+            j.state,
+            exit_code=j.exit_code,
+            soft_failed=j.soft_failed,
+            attempts=counts.get(j.id, 0),
+            error_code=j.error_code,
+            error_message=j.error_message,
+            started_at=j.started_at,
+            finished_at=j.finished_at,
+            retries_count=j.retries_count,
+        )
+        for j in jobs
+        if j.state.is_terminal
+    }
+    created = CreatedBuild(
+        build.id, build.number, build.org, build.pipeline, {j.step_key: j.id for j in jobs}
+    )
     options = replace(options or RunOptions(), working_dir=Path(working_dir))
+    log.info("build_claimed", build=build.number, org=build.org, pipeline=build.pipeline)
     scheduler = Scheduler(
         plan, store, created, options=options, runner=runner, on_change=on_change, prior=prior
     )
+    if on_scheduler is not None:
+        on_scheduler(scheduler)
     return await _drive(scheduler, handle_signals)
 
 

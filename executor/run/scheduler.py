@@ -61,6 +61,10 @@ __all__ = [  # the result types are re-exported: callers take them from here wit
 
 log = structlog.get_logger("executor.run")
 
+CANCEL_POLL_S = 0.5
+"""How often a running build reads whether a cancel was requested through the store (the
+API's ``cancelBuild``, whoever runs the build): it reacts within about this long."""
+
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -162,6 +166,7 @@ class Scheduler:
             if self.plan.spec.timeout_seconds is not None:
                 tg.start_soon(self._build_timer, self.plan.spec.timeout_seconds)
             tg.start_soon(self._heartbeat)
+            tg.start_soon(self._watch_cancel)
             for _ in range(min(self._limit, len(self._jobs))):
                 tg.start_soon(self._worker)
             if self._prior:
@@ -202,9 +207,23 @@ class Scheduler:
         self._log.info("build_canceling", reason=reason)
         self._stop_everything(reason)
 
+    def interrupt(self, reason: str) -> None:
+        """Stop the build to be resumed later (``serve`` stopping): what runs is stopped (its
+        process group: SIGTERM, the grace period, SIGKILL), what waits is canceled, both with
+        ``build_abandoned``, and the build ends ``failed`` with it, as when its executor dies:
+        ``resume`` (or the next ``serve``) runs those jobs again."""
+        if self._state.is_terminal or self._stopping:
+            return
+        self._log.info("build_interrupted", reason=reason)
+        self._error = (ErrorCode.BUILD_ABANDONED, reason)
+        self._stop_everything(reason, error_code=ErrorCode.BUILD_ABANDONED)
+        self._roll_up(_now())
+
     def kill(self) -> None:
-        """Second interrupt: SIGKILL every job's process group now."""
-        self.cancel()
+        """Second interrupt: SIGKILL every job's process group now (after a cancel, which
+        this makes first unless the build is already stopping)."""
+        if not self._stopping:
+            self.cancel()
         for job in self._jobs.values():
             if job.stop is not None:
                 job.stop.kill(job.stop.reason or Reason.CANCELED)
@@ -404,9 +423,10 @@ class Scheduler:
         if (
             state is BuildState.CANCELED
             and self._error
-            and self._error[0] == ErrorCode.RECORD_FAILED
+            and self._error[0] in (ErrorCode.RECORD_FAILED, ErrorCode.BUILD_ABANDONED)
         ):
-            state = BuildState.FAILED  # nobody canceled it: its record could not be written
+            # Nobody canceled it: its record could not be written, or its executor stopped.
+            state = BuildState.FAILED
         if state is self._state:
             return
         fields: dict[str, object] = {}
@@ -455,6 +475,26 @@ class Scheduler:
         while True:
             await anyio.sleep(HEARTBEAT_S)
             self._write(self.store.record_heartbeat, self.build.id, at=_now())
+
+    async def _watch_cancel(self) -> None:
+        """Cancel as a first SIGINT would once the store says a cancel was requested
+        (``Store.request_cancel``: the API, for a build run by whoever runs it)."""
+        failing = False
+        while not self._state.is_terminal:
+            try:
+                requested = await anyio.to_thread.run_sync(
+                    self.store.cancel_requested, self.build.id
+                )
+            except StoreError as exc:
+                if not failing:  # once: the next read that works says it is over
+                    self._log.warning("cancel_check_failed", error=str(exc))
+                failing = True
+            else:
+                failing = False
+                if requested:
+                    self.cancel("the build was canceled on request")
+                    return
+            await anyio.sleep(CANCEL_POLL_S)
 
     async def _build_timer(self, timeout_s: float) -> None:
         await anyio.sleep(timeout_s)
