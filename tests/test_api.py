@@ -340,7 +340,7 @@ async def test_api_error_responses_conform_to_harmont_error_schema(
             (await client.get(f"{_pipe('acme', 'ci')}/builds/99"), 404),
             (await client.get(f"{_pipe('acme', 'ci')}/builds/1/jobs/nope"), 404),
             (await client.get(f"{API}/nowhere"), 404),
-            (await client.post(f"{API}/organizations"), 405),
+            (await client.post(f"{API}/organizations/acme"), 405),
             (await client.get(f"{_pipe('acme', 'ci')}/builds/one"), 422),
             (await client.get(f"{_pipe('acme', 'ci')}/builds", params={"cursor": "x"}), 400),
         ]
@@ -451,7 +451,7 @@ async def test_api_pipelines_and_organizations_pages_of_one_walk_each_once(
         pipelines = await _walk(client, f"{API}/organizations/acme/pipelines", limit=1)
         orgs = await _walk(client, f"{API}/organizations", limit=1)
     assert [p["slug"] for p in pipelines] == ["broken", "ci", "tiny"]
-    assert [o["slug"] for o in orgs] == ["acme", "other"]
+    assert [o["slug"] for o in orgs] == ["acme", "local", "other"]  # every store has local
 
 
 @pytest.mark.parametrize(("limit", "count"), [(0, 1), (-5, 1), (1, 1), (2, 2), (1000, 3)])
@@ -581,7 +581,7 @@ async def test_api_valid_token_is_accepted(record: Record) -> None:
         response = await client.get(
             f"{API}/organizations", headers={"Authorization": f"Bearer {record.token}"}
         )
-    assert [o["slug"] for o in _ok(response)["data"]] == ["acme", "other"]
+    assert [o["slug"] for o in _ok(response)["data"]] == ["acme", "local", "other"]
 
 
 async def test_api_ping_and_openapi_need_no_token(record: Record) -> None:
@@ -689,7 +689,7 @@ async def test_api_unknown_route_is_not_found_envelope(record: Record) -> None:
 
 async def test_api_post_is_method_not_allowed(record: Record) -> None:
     async with _client(record.app, record.token) as client:
-        for path in (f"{API}/ping", f"{API}/organizations", f"{_pipe('acme', 'ci')}/builds"):
+        for path in (f"{API}/ping", f"{API}/organizations/acme", f"{_pipe('acme', 'ci')}/builds/1"):
             _assert_error(await client.post(path, json={}), 405, "method_not_allowed")
 
 
@@ -807,10 +807,8 @@ async def test_api_app_closes_its_own_store_on_shutdown(tmp_path: Path) -> None:
             await started.wait()
             assert sent == ["lifespan.startup.complete"]
             async with _client(app, token) as client:
-                assert _ok(await client.get(f"{API}/organizations")) == {
-                    "data": [],
-                    "next_cursor": None,
-                }
+                organizations = _ok(await client.get(f"{API}/organizations"))
+                assert [o["slug"] for o in organizations["data"]] == ["local"]
             assert open_files(), "the app reads its own store"
             shutdown.set()
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]

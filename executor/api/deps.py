@@ -1,8 +1,10 @@
 """What routes declare they need, as FastAPI dependencies: the store, the caller's token, the
-live log stream's settings, and the page parameters.
+live log stream's settings, the build service and the upload limit, and the page parameters.
 
-``create_app`` puts the store and the live log settings on ``app.state``; these read them from
-there, so a route module holds no state of its own. ``Caller`` is the Bearer token (a 401
+``create_app`` puts the store, the live log settings, the build service (if any) and the upload
+limit on ``app.state``; these read them from there, so a route module holds no state of its
+own. ``Service`` is the build service, or a 503 ``service_unavailable`` for an app that has
+none. ``Caller`` is the Bearer token (a 401
 envelope for anything else); the tenancy checks that follow are ``lookup``'s.
 """
 
@@ -13,12 +15,23 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from executor.api.errors import unauthorized_error
+from executor.api.errors import ApiError, ErrorType, unauthorized_error
 from executor.api.live import LiveLog
 from executor.api.lookup import read
+from executor.api.service import BuildService
+from executor.errors import ErrorCode
 from executor.store import Store, TokenRow
 
-__all__ = ["Caller", "Cursor", "Limit", "LiveLogDep", "StoreDep", "caller"]
+__all__ = [
+    "Caller",
+    "Cursor",
+    "Limit",
+    "LiveLogDep",
+    "Service",
+    "StoreDep",
+    "UploadLimit",
+    "caller",
+]
 
 
 def _store(request: Request) -> Store:
@@ -31,10 +44,33 @@ def _live_log(request: Request) -> LiveLog:
     return live_log
 
 
+def _service(request: Request) -> BuildService:
+    service: BuildService | None = request.app.state.service
+    if service is None:
+        raise ApiError(
+            503,
+            ErrorType.SERVER_ERROR,
+            ErrorCode.SERVICE_UNAVAILABLE,
+            "this server runs no builds (its app was made without a build service); send "
+            "builds, cancels and retries to a `harmont-exec serve`",
+        )
+    return service
+
+
+def _upload_limit(request: Request) -> int:
+    limit: int = request.app.state.max_upload_bytes
+    return limit
+
+
 StoreDep = Annotated[Store, Depends(_store)]
 """The store the app serves."""
 LiveLogDep = Annotated[LiveLog, Depends(_live_log)]
 """The live log stream's settings and its log-token key."""
+Service = Annotated[BuildService, Depends(_service)]
+"""The build service (503 ``service_unavailable`` when the app has none): declare it after
+``Caller``, so that a request without a token is a 401 first."""
+UploadLimit = Annotated[int, Depends(_upload_limit)]
+"""The largest source tarball a build may be sent with, in bytes (``serve --max-upload-mb``)."""
 
 _bearer = HTTPBearer(auto_error=False, description="A token from `harmont-exec token create`.")
 

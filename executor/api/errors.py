@@ -3,8 +3,8 @@ documented.
 
 ``{"error": {"type", "code", "message", "doc_url", "request_id"}}``, with the same request id
 in the ``x-request-id`` header. ``type`` and ``code`` are public API: ``code`` is an
-``ErrorCode`` (Harmont's catalog words where Harmont has one), ``type`` one of the four
-``ErrorType`` words; ``doc_url`` points at the code's section of docs/api.md. The live log
+``ErrorCode`` (Harmont's catalog words where Harmont has one), ``type`` one of Harmont's
+``ErrorType`` words; ``doc_url`` points at the code's section of docs/errors.md. The live log
 stream's refusals are Harmont's flat body instead (``LogStreamError``).
 
 ``EXCEPTION_HANDLERS`` turns these exceptions, FastAPI's validation errors and Starlette's
@@ -15,7 +15,8 @@ the routes' business; nothing here reads the store.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any
 
@@ -24,10 +25,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from executor.api import models
 from executor.api.paths import API_PREFIX
-from executor.errors import ErrorCode
+from executor.errors import ErrorCode, ExecutorError, InternalError, StoreError
 
 __all__ = [
     "DOC_BASE",
@@ -37,11 +39,13 @@ __all__ = [
     "ErrorType",
     "LogStreamError",
     "documented",
+    "documented_write",
     "envelope",
     "error_response",
     "error_responses",
     "not_found_error",
     "request_id_of",
+    "store_refusals",
     "unauthorized_error",
 ]
 
@@ -54,7 +58,9 @@ class ErrorType(StrEnum):
     """The envelope's ``type``: the kind of error, above its ``code`` (Harmont's words)."""
 
     UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
     INVALID_REQUEST = "invalid_request"
     SERVER_ERROR = "server_error"
 
@@ -105,6 +111,22 @@ class LogStreamError(Exception):
         self.message = message
 
 
+@contextmanager
+def store_refusals() -> Iterator[None]:
+    """A write the store refuses for what was asked (a taken slug, an empty name: an
+    ``ExecutorError`` that is neither a ``StoreError`` nor a bug) as a 422 with the store's
+    code and message; a store that cannot be written, and a bug, are left to the middleware
+    (503, 500)."""
+    try:
+        yield
+    except (StoreError, InternalError):
+        raise
+    except ExecutorError as exc:
+        if exc.code.endswith("_not_found"):  # what the path names, gone since it was looked up
+            raise not_found_error(exc.code, str(exc)) from None
+        raise ApiError(422, ErrorType.INVALID_REQUEST, exc.code, str(exc)) from None
+
+
 # --- answering ----------------------------------------------------------------------------
 
 
@@ -132,12 +154,19 @@ async def answer_api_error(request: Request, exc: ApiError) -> Response:
 async def answer_http_error(request: Request, exc: StarletteHTTPException) -> Response:
     """Starlette's own errors (no such route, a method the route does not take) as the
     envelope."""
+    headers = dict(exc.headers or {})
     if exc.status_code == 405:
+        headers.pop("allow", None)
+        # Starlette's Allow names the methods of the first route on the path only; a path's
+        # reads and writes are separate routes.
+        allow = ", ".join(_methods_on(request) or [headers.get("Allow", "")])
+        headers["Allow"] = allow
         error = ApiError(
             405,
             ErrorType.INVALID_REQUEST,
             ErrorCode.METHOD_NOT_ALLOWED,
-            f"{request.method} is not allowed on {request.url.path}; this API only reads (use GET)",
+            f"{request.method} is not allowed on {request.url.path}; it takes {allow} (see "
+            f"{API_PREFIX}/openapi.json)",
         )
     elif exc.status_code == 404:
         error = not_found_error(
@@ -149,12 +178,21 @@ async def answer_http_error(request: Request, exc: StarletteHTTPException) -> Re
         error = ApiError(
             exc.status_code, ErrorType.INVALID_REQUEST, ErrorCode.INVALID_REQUEST, str(exc.detail)
         )
-    headers = dict(exc.headers or {})
-    allow = headers.get("Allow") or headers.get("allow")
-    if allow is not None and "GET" in allow.split(", ") and "HEAD" not in allow:
-        headers["Allow"] = allow + ", HEAD"  # every GET route answers HEAD too
-        headers.pop("allow", None)
     return error_response(error, request_id_of(request), headers)
+
+
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _methods_on(request: Request) -> list[str]:
+    """Every method some route of the app takes on the request's path, in a fixed order
+    (``create_app`` lists its routes on ``app.state.routes``)."""
+    methods: set[str] = set()
+    for route in getattr(request.app.state, "routes", ()):
+        taken = getattr(route, "methods", None)
+        if taken and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= taken
+    return sorted(methods, key=lambda m: (*_METHOD_ORDER, m).index(m))
 
 
 async def answer_invalid_request(request: Request, exc: RequestValidationError) -> Response:
@@ -188,16 +226,25 @@ EXCEPTION_HANDLERS: dict[
 STATUS_TEXT = {
     400: "An invalid cursor",
     401: "No token, or not a usable one",
+    402: "Never answered by harmont-exec (Harmont: the organization's balance is exhausted)",
+    403: "Not allowed to this token",
     404: "Not found, or not visible to this token",
+    409: "The build's state does not allow it",
+    413: "The body, or the source tarball in it, is over the server's limit",
     422: "A path or query value of the wrong type",
     503: "The record's database is unreachable or refusing now; retry later",
 }
 
 
-def error_responses(*statuses: int) -> dict[int | str, Any]:
-    """OpenAPI ``responses`` entries: each status as the envelope, with its meaning."""
+def error_responses(*statuses: int, **described: str) -> dict[int | str, Any]:
+    """OpenAPI ``responses`` entries: each status as the envelope, with its meaning
+    (``STATUS_TEXT``, or ``described["s422"]`` for 422, ...)."""
     return {
-        status: {"model": models.Error, "description": STATUS_TEXT[status]} for status in statuses
+        status: {
+            "model": models.Error,
+            "description": described.get(f"s{status}", STATUS_TEXT[status]),
+        }
+        for status in statuses
     }
 
 
@@ -207,3 +254,20 @@ def documented(model: type[Any], *errors: int, **extra: Any) -> dict[str, Any]:
     responses: dict[int | str, Any] = {200: {"model": model}}
     responses.update(error_responses(401, 404, 422, 503, *errors))
     return {"responses": responses, **extra}
+
+
+def documented_write(
+    model: type[Any] | None,
+    status: int,
+    *errors: int,
+    s422: str,
+    s403: str = STATUS_TEXT[403],
+    **extra: Any,
+) -> dict[str, Any]:
+    """Route options of a write: its ``status`` with ``model`` as the body (None: no body),
+    and its error statuses (401, 422 as ``s422`` says, 503, then ``errors``; 403 as ``s403``
+    says)."""
+    answer: dict[str, Any] = {"description": "Done"} if model is None else {"model": model}
+    responses: dict[int | str, Any] = {status: answer}
+    responses.update(error_responses(401, 422, 503, *errors, s422=s422, s403=s403))
+    return {"responses": responses, "status_code": status, **extra}

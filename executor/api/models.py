@@ -1,10 +1,10 @@
 """The API's response shapes as pydantic models, for the OpenAPI document only.
 
 They mirror Harmont's schemas (Job plus ``retries_count``; Build; Pipeline; Organization; the
-lists; the error envelope) so that the served document describes what the handlers return and
-tools such as schemathesis can check it. Handlers build plain dicts (``wire``) and return them
-as JSON directly: validating a 200-job list through these models on every request would cost
-more than the rest of the request.
+lists; API tokens; the error envelope) so that the served document describes what the handlers
+return and tools such as schemathesis can check it. Handlers build plain dicts (``wire``) and
+return them as JSON directly: validating a 200-job list through these models on every request
+would cost more than the rest of the request. The write routes' request bodies are ``body``'s.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict
 
 __all__ = [
+    "ApiToken",
+    "ApiTokenCreateResponse",
+    "ApiTokenListResponse",
     "Artifact",
     "ArtifactList",
     "Attempt",
@@ -179,6 +182,25 @@ class LogStreamError(_Model):
 
     code: Literal["log_stream_unauthorized", "log_stream_forbidden"]
     message: str
+
+
+class ApiToken(_Model):
+    """An API token's record; its secret is shown once, at creation."""
+
+    id: UUID
+    description: str | None
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+
+
+class ApiTokenListResponse(_Model):
+    api_tokens: list[ApiToken]
+
+
+class ApiTokenCreateResponse(_Model):
+    token: str
+    api_token: ApiToken
 
 
 class Artifact(_Model):

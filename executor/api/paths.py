@@ -7,6 +7,8 @@ from __future__ import annotations
 
 __all__ = [
     "API_PREFIX",
+    "API_TOKEN",
+    "API_TOKENS",
     "BUILD",
     "BUILDS",
     "JOB",
@@ -16,6 +18,7 @@ __all__ = [
     "ORGANIZATIONS",
     "PIPELINE",
     "PIPELINES",
+    "USER",
 ]
 
 API_PREFIX = "/api/v0"
@@ -27,5 +30,8 @@ BUILDS = f"{PIPELINE}/builds"
 BUILD = f"{BUILDS}/{{number}}"
 JOBS = f"{BUILD}/jobs"
 JOB = f"{JOBS}/{{job_id}}"
+USER = f"{API_PREFIX}/user"
+API_TOKENS = f"{USER}/api-tokens"
+API_TOKEN = f"{API_TOKENS}/{{id}}"
 LIVE_LOG = "/v0/jobs/{job_id}/logs"
 """The live log stream: Harmont serves it outside ``API_PREFIX``."""

@@ -1,9 +1,10 @@
 """Store rows in Harmont's wire format (SPEC §6): each row as the JSON object the API sends.
 
 Job and Build objects carry exactly the fields of Harmont's schemas (Job plus
-``retries_count``), timestamps as RFC 3339 UTC. Local pipelines and organizations have no
-repository, website or visibility settings: the fields Harmont requires get fixed values,
-documented in docs/api.md. Pure: no I/O, no HTTP (pages and cursors are ``pagination``'s).
+``retries_count``), timestamps as RFC 3339 UTC. Pipelines and organizations that ``run`` made
+on first use have no repository, website or visibility settings: the fields Harmont requires
+get fixed values, documented in docs/api.md (those made through the API keep what they were
+created with). Pure: no I/O, no HTTP (pages and cursors are ``pagination``'s).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from executor.store import (
     JobText,
     OrganizationRow,
     PipelineRow,
+    TokenRow,
 )
 from executor.store.rows import format_time
 
@@ -31,6 +33,7 @@ __all__ = [
     "job_json",
     "organization_json",
     "pipeline_json",
+    "token_json",
 ]
 
 
@@ -53,17 +56,24 @@ def current_user_json(personal_org: str | None) -> dict[str, Any]:
 
 
 def organization_json(org: OrganizationRow) -> dict[str, Any]:
-    return {"slug": org.slug, "name": org.slug, "created_at": _time(org.created_at), "url": None}
+    """What ``createOrganization`` was given; for one ``run`` made, the slug as its name."""
+    return {
+        "slug": org.slug,
+        "name": org.slug if org.name is None else org.name,
+        "created_at": _time(org.created_at),
+        "url": org.url,
+    }
 
 
 def pipeline_json(pipeline: PipelineRow) -> dict[str, Any]:
+    """What ``createPipeline`` was given; for one ``run`` made, the fixed local values."""
     return {
         "slug": pipeline.slug,
-        "name": pipeline.slug,
-        "description": None,
-        "repository": "local",
-        "repo_name": None,
-        "default_branch": "main",
+        "name": pipeline.slug if pipeline.name is None else pipeline.name,
+        "description": pipeline.description,
+        "repository": "local" if pipeline.repository is None else pipeline.repository,
+        "repo_name": pipeline.repo_name,
+        "default_branch": "main" if pipeline.default_branch is None else pipeline.default_branch,
         "visibility": "private",
         "allow_manual": True,
         "created_at": _time(pipeline.created_at),
@@ -112,6 +122,17 @@ def job_json(job: JobRow | JobText) -> dict[str, Any]:
         "created_at": _stamp(job.created_at),
         "started_at": _stamp(job.started_at),
         "finished_at": _stamp(job.finished_at),
+    }
+
+
+def token_json(token: TokenRow) -> dict[str, Any]:
+    """Harmont's ApiToken: never the secret, which only its creation shows."""
+    return {
+        "id": token.id,
+        "description": token.description,
+        "created_at": _time(token.created_at),
+        "expires_at": _time(token.expires_at),
+        "last_used_at": _time(token.last_used_at),
     }
 
 
