@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from executor.cli import artifacts, browse, plan, run, serve, verify  # noqa: F401  (registers the commands)
+from executor.cli import artifacts, browse, plan, run, serve, submit, verify  # noqa: F401  (registers the commands)
 from executor.cli.common import EXIT_INVALID, cli
 from executor.cli.output import guard_standard_streams, output_lost
 

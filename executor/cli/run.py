@@ -1,25 +1,21 @@
-"""`harmont-exec run`: the live view, the piped lines, the summary and the exit code."""
+"""`harmont-exec run`, `resume` and `retry`: a build run here, shown as it runs (``view``), then
+its summary and its exit code."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import sys
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import TextIO
 
 import anyio
 import click
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from executor.cli.common import (
@@ -27,8 +23,16 @@ from executor.cli.common import (
     cli,
     configure_logging,
     db_option,
-    duration_text,
     make_console,
+)
+from executor.cli.view import (
+    LiveView,
+    PlainLines,
+    Summary,
+    print_summary,
+    tail_option,
+    verdict,
+    wants_tail,
 )
 from executor.errors import ExecutorError, RecordFailedError
 from executor.load import load_plan
@@ -37,180 +41,36 @@ from executor.run.build import resume_build, retry_build, run_build
 from executor.run.dask import check_address, open_dask_runner
 from executor.run.process import ProcessRunner
 from executor.run.scheduler import BuildResult, JobUpdate, RunOptions
-from executor.states import JobState
 from executor.store import Store, open_store
-
-
-class _LiveView:
-    """Terminal view while a build runs: progress, state counts and the jobs running now."""
-
-    def __init__(self, console: Console, total: int) -> None:
-        self.console = console
-        self.states: dict[str, JobUpdate] = {}
-        self.started: dict[str, datetime] = {}
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        )
-        self.task = self.progress.add_task("build", total=total)
-        self.build_state = "scheduled"
-
-    def __call__(self, change: JobUpdate) -> None:
-        if change.key is None:
-            self.build_state = change.state
-            self.progress.update(self.task, description=f"build {change.state}")
-            return
-        previous = self.states.get(change.key)
-        self.states[change.key] = change
-        if change.state == "running" and change.key not in self.started:
-            self.started[change.key] = change.at
-        if JobState(change.state).is_terminal and not (
-            previous is not None and JobState(previous.state).is_terminal
-        ):
-            self.progress.advance(self.task)
-            if change.state != "passed":
-                self.console.print(_plain_line(change), highlight=False)
-
-    def __rich__(self) -> Group:
-        counts = Counter(c.state for c in self.states.values())
-        summary = "  ".join(
-            f"[{STATE_STYLE.get(state, 'white')}]{state} {n}[/]"
-            for state, n in sorted(counts.items())
-        )
-        active = Table.grid(padding=(0, 2))
-        shown = 0
-        for key, change in self.states.items():
-            if change.state in ("running", "timing_out", "canceling") and shown < 10:
-                shown += 1
-                active.add_row(
-                    f"[{STATE_STYLE.get(change.state, 'white')}]{change.state}[/]",
-                    key,
-                    f"attempt {change.attempt}",
-                    duration_text(self.started.get(key), None),
-                )
-        return Group(self.progress, summary, active)
-
-
-_ENDING = frozenset(s.value for s in JobState if s.is_terminal)
-_STOPPING = frozenset({JobState.TIMING_OUT.value, JobState.CANCELING.value})
-
-
-def _plain_line(change: JobUpdate) -> str:
-    # Plain string tests and %-formatting: this runs four times per job.
-    at = change.at if change.at.tzinfo is UTC else change.at.astimezone(UTC)
-    when = "%02d:%02d:%02d" % (at.hour, at.minute, at.second)  # noqa: UP031
-    state = change.state
-    if change.key is None:
-        return f"{when} build {state}"
-    details = []
-    if state == "running":
-        details.append(f"attempt {change.attempt}")
-    elif state == "scheduled":
-        if change.attempt:
-            details.append(f"retry after attempt {change.attempt}")
-            if change.exit_code is not None:
-                details.append(f"exit {change.exit_code}")
-    elif state in _ENDING or state in _STOPPING:
-        if change.attempt > 1:
-            details.append(f"{change.attempt} attempts")
-        if change.exit_code is not None and state in _ENDING:
-            details.append(f"exit {change.exit_code}")
-        if change.soft_failed:
-            details.append("soft-failed")
-        if change.error_message and state != "passed":
-            details.append(change.error_message)
-    if details:
-        return f"{when} {change.key} {state} ({', '.join(details)})"
-    return f"{when} {change.key} {state}"
-
-
-class _PlainLines:
-    """The piped view: one line per change, flushed within ``FLUSH_S`` of being written, so
-    whoever reads the pipe (tee, a CI log) sees each change at once, without one write system
-    call per change (a 10k-job build makes 40k changes). Call ``close`` at the end."""
-
-    FLUSH_S = 0.1
-
-    def __init__(self, out: TextIO) -> None:
-        self._out = out
-        self._timer: asyncio.TimerHandle | None = None
-
-    def __call__(self, change: JobUpdate) -> None:
-        self._out.write(_plain_line(change) + "\n")
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.FLUSH_S, self._flush)
-
-    def _flush(self) -> None:
-        self._timer = None
-        self._out.flush()
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._flush()
-
-
-_SUMMARY_ROWS = 40
 
 
 def _summary(console: Console, store: Store, result: BuildResult, tail_lines: int) -> None:
     """The table of jobs (from the result in memory: a big build is not read back) and the
     last log lines of each failed job (from the store)."""
     jobs = list(result.jobs.values())  # plan order
-    table = Table(
-        title=f"{result.org}/{result.pipeline} build #{result.number}: {result.state.value}"
-    )
-    for column in ("job", "state", "attempts", "exit", "duration", "note"):
-        table.add_column(column)
-    # A big build lists only what did not pass; the counts say the rest.
-    shown = (
-        jobs
-        if len(jobs) <= _SUMMARY_ROWS
-        else [j for j in jobs if j.state is not JobState.PASSED or j.soft_failed][:_SUMMARY_ROWS]
-    )
-    for job in shown:
-        state = job.state.value + (" (soft)" if job.soft_failed else "")
-        table.add_row(
-            job.key,
-            f"[{STATE_STYLE.get(job.state.value, 'white')}]{state}[/]",
-            str(job.attempts),
-            "" if job.exit_code is None else str(job.exit_code),
-            duration_text(job.started_at, job.finished_at),
-            "" if job.state is JobState.PASSED else (job.error_message or ""),
-        )
-    if len(shown) < len(jobs):
-        counts = Counter(j.state.value for j in jobs)
-        table.caption = (
-            ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-            + f"; showing {len(shown)} of {len(jobs)} jobs (harmont-exec jobs {result.number})"
-        )
-    if shown:
-        console.print(table)
-    elif jobs:
-        console.print(f"{table.title}; {table.caption}")
-    else:
-        console.print(f"{table.title} (no jobs)")
-    for job in jobs:
-        if job.state in (JobState.FAILED, JobState.TIMED_OUT) and tail_lines:
-            lines = _tail(store, job.job_id, tail_lines)
-            if not lines:
-                continue
-            console.rule(f"{job.key}: last {len(lines)} log lines (harmont-exec logs {job.job_id})")
-            for line in lines:
-                console.out(line, highlight=False)
     kept = len(store.list_artifacts(build_id=result.build_id, limit=1000))
-    if kept:
-        console.print(
-            f"{kept}{'+' if kept == 1000 else ''} artifact{'s' if kept > 1 else ''} kept "
-            f"(harmont-exec artifacts {result.number} --pipeline {result.pipeline})",
-            highlight=False,
-        )
     build = store.get_build_by_id(result.build_id)
-    if build is not None and build.error_message:  # e.g. the build's timeout
-        console.print(f"[red]{build.error_message}[/]")
+    print_summary(
+        console,
+        Summary(
+            org=result.org,
+            pipeline=result.pipeline,
+            number=result.number,
+            state=result.state.value,
+            jobs=jobs,
+            tails={
+                job.job_id: _tail(store, job.job_id, tail_lines)
+                for job in jobs
+                if wants_tail(job) and tail_lines
+            },
+            artifacts_kept=kept,
+            artifacts_capped=kept == 1000,
+            error_message=None if build is None else build.error_message,
+            jobs_hint=f"harmont-exec jobs {result.number}",
+            log_hint=lambda job_id: f"harmont-exec logs {job_id}",
+            artifacts_hint=f"harmont-exec artifacts {result.number} --pipeline {result.pipeline}",
+        ),
+    )
 
 
 def _recorded_summary(console: Console, store: Store, failed: RecordFailedError) -> None:
@@ -261,14 +121,6 @@ _grace_option = click.option(
     default=10.0,
     show_default=True,
     help="Between SIGTERM and SIGKILL when a job is stopped.",
-)
-_tail_option = click.option(
-    "--tail",
-    "tail_lines",
-    type=click.IntRange(0),
-    default=20,
-    show_default=True,
-    help="Log lines shown for each failed job at the end.",
 )
 
 
@@ -349,7 +201,7 @@ def _job_count(number: int, org: str | None, pipeline: str | None, store: Store)
     type=click.Choice(["console", "json"]),
     help="Override the log format for this command.",
 )
-@_tail_option
+@tail_option
 @_artifact_limit_option
 @_executor_option
 @_scheduler_option
@@ -422,12 +274,12 @@ def _drive(
     async def go(store: Store) -> BuildResult:
         async with _open_runner(scheduler) as runner:
             if not live:
-                lines = _PlainLines(sys.stdout)
+                lines = PlainLines(sys.stdout)
                 try:
                     return await start(store, lines, runner)
                 finally:
                     lines.close()
-            view = _LiveView(console, total(store))
+            view = LiveView(console, total(store))
             with Live(view, console=console, refresh_per_second=8, transient=True):
                 return await start(store, view, runner)
 
@@ -441,8 +293,7 @@ def _drive(
             raise
         _summary(console, store, result, tail_lines)
     console.print(
-        f"build #{result.number} {result.state.value} in "
-        f"{time.monotonic() - started:.1f}s (exit {result.exit_status})"
+        verdict(result.number, result.state.value, time.monotonic() - started, result.exit_status)
     )
     sys.exit(result.exit_status)
 
@@ -454,7 +305,7 @@ def _drive(
 @click.option("--pipeline", help="Pipeline of the build (needed when the number is ambiguous).")
 @_jobs_option
 @_grace_option
-@_tail_option
+@tail_option
 @_artifact_limit_option
 @_executor_option
 @_scheduler_option
@@ -518,7 +369,7 @@ def resume(
 @_jobs_option
 @_fail_fast_option
 @_grace_option
-@_tail_option
+@tail_option
 @_artifact_limit_option
 @_executor_option
 @_scheduler_option

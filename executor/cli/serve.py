@@ -1,18 +1,32 @@
-"""Serving the record: `harmont-exec serve` and the API tokens it accepts (`token ...`)."""
+"""Serving the record: `harmont-exec serve` and the API tokens it accepts (`token ...`).
+
+`serve` also runs the builds it is sent (SPEC §6.3): ``executor.service.BuildService``, started
+once the server listens and stopped before it exits (see that module for what a stop does to
+running builds), handed to the API behind the API's own ``BuildService`` protocol."""
 
 from __future__ import annotations
 
+import getpass
+import socket
 import sys
 import threading
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from types import FrameType
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+import anyio
 import click
 from rich.table import Table
 
 from executor.cli.common import EXIT_INTERRUPTED, Refused, cli, db_option, make_console
-from executor.store import open_store
+from executor.cli.run import _executor_choice, _executor_option, _open_runner, _scheduler_option
+from executor.service import BuildService, workspaces_for
+from executor.store import BuildRow, open_store
+
+if TYPE_CHECKING:  # at run time only `serve` loads the API (FastAPI): every command would pay it
+    from executor.api.service import BuildRequest, Submitted
 
 RECOVER_EVERY_S = 10.0
 """How often a running `serve` finishes builds whose executor died (as any command does when
@@ -64,6 +78,27 @@ def _origin(ctx: click.Context, param: click.Parameter, values: tuple[str, ...])
     return tuple(out)
 
 
+class _Service:
+    """The API's ``BuildService`` (``executor.api.service``) over ``executor.service``'s: the
+    two packages may not import each other (STYLE.md's layers), so the command line, which sees
+    both, makes the one the other's."""
+
+    def __init__(self, service: BuildService) -> None:
+        self._service = service
+
+    def submit(self, request: BuildRequest) -> Submitted:
+        from executor.api.service import Submitted
+
+        build, error = self._service.submit(request)
+        return Submitted(build, error)
+
+    def cancel(self, build: BuildRow) -> BuildRow:
+        return self._service.cancel(build)
+
+    def retry(self, build: BuildRow, *, failed_only: bool) -> BuildRow:
+        return self._service.retry(build, failed_only=failed_only)
+
+
 @cli.command()
 @db_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -79,16 +114,64 @@ def _origin(ctx: click.Context, param: click.Parameter, values: tuple[str, ...])
     help="Let a browser client on this origin (scheme://host[:port]) call the API and the "
     "log stream; repeat for several [default: none].",
 )
-def serve(db: str | None, host: str, port: int, cors_origins: tuple[str, ...]) -> None:
-    """Serve the record over HTTP in Harmont's wire format (/api/v0/...; needs a token)."""
+@click.option(
+    "--max-builds",
+    type=click.IntRange(1, 1024),
+    default=2,
+    show_default=True,
+    help="Builds sent to this server that run at once (each with its own concurrency); the "
+    "others wait in the queue.",
+)
+@_executor_option
+@_scheduler_option
+@click.option(
+    "--max-upload-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=100.0,
+    show_default=True,
+    help="Largest source tarball a build may be sent with, in MB (what it unpacks to: 10 times "
+    "that).",
+)
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    db: str | None,
+    host: str,
+    port: int,
+    cors_origins: tuple[str, ...],
+    max_builds: int,
+    executor: str,
+    scheduler: str | None,
+    max_upload_mb: float,
+) -> None:
+    """Serve the record over HTTP in Harmont's wire format (/api/v0/...; needs a token), and
+    run the builds it is sent.
+
+    The builds' jobs run as the user running serve, on this machine (or on the Dask cluster
+    of --executor dask): run it as a dedicated user. A stop (Ctrl-C, SIGTERM) stops the
+    running builds, to be resumed when serve starts again; queued builds wait until then."""
     import uvicorn  # here: only serve needs the web stack
 
     from executor.api import API_PREFIX, create_app
 
+    address = _executor_choice(ctx, executor, scheduler)
+    max_upload_bytes = int(max_upload_mb * (1 << 20))
     store = open_store(db)
+    service = BuildService(
+        store,
+        max_builds=max_builds,
+        runner_factory=partial(_open_runner, address),
+        workspaces=workspaces_for(store),
+        max_upload_bytes=max_upload_bytes,
+    )
     click.echo(
         f"serving {store.location} on http://{host}:{port}{API_PREFIX}/ "
         "(Authorization: Bearer <token from `harmont-exec token create`>)",
+        err=True,
+    )
+    click.echo(
+        f"builds sent here run as {_user()} on {address or socket.gethostname()}, at most "
+        f"{max_builds} at once; their workspaces are in {service.workspaces}",
         err=True,
     )
     # Live-log streams stay open until their job ends. At SIGINT/SIGTERM, `closing` ends them
@@ -99,7 +182,21 @@ def serve(db: str | None, host: str, port: int, cors_origins: tuple[str, ...]) -
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             closing.set()
+            # The builds start stopping now, while open requests end (a second signal kills
+            # their jobs at once).
+            service.begin_stop(kill=self.should_exit)
             super().handle_exit(sig, frame)
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if not self.should_exit:  # listening: builds may start
+                await anyio.to_thread.run_sync(service.start)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets)
+            # Before uvicorn re-raises the signal it handled (SIGTERM's default handler ends
+            # the process at once): every build it ran is stopped and recorded.
+            await anyio.to_thread.run_sync(service.stop)
 
     config = uvicorn.Config(
         create_app(
@@ -107,6 +204,8 @@ def serve(db: str | None, host: str, port: int, cors_origins: tuple[str, ...]) -
             closing=closing,
             recover_every_s=RECOVER_EVERY_S,
             cors_origins=cors_origins,
+            service=_Service(service),
+            max_upload_bytes=max_upload_bytes,
         ),
         host=host,
         port=port,
@@ -118,7 +217,15 @@ def serve(db: str | None, host: str, port: int, cors_origins: tuple[str, ...]) -
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, once it has stopped
         sys.exit(EXIT_INTERRUPTED)
     finally:
+        service.stop()
         store.close()
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid
+        return "this server's user"
 
 
 @cli.group()
