@@ -74,14 +74,16 @@ def with_schema(url: str, schema: str) -> str:
 def postgresql_url(
     postgresql_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> Iterator[str]:
-    """A PostgreSQL store URL of its own (a new schema, dropped afterwards); artifact files go
-    under tmp_path (HARMONT_ARTIFACTS, inherited by child processes)."""
+    """A PostgreSQL store URL of its own (a new schema, dropped afterwards); artifact files and
+    `serve`'s build workspaces go under tmp_path (HARMONT_ARTIFACTS, HARMONT_WORKSPACES,
+    inherited by child processes)."""
     import psycopg
 
     schema = f"test_{uuid.uuid4().hex[:16]}"
     with psycopg.connect(postgresql_server, autocommit=True) as admin:
         admin.execute(f'CREATE SCHEMA "{schema}"')
     monkeypatch.setenv("HARMONT_ARTIFACTS", str(tmp_path / "pg-artifacts"))
+    monkeypatch.setenv("HARMONT_WORKSPACES", str(tmp_path / "pg-workspaces"))
     yield with_schema(postgresql_server, schema)
     with psycopg.connect(postgresql_server, autocommit=True) as admin:
         admin.execute("SET lock_timeout = '10s'")

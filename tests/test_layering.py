@@ -1,8 +1,10 @@
-"""The import layering of STYLE.md: errors -> model -> states -> plan -> store -> run -> api/cli.
+"""The import layering of STYLE.md: errors -> model -> states -> plan -> store -> run -> service
+-> api -> cli.
 
 Walks every module's imports (the AST, also imports inside functions) and holds the line: a
 module imports only its own layer or lower ones, the API only the store and below (not the
-runner), and only the command line imports the API.
+runner, not the service: it declares the Protocol it needs, ``api/service.py``), and only the
+command line imports the API.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ LAYERS = {  # module-name prefix -> layer; the longest matching prefix wins
     "executor.testing": 3,
     "executor.store": 4,
     "executor.run": 5,
-    "executor.api": 6,
-    "executor.cli": 7,
-    "executor.__main__": 7,
-    "executor": 7,  # the package facade re-exports everything
+    "executor.service": 6,
+    "executor.api": 7,
+    "executor.cli": 8,
+    "executor.__main__": 8,
+    "executor": 8,  # the package facade re-exports everything
 }
 
 
@@ -61,7 +64,9 @@ def test_module_imports_only_its_layer_or_lower(path: Path) -> None:
     for imported in _imports(path):
         assert _layer(imported) <= layer, f"{module} (layer {layer}) imports {imported}"
         if module.startswith("executor.api"):
-            assert not imported.startswith("executor.run"), f"{module} imports {imported}"
+            assert not imported.startswith(("executor.run", "executor.service")), (
+                f"{module} imports {imported}"
+            )
         if imported.startswith("executor.api"):
             assert module.startswith(("executor.api", "executor.cli")), (module, imported)
         if imported == "executor.cli" or imported.startswith("executor.cli."):
@@ -70,3 +75,18 @@ def test_module_imports_only_its_layer_or_lower(path: Path) -> None:
 
 def test_the_walk_sees_every_layer() -> None:
     assert {_layer(_module_name(p)) for p in MODULES} == set(LAYERS.values())
+
+
+def test_the_command_line_loads_the_web_stack_only_for_serve() -> None:
+    """Every command's module is imported at start (click registers them): one that imported
+    FastAPI at module level would make `run`, `plan` and the rest pay for it (about a second on
+    a small machine). Only `serve`, `submit` and the API load it, when they run."""
+    import subprocess
+    import sys
+
+    web = "('fastapi', 'httpx', 'starlette', 'uvicorn')"
+    code = f"import sys, executor.cli; print(sorted(m for m in {web} if m in sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
