@@ -154,6 +154,20 @@ def test_plan_order_is_smallest_topological_order_by_file_position(data: st.Data
     assert build_plan(_spec_from_dag(dag, shuffled)).order == plan.order
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_plan_prerequisites_and_dependents_are_listed_in_plan_order(data: st.DataObject) -> None:
+    dag = data.draw(dags(max_nodes=15, keys=step_keys()), label="dag")
+    shuffled = data.draw(st.permutations(list(dag)), label="file order")
+    plan = build_plan(_spec_from_dag(dag, shuffled))
+    position = {k: n for n, k in enumerate(plan.order)}
+    for key in dag:
+        assert plan.position(key) == position[key]
+        assert plan.prerequisites(key) == tuple(sorted(dag[key], key=position.__getitem__))
+        dependents = [k for k in dag if key in dag[k]]
+        assert plan.dependents(key) == tuple(sorted(dependents, key=position.__getitem__))
+
+
 _PRINT_ORDER = """
 import json, sys
 from executor import load_plan

@@ -14,6 +14,7 @@ from executor import (
     roll_up,
     transition,
 )
+from executor.states import ACTIVE_BUILD_STATES, _table
 
 _NON_TERMINAL = ("pending", "scheduled", "assigned", "running", "canceling", "timing_out")
 _TERMINAL = ("passed", "failed", "skipped", "canceled", "timed_out")
@@ -67,6 +68,11 @@ def test_states_are_harmonts_with_the_spec_terminal_set() -> None:
     assert sorted(s.value for s in JobState if s.is_terminal) == sorted(_TERMINAL)
 
 
+def test_build_states_are_terminal_only_once_decided() -> None:
+    assert sorted(s.value for s in BuildState if s.is_terminal) == ["canceled", "failed", "passed"]
+    assert ACTIVE_BUILD_STATES == {s for s in BuildState if not s.is_terminal}
+
+
 def test_transitions_table_is_exactly_the_spec_table() -> None:
     actual = {(s.value, e.value): t.value for (s, e), t in TRANSITIONS.items()}
     assert set(actual) - set(EXPECTED) == set(), "pairs the SPEC does not allow"
@@ -93,6 +99,33 @@ def test_transition_error_names_the_state_and_the_event() -> None:
     message = str(info.value)
     assert "'passed'" in message
     assert "'started'" in message
+
+
+def _rejected_event(state: JobState) -> Event:
+    return next(e for e in Event if (state.value, e.value) not in EXPECTED)
+
+
+@pytest.mark.parametrize("state", list(JobState), ids=str)
+def test_transition_error_lists_the_events_the_state_allows(state: JobState) -> None:
+    allowed = sorted(e for (s, e) in EXPECTED if s == state.value)
+    with pytest.raises(InvalidTransitionError) as info:
+        transition(state, _rejected_event(state))
+    listed = ", ".join(allowed) or "none (terminal state)"
+    assert f"allowed events: {listed}. " in str(info.value)
+
+
+def test_transition_error_says_it_is_a_bug_to_report() -> None:
+    with pytest.raises(InvalidTransitionError) as info:
+        transition(JobState.PASSED, Event.STARTED)
+    assert str(info.value).endswith(
+        "This is a bug in harmont-exec: please report it with the build's history"
+    )
+
+
+def test_transition_table_builder_returns_exactly_the_spec_table() -> None:
+    """``_table`` runs once at import, where no test can see a change to it; call it here."""
+    built = {(s.value, e.value): t.value for (s, e), t in _table().items()}
+    assert built == EXPECTED
 
 
 @pytest.mark.parametrize("state", _TERMINAL)
@@ -134,9 +167,20 @@ B = BuildState
         pytest.param(_jobs(S.RUNNING, S.PENDING), False, B.RUNNING, id="one-running"),
         pytest.param(_jobs(S.PASSED, S.PENDING), False, B.RUNNING, id="one-done-one-pending"),
         pytest.param(_jobs(S.FAILED, S.CANCELED), False, B.FAILED, id="fail-fast"),
+        pytest.param(
+            _jobs(S.PASSED, S.CANCELED), False, B.CANCELED, id="canceled-job-without-build-cancel"
+        ),
+        pytest.param(
+            _jobs((S.FAILED, True), S.CANCELED), False, B.CANCELED, id="canceled-and-soft-failed"
+        ),
     ],
 )
 def test_roll_up_derives_the_build_state(
     jobs: list[JobStatus], cancel_requested: bool, expected: BuildState
 ) -> None:
     assert roll_up(jobs, cancel_requested=cancel_requested) is expected
+
+
+def test_roll_up_without_cancel_requested_is_not_a_cancel() -> None:
+    assert roll_up(_jobs(S.PASSED, S.RUNNING)) is B.RUNNING
+    assert roll_up(_jobs(S.PASSED, S.PASSED)) is B.PASSED
