@@ -210,26 +210,9 @@ async def resume_build(
     reopened = await anyio.to_thread.run_sync(store.reopen_abandoned_build, build.id, _now())
     if reopened is None:
         raise ExecutorError(f"{name} was resumed by another process first; nothing to do")
-    jobs = store.list_jobs(build.id)
-    counts = store.attempt_counts(build.id)
-    prior = {
-        j.step_key: JobResult(
-            j.step_key,
-            j.id,
-            j.state,
-            exit_code=j.exit_code,
-            soft_failed=j.soft_failed,
-            attempts=counts.get(j.id, 0),
-            error_code=j.error_code,
-            error_message=j.error_message,
-            started_at=j.started_at,
-            finished_at=j.finished_at,
-            retries_count=j.retries_count,
-        )
-        for j in jobs
-    }
+    prior = every = _recorded_results(store, build.id)
     created = CreatedBuild(
-        build.id, build.number, build.org, build.pipeline, {j.step_key: j.id for j in jobs}
+        build.id, build.number, build.org, build.pipeline, {k: r.job_id for k, r in every.items()}
     )
     options = replace(options or RunOptions(), working_dir=Path(working_dir))
     log.info("build_resumed", build=build.number, jobs_again=len(reopened))
@@ -359,27 +342,10 @@ async def run_queued_build(
     (``Store.claim_queued_build``), from its recorded plan in its recorded working directory;
     the jobs that already have a result (``retry --failed``) keep it."""
     plan, working_dir = _recorded_plan(store, build)
-    jobs = store.list_jobs(build.id)
-    counts = store.attempt_counts(build.id)
-    prior = {
-        j.step_key: JobResult(
-            j.step_key,
-            j.id,
-            j.state,
-            exit_code=j.exit_code,
-            soft_failed=j.soft_failed,
-            attempts=counts.get(j.id, 0),
-            error_code=j.error_code,
-            error_message=j.error_message,
-            started_at=j.started_at,
-            finished_at=j.finished_at,
-            retries_count=j.retries_count,
-        )
-        for j in jobs
-        if j.state.is_terminal
-    }
+    every = _recorded_results(store, build.id)
+    prior = {k: r for k, r in every.items() if r.state.is_terminal}
     created = CreatedBuild(
-        build.id, build.number, build.org, build.pipeline, {j.step_key: j.id for j in jobs}
+        build.id, build.number, build.org, build.pipeline, {k: r.job_id for k, r in every.items()}
     )
     options = replace(options or RunOptions(), working_dir=Path(working_dir))
     log.info("build_claimed", build=build.number, org=build.org, pipeline=build.pipeline)
@@ -397,6 +363,28 @@ def _recorded_build(store: Store, number: int, org: str | None, pipeline: str | 
         where = f"{org or '*'}/{pipeline or '*'}"
         raise BuildNotFoundError(f"no build #{number} in {where}; `harmont-exec builds` lists them")
     return build
+
+
+def _recorded_results(store: Store, build_id: str) -> dict[str, JobResult]:
+    """Every job of the build as the record has it now, by step key (what a scheduler taking
+    over a recorded build starts from)."""
+    counts = store.attempt_counts(build_id)
+    return {
+        j.step_key: JobResult(
+            j.step_key,
+            j.id,
+            j.state,
+            exit_code=j.exit_code,
+            soft_failed=j.soft_failed,
+            attempts=counts.get(j.id, 0),
+            error_code=j.error_code,
+            error_message=j.error_message,
+            started_at=j.started_at,
+            finished_at=j.finished_at,
+            retries_count=j.retries_count,
+        )
+        for j in store.list_jobs(build_id)
+    }
 
 
 def _recorded_plan(store: Store, build: BuildRow) -> tuple[Plan, str]:
