@@ -166,6 +166,7 @@ class ScriptedRunner:
         self.files = files or {}
         self.on_hang: Callable[[str], None] = lambda key: None
         self.on_stop: Callable[[str], None] = lambda key: None
+        self.started: list[str] = []  # the keys of the attempts run, in order
 
     async def run(
         self,
@@ -176,6 +177,7 @@ class ScriptedRunner:
         stop: StopRequest,
     ) -> AttemptResult:
         key = spec.env["HARMONT_STEP_KEY"]
+        self.started.append(key)
         plays = self.script.get(key, [0])
         code = plays[min(int(spec.env["HARMONT_ATTEMPT"]), len(plays)) - 1]
         started_at = datetime.now(UTC)
@@ -292,6 +294,33 @@ async def test_scheduler_shows_attempt_zero_when_a_resumed_job_becomes_ready(
         ("assigned", 2),
         ("running", 3),
     ]
+
+
+@pytest.mark.anyio
+async def test_scheduler_fail_fast_on_resume_stops_after_a_failure_recorded_before(
+    store: Store, tmp_path: Path
+) -> None:
+    steps = "  - {key: a, command: x}\n  - {key: b, command: x}\n"
+    first = _scheduler(store, tmp_path, steps, ScriptedRunner())
+    ids = first.build.job_ids
+    runner = ScriptedRunner()
+    scheduler = Scheduler(
+        first.plan,
+        store,
+        first.build,
+        options=RunOptions(working_dir=tmp_path, fail_fast=True),
+        runner=runner,
+        prior={"a": JobResult("a", ids["a"], JobState.FAILED, exit_code=1)},
+        state=BuildState.RUNNING,
+    )
+    result = await _run(scheduler)
+    assert runner.started == []
+    assert (result.jobs["b"].state, result.jobs["b"].error_code) == (
+        JobState.CANCELED,
+        ErrorCode.BUILD_CANCELED,
+    )
+    assert result.jobs["b"].error_message == "--fail-fast: 'a' failed"
+    assert result.state is BuildState.FAILED
 
 
 SOFT_HARD_SKIPPED = """\
@@ -442,11 +471,6 @@ async def test_scheduler_cascade_passes_record_failed_on_to_dependents(tmp_path:
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an interrupted build (serve stopping) cancels the dependents of a canceled job "
-    "with build_canceled, not build_abandoned, so resume does not run them again",
-)
 async def test_scheduler_interrupt_leaves_every_unfinished_job_resumable(
     store: Store, tmp_path: Path
 ) -> None:

@@ -81,6 +81,9 @@ class _Counters:
 
 # What a cancel stops: a waiting job is canceled at once, a running one once its process is gone.
 _STOPPABLE = frozenset({JobState.PENDING, JobState.SCHEDULED, JobState.ASSIGNED, JobState.RUNNING})
+# Jobs canceled with these codes are unfinished work that `resume` runs again; a job canceled
+# in cascade from one carries its code.
+_RESUMABLE_CODES = frozenset({ErrorCode.BUILD_ABANDONED, ErrorCode.RECORD_FAILED})
 
 
 class Scheduler:
@@ -246,6 +249,16 @@ class Scheduler:
                 settled = self._cursor.done(key, job.state, soft_failed=job.soft_failed)
                 self._settle(tuple(s for s in settled if not self._jobs[s.key].state.is_terminal))
         self._roll_up(at)
+        if self.options.fail_fast and self._count.hard_failures:
+            # --fail-fast cancels everything after the first hard failure, even one recorded
+            # before this resume: the resumed build ends as the first run would have.
+            first = next(
+                j
+                for k in self.plan.order
+                if (j := self._jobs[k]).state.is_terminal
+                and JobStatus(j.state, j.soft_failed).is_hard_failure
+            )
+            self._stop_everything(f"--fail-fast: {first.key!r} {first.state.value}")
 
     def _write(self, write: Callable[..., object], *args: object, **kwargs: object) -> None:
         """Every write to the store goes through here. The first one the store refuses (disk
@@ -369,11 +382,12 @@ class Scheduler:
                     cause=cause.key,
                 )
             else:
-                # A job canceled because its record could not be written passes that on: its
-                # dependents are as much unfinished work for `resume` as it is.
+                # A job canceled because its record could not be written, or because its
+                # executor stopped (interrupt), passes that on: its dependents are as much
+                # unfinished work for `resume` as it is.
                 code = (
-                    ErrorCode.RECORD_FAILED
-                    if cause.error_code == ErrorCode.RECORD_FAILED
+                    ErrorCode(cause.error_code)
+                    if cause.error_code in _RESUMABLE_CODES
                     else ErrorCode.BUILD_CANCELED
                 )
                 message = f"canceled because {cause.key!r} was canceled"
@@ -420,11 +434,7 @@ class Scheduler:
         state = roll_up(statuses, cancel_requested=self._cancel_requested)
         if state is BuildState.SCHEDULED and self._state is not BuildState.SCHEDULED:
             state = BuildState.RUNNING  # a resumed build: it started long ago, whatever waits
-        if (
-            state is BuildState.CANCELED
-            and self._error
-            and self._error[0] in (ErrorCode.RECORD_FAILED, ErrorCode.BUILD_ABANDONED)
-        ):
+        if state is BuildState.CANCELED and self._error and self._error[0] in _RESUMABLE_CODES:
             # Nobody canceled it: its record could not be written, or its executor stopped.
             state = BuildState.FAILED
         if state is self._state:
