@@ -74,6 +74,8 @@ class ErrorCode(StrEnum):
     SERVICE_UNAVAILABLE = "service_unavailable"
     TOKEN_SCOPE_FORBIDDEN = "token_scope_forbidden"
     API_TOKEN_NOT_FOUND = "api_token_not_found"
+    # The web view's pages (SPEC §9; docs/web.md).
+    CSRF_FAILED = "csrf_failed"
     # Exceptions only (the CLI prints them; the API answers them as one of the above).
     EXECUTOR_ERROR = "executor_error"
     INVALID_BUILD_FILE = "invalid_build_file"

@@ -20,7 +20,7 @@ from executor.errors import (
 )
 from executor.store import sql
 from executor.store.failures import Failure
-from executor.store.names import slug_for
+from executor.store.names import check_organization_slug, slug_for
 from executor.store.reads import Reader, token_hash
 from executor.store.rows import OrganizationRow, PipelineRow, TokenRow, format_time
 
@@ -47,7 +47,7 @@ class Catalog(Reader):
         (``names.slug_for``). SlugTakenError if an organization has that slug already,
         InvalidNameError for a name that makes none."""
         self._check_open()
-        slug = slug_for(name, what="organization name")
+        slug = check_organization_slug(slug_for(name, what="organization name"))
         args = (str(uuid.uuid4()), slug, name, url, format_time(now))
         try:
             with self._lock:

@@ -13,12 +13,27 @@ import unicodedata
 
 from executor.errors import InvalidNameError
 
-__all__ = ["MAX_NAME_LENGTH", "slug_for"]
+__all__ = ["MAX_NAME_LENGTH", "RESERVED_ORGANIZATIONS", "check_organization_slug", "slug_for"]
 
 MAX_NAME_LENGTH = 100
 """The longest name an organization or a pipeline may be created with (in characters)."""
 
 _OTHERS = re.compile(r"[^a-z0-9]+")
+
+RESERVED_ORGANIZATIONS = frozenset({"api", "v0", "login", "static"})
+"""Slugs no organization may have: the web view's pages are at ``/{org}/...`` beside the API
+(``/api``), the live streams (``/v0``), sign-in (``/login``) and its files (``/static``)."""
+
+
+def check_organization_slug(slug: str) -> str:
+    """``slug``, or InvalidNameError if it is one of RESERVED_ORGANIZATIONS."""
+    if slug in RESERVED_ORGANIZATIONS:
+        taken = ", ".join(sorted(RESERVED_ORGANIZATIONS))
+        raise InvalidNameError(
+            f"the organization slug {slug!r} is reserved (the web view's paths use {taken}); "
+            "choose another name"
+        )
+    return slug
 
 
 def slug_for(name: str, *, what: str = "name") -> str:

@@ -35,15 +35,19 @@ from executor.store.rows import (
 )
 from executor.store.verify import Verification, check_record
 
-__all__ = ["JOB_ID_PREFIX_MIN", "LOG_PAGE_ROWS", "Reader", "token_hash"]
+__all__ = ["CHANGES_PAGE_ROWS", "JOB_ID_PREFIX_MIN", "LOG_PAGE_ROWS", "Reader", "token_hash"]
 
 LOG_PAGE_ROWS = 64
 """Log chunks fetched per query by ``read_log`` (so a huge log is never loaded at once)."""
+
+CHANGES_PAGE_ROWS = 2000
+"""Job changes read per ``job_changes`` call."""
 
 JOB_ID_PREFIX_MIN = 8
 """The shortest job id prefix ``get_job`` accepts."""
 
 _ID_PREFIX = re.compile(r"[0-9a-f-]+")
+_IN_LIST = 500  # ids per IN (...) list: below every driver's limit on parameters
 
 
 def token_hash(secret: str) -> str:
@@ -228,6 +232,39 @@ class Reader:
         deps = tuple(r[0] for r in self._rows(sql.DEPENDENCIES_OF_JOB, (rows[0]["id"],)))
         return JobRow.from_db(rows[0], deps)
 
+    def last_change(self) -> int:
+        """Where the record's history of job changes is now: ``job_changes`` after this
+        gives only what happens from here on."""
+        return int(self._rows(sql.LAST_TRANSITION)[0][0])
+
+    def job_changes(
+        self, build_id: str, *, after: int, limit: int = CHANGES_PAGE_ROWS
+    ) -> tuple[int, list[JobText]]:
+        """(where these changes end, the build's jobs that changed after ``after``, as they are
+        now, in plan order). At most ``limit`` changes are read: call again from the point
+        returned until it stops moving. Within one build the changes are written by its one
+        executor, in order, so a point never skips one committed later."""
+        rows = self._rows(sql.CHANGES_OF_BUILD, (after, build_id, limit))
+        if not rows:
+            return after, []
+        ids = list(dict.fromkeys(r[1] for r in rows))
+        return int(rows[-1][0]), self.jobs_by_ids(ids)
+
+    def jobs_by_ids(self, job_ids: Sequence[str]) -> list[JobText]:
+        """The jobs with these ids, in plan order (of their builds), as ``list_jobs_text``."""
+        found: list[JobText] = []
+        for start in range(0, len(job_ids), _IN_LIST):
+            ids = list(job_ids[start : start + _IN_LIST])
+            marks = ", ".join("?" * len(ids))
+            depends_on: dict[str, list[str]] = {}
+            for job_id, prerequisite in self._rows(
+                sql.DEPENDENCIES_OF_JOBS.format(marks=marks), ids
+            ):
+                depends_on.setdefault(job_id, []).append(prerequisite)
+            for r in self._rows(sql.JOBS_BY_IDS.format(marks=marks), ids):
+                found.append(JobText.from_db(r, tuple(depends_on.get(r["id"], ()))))
+        return found
+
     def job_progress(self, job_id: str) -> JobProgress | None:
         """The job's state, exit code and last finished attempt, in one read (a live log
         stream asks this several times a second)."""
@@ -237,6 +274,13 @@ class Reader:
     def job_transitions(self, job_id: str) -> list[TransitionRow]:
         """The job's history in order, from its creation (seq 0)."""
         return [TransitionRow.from_db(r) for r in self._rows(sql.TRANSITIONS_OF_JOB, (job_id,))]
+
+    def attempts_of_build(self, build_id: str) -> dict[str, list[AttemptRow]]:
+        """Every attempt of the build's jobs (job id -> its attempts, in order), in one read."""
+        found: dict[str, list[AttemptRow]] = {}
+        for r in self._rows(sql.ATTEMPTS_OF_BUILD, (build_id,)):
+            found.setdefault(r["job_id"], []).append(AttemptRow.from_db(r))
+        return found
 
     def list_attempts(self, job_id: str) -> list[AttemptRow]:
         return [AttemptRow.from_db(r) for r in self._rows(sql.ATTEMPTS_OF_JOB, (job_id,))]
@@ -257,6 +301,14 @@ class Reader:
         """Up to ``LOG_PAGE_ROWS`` of the job's chunks with ``seq > after_seq``, in order."""
         rows = self._rows(sql.LOG_PAGE, (job_id, after_seq, LOG_PAGE_ROWS))
         return [LogChunk.from_db(r) for r in rows]
+
+    def log_page_before(
+        self, job_id: str, *, before_seq: int, limit: int = LOG_PAGE_ROWS
+    ) -> list[LogChunk]:
+        """Up to ``limit`` of the job's chunks with ``seq < before_seq``, in order: the page
+        that ends just before it (a log opened at its tail, read backwards)."""
+        rows = self._rows(sql.LOG_PAGE_BEFORE, (job_id, before_seq, limit))
+        return [LogChunk.from_db(r) for r in reversed(rows)]
 
     def log_tail(
         self, job_id: str, stream: str, *, through_seq: int, limit: int = 3

@@ -533,6 +533,20 @@ DEPENDENCIES_OF_BUILD = (
     "WHERE j.build_id = ? ORDER BY j.position, p.position"
 )
 JOB_BY_ID = "SELECT * FROM jobs WHERE id = ?"
+# A build's job changes after a point of its history (the web view's events): the newest
+# transition first picks the rows (the id is the change's place in the record), then the
+# build. CROSS JOIN keeps SQLite's planner on that order: a short range of new transitions,
+# not every job of a big build.
+LAST_TRANSITION = "SELECT COALESCE(MAX(id), 0) FROM job_transitions"
+CHANGES_OF_BUILD = (
+    "SELECT t.id, t.job_id FROM job_transitions t CROSS JOIN jobs j "
+    "WHERE t.id > ? AND j.id = t.job_id AND j.build_id = ? ORDER BY t.id LIMIT ?"
+)
+JOBS_BY_IDS = "SELECT * FROM jobs WHERE id IN ({marks}) ORDER BY position"
+DEPENDENCIES_OF_JOBS = (
+    "SELECT d.job_id, d.depends_on_job_id FROM job_dependencies d "
+    "JOIN jobs p ON p.id = d.depends_on_job_id WHERE d.job_id IN ({marks}) ORDER BY p.position"
+)
 # A live log stream's one read per poll: where the job is, and its last finished attempt.
 JOB_PROGRESS = (
     "SELECT j.state, j.exit_code, (SELECT MAX(a.number) FROM attempts a WHERE a.job_id = j.id "
@@ -548,10 +562,20 @@ TRANSITIONS_OF_JOB = (
     "SELECT job_id, seq, from_state, event, to_state, at FROM job_transitions "
     "WHERE job_id = ? ORDER BY seq"
 )
+ATTEMPTS_OF_BUILD = (
+    "SELECT a.job_id, a.number, a.outcome, a.exit_code, a.signal, a.started_at, a.finished_at "
+    "FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE j.build_id = ? "
+    "ORDER BY j.position, a.number"
+)
 ATTEMPTS_OF_JOB = "SELECT * FROM attempts WHERE job_id = ? ORDER BY number"
 LOG_PAGE = (
     "SELECT job_id, seq, attempt, stream, content, at FROM log_chunks "
     "WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+)
+# The chunks before a seq, newest first (a log opened at its tail, then read backwards).
+LOG_PAGE_BEFORE = (
+    "SELECT job_id, seq, attempt, stream, content, at FROM log_chunks "
+    "WHERE job_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
 )
 # The last chunks of one stream up to a seq, newest first (a resumed live log's decoder state).
 LOG_TAIL_OF_STREAM = (

@@ -63,6 +63,7 @@ from executor.store.liveness import (
     kill_job_processes,
     process_identity,
 )
+from executor.store.names import check_organization_slug
 from executor.store.queue import (
     QUEUED,
     Executor,
@@ -184,6 +185,7 @@ class Store(Catalog):
         ``reuse`` (step key -> an earlier passed job's id; ``retry --failed``): those jobs
         take that result (event ``reused``) in the same transaction."""
         self._check_open()
+        check_organization_slug(org)
         at = format_time(now)
         build_id = str(uuid.uuid4())
         job_ids = {key: str(uuid.uuid4()) for key in plan.order}
