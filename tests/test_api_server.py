@@ -179,7 +179,12 @@ OPERATIONS = [
         "/organizations/{org}/pipelines/{pipeline}/builds/{number}/artifacts/{artifact_id}/download",
         "/organizations/{org}/pipelines/{pipeline}/builds/{number}/log-token",
     )
-] + ["/v0/jobs/{job_id}/logs"]  # Harmont's live log stream is outside /api
+] + [
+    "/v0/builds/{build_id}/events",  # the build's live changes, beside Harmont's log stream
+    "/v0/jobs/{job_id}/logs",  # Harmont's live log stream is outside /api
+]
+LIVE_STREAMS = ("/v0/builds/{build_id}/events", "/v0/jobs/{job_id}/logs")
+"""Authorised by a log token in the query, refused with Harmont's flat bodies."""
 # /ping, /user and its token list have no parameter to make invalid: no negative case exists.
 CASES = [(path, GenerationMode.POSITIVE) for path in OPERATIONS] + [
     (path, GenerationMode.NEGATIVE)
@@ -267,9 +272,10 @@ def record(tmp_path_factory: pytest.TempPathFactory) -> Record:
             # job id but the build's own) with Harmont's 403 log_stream_forbidden.
             "operations": [
                 {
-                    "include-path": "/v0/jobs/{job_id}/logs",
+                    "include-path": path,
                     "checks": {"positive_data_acceptance": {"expected-statuses": [200, 403]}},
                 }
+                for path in LIVE_STREAMS
             ],
         }
     )
@@ -294,7 +300,7 @@ def _check_extra(case: Any, response: Any) -> None:
     cursor this server did not hand out, and an error's request id is the header's."""
     request_id = _header(response, "x-request-id")
     assert request_id.startswith("req_"), response.headers
-    if case.path == "/v0/jobs/{job_id}/logs" and response.status_code in (401, 403):
+    if case.path in LIVE_STREAMS and response.status_code in (401, 403):
         body = response.json()  # Harmont's flat body, not the envelope
         assert set(body) == {"code", "message"}, body
         assert (

@@ -215,7 +215,8 @@ def _concrete(path: str, record: Record, artifact_id: str, log_token: str) -> st
         .replace("{number}", "1")
         .replace("{job_id}", record.job_id)
         .replace("{artifact_id}", artifact_id)
-    ) + (f"?token={log_token}" if path.startswith("/v0/jobs/") else "")
+        .replace("{build_id}", record.build_id)
+    ) + (f"?token={log_token}" if path.startswith("/v0/") else "")
 
 
 @pytest.mark.anyio
@@ -230,7 +231,7 @@ async def test_api_every_get_route_answers_head_with_the_get_headers_and_no_body
             await client.get(f"{API}/organizations/acme/pipelines/ci/builds/1/log-token")
         ).json()["token"]
         paths = [path for path, operations in app.openapi()["paths"].items() if "get" in operations]
-        assert len(paths) == 18
+        assert len(paths) == 19
         for path in paths:
             url = _concrete(path, record, artifact["id"], log_token)
             get = await client.get(url)

@@ -11,6 +11,7 @@ __all__ = [
     "API_TOKENS",
     "BUILD",
     "BUILDS",
+    "BUILD_EVENTS",
     "JOB",
     "JOBS",
     "LIVE_LOG",
@@ -35,3 +36,5 @@ API_TOKENS = f"{USER}/api-tokens"
 API_TOKEN = f"{API_TOKENS}/{{id}}"
 LIVE_LOG = "/v0/jobs/{job_id}/logs"
 """The live log stream: Harmont serves it outside ``API_PREFIX``."""
+BUILD_EVENTS = "/v0/builds/{build_id}/events"
+"""A build's live state changes **(extension)**: beside the log stream, authorised the same way."""

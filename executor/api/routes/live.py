@@ -1,5 +1,6 @@
-"""The live log routes (SPEC §6.2): a build's log token, and a job's live log stream (Server-
-Sent Events). The protocol is ``executor.api.live``; these only bind it to HTTP.
+"""The live routes (SPEC §6.2, §9): a build's log token, a job's live log stream and a build's
+live state changes (Server-Sent Events). The protocols are ``executor.api.live`` and
+``executor.api.events``; these only bind them to HTTP.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from executor.api import models
 from executor.api.deps import Caller, LiveLogDep, StoreDep
 from executor.api.errors import error_responses
+from executor.api.events import admit_build, build_events, resume_after
 from executor.api.live import EVENT_SCHEMA, LiveLog, resume_point
 from executor.api.lookup import build_of, read
 from executor.api.middleware import HeadRouter
-from executor.api.paths import BUILD, LIVE_LOG
+from executor.api.paths import BUILD, BUILD_EVENTS, LIVE_LOG
 from executor.store import Store, TokenRow
 
 __all__ = ["router"]
@@ -96,6 +98,64 @@ async def job_log_stream(
     job, grant = await read(live_log.admit, store, token, job_id)
     return StreamingResponse(
         live_log.events(store, job, grant, after),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
+@router.get(
+    BUILD_EVENTS,
+    tags=["builds"],
+    operation_id="streamBuildEvents",
+    summary="A build's state changes as Server-Sent Events (build, job, done)",
+    openapi_extra={
+        "x-harmont-extension": True,
+        "parameters": [
+            {
+                "name": "Last-Event-ID",
+                "in": "header",
+                "required": False,
+                "description": "Resume after this change (EventSource sends it).",
+                "schema": {"type": "string"},
+            }
+        ],
+    },
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The build now, then a job event per job change (id: the "
+            "change), a build event when the build changes, done once it is finished",
+            "content": {"text/event-stream": {"schema": EVENT_SCHEMA}},
+        },
+        401: {
+            "model": models.LogStreamError,
+            "description": "No log token, not one this server minted, or expired",
+        },
+        403: {
+            "model": models.LogStreamError,
+            "description": "The log token is another build's",
+        },
+        **error_responses(422),
+    },
+)
+async def build_event_stream(
+    build_id: str,
+    request: Request,
+    store: StoreDep,
+    live_log: LiveLogDep,
+    token: Annotated[
+        str | None, Query(description="A token from …/builds/{number}/log-token.")
+    ] = None,
+    after: Annotated[
+        str | None,
+        Query(description="Send the changes after this one (when no Last-Event-ID header)."),
+    ] = None,
+) -> StreamingResponse:
+    build, grant = await read(admit_build, live_log, store, token, build_id)
+    now = await read(store.last_change)
+    start = resume_after(request.headers.get("last-event-id"), after, now)
+    return StreamingResponse(
+        build_events(live_log, store, build, grant, start),
         media_type="text/event-stream",
         headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
     )
