@@ -1,10 +1,11 @@
 """The import layering of STYLE.md: errors -> model -> states -> plan -> store -> run -> service
--> api -> cli.
+-> api -> web -> cli.
 
 Walks every module's imports (the AST, also imports inside functions) and holds the line: a
 module imports only its own layer or lower ones, the API only the store and below (not the
-runner, not the service: it declares the Protocol it needs, ``api/service.py``), and only the
-command line imports the API.
+runner, not the service: it declares the Protocol it needs, ``api/service.py``), the web view
+likewise (it acts through the API's protocol), and only the web view and the command line
+import the API.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ LAYERS = {  # module-name prefix -> layer; the longest matching prefix wins
     "executor.run": 5,
     "executor.service": 6,
     "executor.api": 7,
-    "executor.cli": 8,
-    "executor.__main__": 8,
-    "executor": 8,  # the package facade re-exports everything
+    "executor.web": 8,
+    "executor.cli": 9,
+    "executor.__main__": 9,
+    "executor": 9,  # the package facade re-exports everything
 }
 
 
@@ -63,12 +65,15 @@ def test_module_imports_only_its_layer_or_lower(path: Path) -> None:
     layer = _layer(module)
     for imported in _imports(path):
         assert _layer(imported) <= layer, f"{module} (layer {layer}) imports {imported}"
-        if module.startswith("executor.api"):
+        if module.startswith(("executor.api", "executor.web")):
             assert not imported.startswith(("executor.run", "executor.service")), (
                 f"{module} imports {imported}"
             )
         if imported.startswith("executor.api"):
-            assert module.startswith(("executor.api", "executor.cli")), (module, imported)
+            assert module.startswith(("executor.api", "executor.web", "executor.cli")), (
+                module,
+                imported,
+            )
         if imported == "executor.cli" or imported.startswith("executor.cli."):
             assert module == "executor.__main__" or module.startswith("executor.cli"), module
 
@@ -84,7 +89,7 @@ def test_the_command_line_loads_the_web_stack_only_for_serve() -> None:
     import subprocess
     import sys
 
-    web = "('fastapi', 'httpx', 'starlette', 'uvicorn')"
+    web = "('fastapi', 'httpx', 'starlette', 'uvicorn', 'jinja2')"
     code = f"import sys, executor.cli; print(sorted(m for m in {web} if m in sys.modules))"
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True

@@ -153,6 +153,7 @@ def serve(
     import uvicorn  # here: only serve needs the web stack
 
     from executor.api import API_PREFIX, create_app
+    from executor.web import add_web_view
 
     address = _executor_choice(ctx, executor, scheduler)
     max_upload_bytes = int(max_upload_mb * (1 << 20))
@@ -198,15 +199,23 @@ def serve(
             # the process at once): every build it ran is stopped and recorded.
             await anyio.to_thread.run_sync(service.stop)
 
+    app = create_app(
+        store=store,
+        closing=closing,
+        recover_every_s=RECOVER_EVERY_S,
+        cors_origins=cors_origins,
+        service=_Service(service),
+        max_upload_bytes=max_upload_bytes,
+    )
+    links = add_web_view(app)
+    shown_host = f"[{host}]" if ":" in host else host
+    click.echo(
+        f"web view: http://{shown_host}:{port}/login?once={links.issue(datetime.now(UTC))} "
+        "(a one-time sign-in link, good for 30 minutes; or sign in with a token)",
+        err=True,
+    )
     config = uvicorn.Config(
-        create_app(
-            store=store,
-            closing=closing,
-            recover_every_s=RECOVER_EVERY_S,
-            cors_origins=cors_origins,
-            service=_Service(service),
-            max_upload_bytes=max_upload_bytes,
-        ),
+        app,
         host=host,
         port=port,
         log_level="warning",
