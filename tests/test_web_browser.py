@@ -207,6 +207,19 @@ def test_web_a_page_without_a_session_asks_to_sign_in_then_returns_there(
     assert page.evaluate("document.cookie") == ""  # no script can read it
 
 
+def test_web_a_link_followed_from_another_site_opens_the_page_when_signed_in(
+    page: Any, serve: Serve
+) -> None:
+    # The SameSite=Strict cookie does not go with a navigation from another site: the sign-in
+    # page asks, same-origin, and goes on to the page.
+    _sign_in(page, serve)
+    target = f"{serve.base}/local/pipelines/app"
+    page.goto(f"data:text/html,<a id=go href='{target}'>build</a>")
+    page.click("#go")
+    page.wait_for_url(target)
+    assert page.locator("h1").inner_text().startswith("app")
+
+
 def test_web_a_wrong_token_is_refused_with_what_to_do(page: Any, serve: Serve) -> None:
     page.goto(f"{serve.base}/login")
     page.fill("#token", "hm_" + "x" * 43)

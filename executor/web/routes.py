@@ -10,7 +10,7 @@ through the build service the API uses. Routes are thin: ``view`` computes what 
 import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -20,7 +20,14 @@ from executor.api.deps import LiveLogDep, StoreDep
 from executor.api.errors import ApiError, not_found_error
 from executor.api.live import LiveLog, chunk_json
 from executor.api.logtext import STREAM_KINDS, LogText, ends_of_streams
-from executor.api.lookup import build_of, job_in, organizations_of, pipeline_of, read
+from executor.api.lookup import (
+    build_of,
+    job_in,
+    organization_of,
+    organizations_of,
+    pipeline_of,
+    read,
+)
 from executor.api.routes import artifacts as artifact_routes
 from executor.api.routes import logs as log_routes
 from executor.api.service import BuildService
@@ -118,9 +125,21 @@ async def _form(request: Request) -> dict[str, str]:
         body += part
         if len(body) > FORM_LIMIT:
             raise PageError(
-                413, ErrorCode.PAYLOAD_TOO_LARGE, f"a form of more than {FORM_LIMIT} bytes"
+                413,
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"a form of more than {FORM_LIMIT} bytes; the pages' own forms are far smaller: "
+                "act from the page",
             )
-    fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=20)
+    try:
+        fields = parse_qs(
+            body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=20
+        )
+    except ValueError:
+        raise PageError(
+            400,
+            ErrorCode.INVALID_REQUEST,
+            "a form of more than 20 fields; the pages' own forms have three: act from the page",
+        ) from None
     return {name: values[0] for name, values in fields.items()}
 
 
@@ -129,12 +148,12 @@ async def _check_action(request: Request, store: Store, session: Session) -> dic
     the action's form."""
     form = await _form(request)
     sent = form.get("csrf")
-    origin = request.headers.get("origin")
-    if origin is not None and origin != _own_origin(request):
+    origin = _foreign(request)
+    if origin is not None:
         raise PageError(
             403, ErrorCode.CSRF_FAILED, f"this action came from another site ({origin[:100]})"
         )
-    if not csrf_ok(store, session, sent):
+    if not await read(csrf_ok, store, session, sent):
         raise PageError(
             403,
             ErrorCode.CSRF_FAILED,
@@ -144,8 +163,15 @@ async def _check_action(request: Request, store: Store, session: Session) -> dic
     return form
 
 
-def _own_origin(request: Request) -> str:
-    return f"{request.url.scheme}://{request.headers.get('host', request.url.netloc)}"
+def _foreign(request: Request) -> str | None:
+    """The request's ``Origin`` if it is another site's (its host is not the one the request
+    was sent to), else None. Hosts, not schemes, are compared: behind a TLS proxy the page's
+    origin is https while `serve` itself is spoken to in http."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return None
+    host = request.headers.get("host", request.url.netloc)
+    return None if urlsplit(origin).netloc == host else origin
 
 
 def _local(after: str | None) -> str:
@@ -184,12 +210,21 @@ async def login_page(
     return render(request, "login.html.j2", {"after": _local(after), "error": None})
 
 
+@router.get("/login/session")
+async def login_session(request: Request, store: StoreDep) -> JSONResponse:
+    """Whether this browser is signed in: the sign-in page asks (same-origin, so the
+    SameSite=Strict cookie goes along), and goes on to its ``next`` page if so. A link to a
+    page followed from another site arrives without the cookie; this is how it still opens."""
+    session = await read(read_session, store, request.cookies.get(COOKIE), _now())
+    return JSONResponse({"signed_in": session is not None}, headers={"cache-control": "no-store"})
+
+
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request, store: StoreDep) -> Response:
     form = await _form(request)
     token, after = form.get("token", ""), form.get("next", "/")
-    origin = request.headers.get("origin")
-    if origin is not None and origin != _own_origin(request):
+    origin = _foreign(request)
+    if origin is not None:
         raise PageError(403, ErrorCode.CSRF_FAILED, f"a sign-in from another site ({origin[:100]})")
     secret = token.strip()
     row = await read(store.token_for_secret, secret) if secret.startswith("hm_") else None
@@ -250,8 +285,6 @@ async def home(request: Request, store: StoreDep, session: SessionDep) -> Respon
 @router.get("/{org}/pipelines", response_class=HTMLResponse)
 async def pipelines(request: Request, org: str, store: StoreDep, session: SessionDep) -> Response:
     def lookup() -> dict[str, Any]:
-        from executor.api.lookup import organization_of
-
         organization = organization_of(store, session.token, org)
         rows = store.list_pipelines(org, limit=100)
         latest = {p.slug: store.builds_page(org, p.slug, before=None, limit=1) for p in rows}

@@ -1,0 +1,13 @@
+// A link to a page followed from another site arrives without the session cookie (it is
+// SameSite=Strict) and lands here. Ask, same-origin (the cookie goes along this time), and
+// go on to the page if this browser is signed in after all.
+const form = document.getElementById("sign-in");
+const next = form?.dataset.next;
+if (next && next !== "/" && !document.querySelector("[role=alert]")) {
+  fetch("/login/session", { credentials: "same-origin" })
+    .then((response) => (response.ok ? response.json() : { signed_in: false }))
+    .then((state) => {
+      if (state.signed_in) location.replace(next);
+    })
+    .catch(() => {});
+}
