@@ -1,9 +1,9 @@
 """The web view benchmark: a 10,000-job build's page and a 200 MB log in Debian's chromium
 (Playwright), against a bare FastAPI app serving the same bytes.
 
-    python -m benchmarks.bench_web                       # 10,000 jobs, a 200 MB log, 5 loads
-    python -m benchmarks.bench_web --steps 1000 --log-mb 10 --loads 3    # smoke test
-    python -m benchmarks.bench_web --screenshots docs/img                 # also the README's pictures
+    python -m benchmarks.bench_web                        # 10,000 jobs, a 200 MB log, 5 loads
+    python -m benchmarks.bench_web --steps 1000 --log-mb 10 --loads 3     # smoke test
+    python -m benchmarks.bench_web --screenshots docs/img  # also the README's pictures
 
 What is measured, per load of a page in a new browser context (no cache), median of --loads:
 
@@ -48,7 +48,9 @@ CHROMIUM_ARGS = [
 ]
 DEMO = """\
 steps:
-  - {key: compile, label: Compile, command: "printf '\\\\033[1;32mcompiled\\\\033[0m 42 modules\\\\n'"}
+  - key: compile
+    label: Compile
+    command: "printf '\\\\033[1;32mcompiled\\\\033[0m 42 modules\\\\n'"
   - key: unit
     label: Unit tests
     command: |
@@ -284,9 +286,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"  harmont-exec serve   {_median_ms(ours_log):8.0f} ms")
         print(f"  bare FastAPI, 128 KiB tail in a <pre> {_median_ms(theirs_log):8.0f} ms")
-        print(
-            f"  ratio                {statistics.median(ours_log) / statistics.median(theirs_log):8.2f}x"
-        )
+        log_ratio = statistics.median(ours_log) / statistics.median(theirs_log)
+        print(f"  ratio                {log_ratio:8.2f}x")
 
 
 def _screenshots(browser: Any, sign_in: Callable[[Any], None], base: str, out: Path) -> None:
