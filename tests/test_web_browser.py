@@ -346,7 +346,12 @@ def test_web_a_running_build_updates_its_log_and_states_without_a_reload(
     page.locator("#log .line .fg-green", has_text="second line").wait_for()
     page.locator('#dag [data-node="after"].s-passed').wait_for()
     page.locator("#build-state.s-passed").wait_for()
-    page.locator('#jobs tr.s-passed [data-field="state"]', has_text="after").count()
+    # the parts the server renders again: the timeline gains the second job's bar, and the
+    # jobs table its duration
+    expect = playwright_sync.expect
+    expect(page.locator("svg.timeline rect.bar")).to_have_count(2, timeout=WAIT_MS)
+    after = page.locator("#jobs tr", has_text="after").locator('[data-field="duration"]')
+    expect(after).to_have_text(re.compile(r"^[0-9.]+s$"), timeout=WAIT_MS)
     assert page.evaluate("window.__sameDocument") is True  # no reload happened
     assert page.locator("#log-state").inner_text().endswith("passed")
 

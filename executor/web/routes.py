@@ -340,15 +340,12 @@ async def build_page(
     page: Annotated[int, Query(ge=1, le=1 << 20)] = 1,
     part: Annotated[str | None, Query()] = None,
 ) -> Response:
-    data = await _lookup(_build_data, store, session, live_log, org, pipeline, number, job, page)
+    live = part == "live"  # the page's refresh: the header, jobs table and timeline only
+    data = await _lookup(
+        _build_data, store, session, live_log, org, pipeline, number, job, page, not live
+    )
     context = {**(await read(_base, store, session)), **data}
-    if part == "timeline":
-        return render(request, "timeline.html.j2", context)
-    if part == "jobs":
-        return render(request, "jobs_table.html.j2", context)
-    if part == "header":
-        return render(request, "build_header.html.j2", context)
-    return render(request, "build.html.j2", context)
+    return render(request, "build_live.html.j2" if live else "build.html.j2", context)
 
 
 def _build_data(
@@ -360,7 +357,11 @@ def _build_data(
     number: int,
     selected: str | None,
     page: int,
+    whole: bool = True,
 ) -> dict[str, Any]:
+    """What the build page shows; without ``whole``, only what its live parts (header, jobs
+    table, timeline) need: no graph, no data for the script (the page's refresh, while the
+    build runs, costs no layout)."""
     # The point of the record's history first, then the rows: the page's events stream
     # starts there and misses nothing that happens after the rows were read.
     point = store.last_change()
@@ -379,10 +380,9 @@ def _build_data(
     shown, first, pages = page_of(len(jobs), page)
     rows = jobs[first : first + JOBS_PAGE]
     reused = {j.id: _reused_build(store, j) for j in rows if j.reused_from_job_id}
-    layout = _layout(store, build)
     now = _now()
-    artifacts = store.list_artifacts(job_id=chosen.id, after=None, limit=100) if chosen else []
-    return {
+    base = f"/{quote(org)}/pipelines/{quote(pipeline)}/builds/{number}"
+    shown_now = {
         "org": org,
         "pipeline": pipeline,
         "build": build,
@@ -391,14 +391,20 @@ def _build_data(
         "page": shown,
         "pages": pages,
         "counts": counts_by_state(j.state for j in jobs),
+        "timeline": timeline_of(build, jobs, attempts, now),
+        "selected": chosen,
+        "now": now,
+    }
+    if not whole:
+        return {**shown_now, "data": {"base": base}}
+    layout = _layout(store, build)
+    artifacts = store.list_artifacts(job_id=chosen.id, after=None, limit=100) if chosen else []
+    return {
+        **shown_now,
         "layout": layout,
         "by_key": by_key,
         "svg_path": lambda link: svg_path(link, layout.direction),
-        "timeline": timeline_of(build, jobs, attempts, now),
-        "selected": chosen,
-        "selected_attempts": attempts.get(chosen.id, []) if chosen else [],
         "artifacts": artifacts,
-        "now": now,
         "data": {
             "build": wire.build_json(build),
             "build_id": build.id,
@@ -410,7 +416,7 @@ def _build_data(
             "collapsed": layout.collapsed,
             "selected": chosen.id if chosen else None,
             "selected_state": chosen.state.value if chosen else None,
-            "base": f"/{quote(org)}/pipelines/{quote(pipeline)}/builds/{number}",
+            "base": base,
         },
     }
 

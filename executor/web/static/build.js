@@ -129,10 +129,11 @@ function refreshParts() {
   pending = setTimeout(async () => {
     pending = null;
     const query = new URLSearchParams(params);
-    for (const [part, id] of [["header", "build-header"], ["jobs", "jobs"], ["timeline", "timeline"]]) {
-      query.set("part", part);
-      const children = await fetchChildren(`${data.base}?${query}`);
-      if (children) document.getElementById(id).replaceChildren(...children);
+    query.set("part", "live");
+    const parts = await fetchChildren(`${data.base}?${query}`);
+    for (const part of parts ?? []) {
+      const here = part.id && document.getElementById(part.id);
+      if (here) here.replaceChildren(...part.childNodes);
     }
   }, 700);
 }
