@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
                 theirs = _loads(browser, args.loads, lambda page: None, bare_page)
                 theirs_log = _loads(browser, args.loads, lambda page: None, bare_log)
             if args.screenshots:
-                _screenshots(browser, sign_in, base, args.screenshots)
+                _screenshots(browser, sign_in, base, token, args.screenshots)
             browser.close()
         print(f"\n{args.steps}-job build page, first contentful paint (median of {args.loads}):")
         print(
@@ -290,8 +290,40 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  ratio                {log_ratio:8.2f}x")
 
 
-def _screenshots(browser: Any, sign_in: Callable[[Any], None], base: str, out: Path) -> None:
+def _screenshots(
+    browser: Any, sign_in: Callable[[Any], None], base: str, token: str, out: Path
+) -> None:
+    """The README's pictures: a few more builds of the demo pipeline sent through the API (a
+    passing one, a failing one, one still running), then the main pages."""
+    import httpx
+
     out.mkdir(parents=True, exist_ok=True)
+    api = httpx.Client(
+        base_url=f"{base}/api/v0/organizations/local/pipelines/demo",
+        headers={"authorization": f"Bearer {token}"},
+        timeout=60,
+    )
+    sent = [
+        ("main", "Merge #41: faster planner", DEMO.replace("exit 1", "exit 0")),
+        ("fix/flaky-test", "Retry the flaky test", DEMO),
+        ("main", "Nightly: long soak", "steps:\n  - {key: soak, command: 'sleep 60'}\n"),
+    ]
+    numbers = []
+    for n, (branch, message, ir) in enumerate(sent):
+        body = {
+            "pipeline_ir": ir,
+            "branch": branch,
+            "message": message,
+            "commit": f"{n + 7:x}" * 40,
+        }
+        created = api.post("/builds", json=body)
+        created.raise_for_status()
+        numbers.append(created.json()["number"])
+    for number in numbers[:2]:
+        while not api.get(f"/builds/{number}").json()["finished_at"]:
+            time.sleep(0.1)  # a build running in serve: nothing to wait on but its record
+    while api.get(f"/builds/{numbers[2]}").json()["state"] != "running":
+        time.sleep(0.1)
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.goto(f"{base}/login")
@@ -300,13 +332,15 @@ def _screenshots(browser: Any, sign_in: Callable[[Any], None], base: str, out: P
     page.screenshot(path=str(out / "web-pipelines.png"))
     page.goto(f"{base}/local/pipelines/demo")
     page.screenshot(path=str(out / "web-builds.png"))
-    page.goto(f"{base}/local/pipelines/demo/builds/1?job=unit")
+    page.goto(f"{base}/local/pipelines/demo/builds/{numbers[1]}?job=unit")
     page.locator("#log .line").last.wait_for()
     page.locator("#log details.group summary").first.click()
     page.screenshot(path=str(out / "web-build.png"), full_page=True)
     page.goto(f"{base}/local/pipelines/big/builds/1")
     page.screenshot(path=str(out / "web-10k.png"))
     context.close()
+    api.put(f"/builds/{numbers[2]}/cancel").raise_for_status()
+    api.close()
     print(f"screenshots in {out}")
 
 
