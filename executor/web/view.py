@@ -51,10 +51,12 @@ STATE_ICONS: Mapping[str, str] = {
 
 
 def duration_text(start: datetime | None, end: datetime | None, now: datetime | None = None) -> str:
-    """``1.2s``, ``3m04.5s``, ``2h05m``; empty if it has not started."""
+    """``35ms``, ``1.2s``, ``3m04.5s``, ``2h05m``; empty if it has not started."""
     if start is None:
         return ""
     seconds = max(((end or now or datetime.now(UTC)) - start).total_seconds(), 0.0)
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
     if seconds < 60:
         return f"{seconds:.1f}s"
     if seconds < 3600:
@@ -63,7 +65,9 @@ def duration_text(start: datetime | None, end: datetime | None, now: datetime | 
 
 
 def seconds_text(seconds: float) -> str:
-    """A tick of the timeline: ``0s``, ``2.5s``, ``1m30s``, ``1h05m``."""
+    """A tick of the timeline: ``0s``, ``20ms``, ``2.5s``, ``1m30s``, ``1h05m``."""
+    if 0 < seconds < 1:
+        return f"{seconds * 1000:g}ms"
     if seconds < 60:
         return f"{seconds:g}s"
     if seconds < 3600:
@@ -160,7 +164,8 @@ def timeline_of(
 
 def _ticks(span: float) -> tuple[float, ...]:
     """Round tick marks, about five of them, across ``span`` seconds."""
-    for step in (0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200):
+    steps = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120)
+    for step in (*steps, 300, 600, 900, 1800, 3600, 7200, 14400, 28800, 86400):
         if span / step <= 6:
             break
     count = int(span // step)
