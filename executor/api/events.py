@@ -6,8 +6,9 @@ page listens to, one stream per open page instead of a poll per job (SPEC §9).
 flat bodies, the same end when the token lapses or the server stops. It sends:
 
 - ``event: build`` with the Build (``wire.build_json``) at once, then whenever it changes;
-- ``event: job`` with the Job (``wire.job_json``) each time one of the build's jobs changes,
-  ``id: <change>``: the change's place in the record's history (``Store.job_changes``);
+- ``event: job`` with the Job (``wire.job_json``) each time one of the build's jobs changes;
+  the last of each batch read has ``id: <change>``, the change's place in the record's history
+  (``Store.job_changes``), to resume from;
 - ``event: done`` once the build is finished and every change was sent; the stream ends;
 - a ``: heartbeat`` comment after ``heartbeat_s`` without an event.
 
@@ -88,7 +89,11 @@ class BuildEvents:
             if point == self.after:
                 break
             self.after = point
-            events.extend(_event("job", job_json(j), point) for j in jobs)
+            # Only the last job of a batch carries the point: a client that resumes from it
+            # has every job of the batch; one cut off mid-batch resumes before it and gets
+            # the batch again (a job sent twice is the same job, as it is now).
+            for n, job in enumerate(jobs, 1):
+                events.append(_event("job", job_json(job), point if n == len(jobs) else None))
         if build is None:  # pruned while watched: nothing more will come
             return True, events
         now = (build.state, build.started_at, build.finished_at, build.error_code)

@@ -20,6 +20,7 @@ from executor.errors import (
     BuildNotFoundError,
     BuildStateError,
     ExecutorError,
+    InvalidNameError,
     StoreLocationError,
     StoreNotFoundError,
 )
@@ -28,6 +29,7 @@ _INVALID = (
     BuildFileError,
     BuildNotFoundError,
     BuildStateError,
+    InvalidNameError,  # `run --org login`: a name that cannot be (reserved, no slug)
     StoreLocationError,
     StoreNotFoundError,
 )

@@ -251,19 +251,21 @@ class Reader:
         return int(rows[-1][0]), self.jobs_by_ids(ids)
 
     def jobs_by_ids(self, job_ids: Sequence[str]) -> list[JobText]:
-        """The jobs with these ids, in plan order (of their builds), as ``list_jobs_text``."""
-        found: list[JobText] = []
+        """The jobs with these ids, by build, each build's in plan order, as
+        ``list_jobs_text``."""
+        rows: list[Any] = []
+        depends_on: dict[str, list[str]] = {}
         for start in range(0, len(job_ids), _IN_LIST):
             ids = list(job_ids[start : start + _IN_LIST])
             marks = ", ".join("?" * len(ids))
-            depends_on: dict[str, list[str]] = {}
             for job_id, prerequisite in self._rows(
                 sql.DEPENDENCIES_OF_JOBS.format(marks=marks), ids
             ):
                 depends_on.setdefault(job_id, []).append(prerequisite)
-            for r in self._rows(sql.JOBS_BY_IDS.format(marks=marks), ids):
-                found.append(JobText.from_db(r, tuple(depends_on.get(r["id"], ()))))
-        return found
+            rows.extend(self._rows(sql.JOBS_BY_IDS.format(marks=marks), ids))
+        # Each IN list comes in plan order; together they are put in it.
+        rows.sort(key=lambda r: (r["build_id"], r["position"]))
+        return [JobText.from_db(r, tuple(depends_on.get(r["id"], ()))) for r in rows]
 
     def job_progress(self, job_id: str) -> JobProgress | None:
         """The job's state, exit code and last finished attempt, in one read (a live log

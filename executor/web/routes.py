@@ -42,6 +42,7 @@ from executor.web.session import (
     SignInLinks,
     csrf_ok,
     csrf_token,
+    end_session,
     mint_session,
     read_session,
 )
@@ -266,6 +267,7 @@ def _signed_in(request: Request, session: Session, to: str) -> Response:
 @router.post("/login/out")
 async def logout(request: Request, store: StoreDep, session: SessionDep) -> Response:
     await _check_action(request, store, session)
+    await read(end_session, store, session, _now())
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
     return response

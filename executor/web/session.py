@@ -40,6 +40,7 @@ __all__ = [
     "Session",
     "SignInLinks",
     "csrf_token",
+    "end_session",
     "mint_session",
     "read_session",
 ]
@@ -51,6 +52,9 @@ LINK_TTL = timedelta(minutes=30)
 """How long the one-time sign-in link ``serve`` prints is good for (once)."""
 LINK_TOKEN_TTL = SESSION_TTL
 """The life of the API token a sign-in link makes (the session's)."""
+LINK_TOKEN_DESCRIPTION = "web sign-in link"
+"""How the API token a sign-in link makes is described (``token list``): it is the session's
+own, so signing out revokes it."""
 _SESSION_KEY = "web_session_hmac"
 _CSRF_KEY = "web_csrf_hmac"
 
@@ -115,6 +119,15 @@ def read_session(store: Store, cookie: str | None, now: datetime) -> Session | N
     return Session(token, cookie, ends)
 
 
+def end_session(store: Store, session: Session, now: datetime) -> None:
+    """Signing out: a session made by a sign-in link ends for good (its own API token is
+    revoked, so the cookie is worth nothing even if kept). A session made with a token the
+    person pasted ends in this browser only (the cookie is deleted): revoke that token
+    (`harmont-exec token revoke`) to end every session made with it."""
+    if (session.token.description or "").startswith(LINK_TOKEN_DESCRIPTION):
+        store.revoke_token(session.token.id, now=now)
+
+
 def csrf_token(store: Store, session: Session) -> str:
     """The CSRF token of ``session``'s actions: the same for the session's whole life."""
     mac = hmac.new(store.store_key(_CSRF_KEY), session.cookie.encode(), hashlib.sha256)
@@ -148,7 +161,7 @@ class SignInLinks:
         if expires is None or expires <= now:
             return None
         token, _ = store.create_token(
-            description=f"web sign-in link ({now:%Y-%m-%d %H:%M} UTC)",
+            description=f"{LINK_TOKEN_DESCRIPTION} ({now:%Y-%m-%d %H:%M} UTC)",
             organizations=None,
             expires_at=now + LINK_TOKEN_TTL,
             now=now,

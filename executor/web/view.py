@@ -55,13 +55,17 @@ def duration_text(start: datetime | None, end: datetime | None, now: datetime | 
     if start is None:
         return ""
     seconds = max(((end or now or datetime.now(UTC)) - start).total_seconds(), 0.0)
-    if seconds < 1:
+    # Rounded as a whole first, then split into units: 119.96 s is 2m00.0s, never 1m60.0s.
+    if round(seconds * 1000) < 1000:
         return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    if seconds < 3600:
-        return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
-    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+    tenths = round(seconds * 10)
+    if tenths < 600:
+        return f"{tenths / 10:.1f}s"
+    if tenths < 36000:
+        minutes, rest = divmod(tenths, 600)
+        return f"{minutes}m{rest / 10:04.1f}s"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours}h{minutes:02d}m"
 
 
 def seconds_text(seconds: float) -> str:
