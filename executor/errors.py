@@ -65,6 +65,7 @@ class ErrorCode(StrEnum):
     CORS_REFUSED = "cors_refused"
     LOG_STREAM_UNAUTHORIZED = "log_stream_unauthorized"
     LOG_STREAM_FORBIDDEN = "log_stream_forbidden"
+    TOO_MANY_STREAMS = "too_many_streams"
     INVALID_CURSOR = "invalid_cursor"
     ARTIFACT_CONTENT_MISSING = "artifact_content_missing"
     STORE_READ_ONLY = "store_read_only"

@@ -199,3 +199,35 @@ def test_layout_of_any_plan_draws_each_job_once_and_keeps_every_dependency(
             edge.target in reach[b] for b in via if b.startswith("wait:")
         ), edge
     _check_geometry(layout)
+
+
+def test_layout_of_a_dense_plan_is_collapsed_with_bounded_work() -> None:
+    # 150 jobs, 5,049 edges: drawn in full it would need hundreds of thousands of bends (an
+    # attacker's build file made the page cost minutes of CPU); it is drawn by level instead.
+    chain = "".join(
+        f"  - {{key: c{i}, command: x{', depends_on: c' + str(i - 1) if i else ''}}}\n"
+        for i in range(50)
+    )
+    every = ", ".join(f"c{i}" for i in range(50))
+    fans = "".join(f"  - {{key: f{i}, command: x, depends_on: [{every}]}}\n" for i in range(100))
+    plan = _plan(chain + fans)
+    assert len(plan.edges) == 49 + 100 * 50
+    layout = layout_plan(plan)
+    assert layout.collapsed and len(layout.nodes) == 51  # the chain's 50 levels, then the fans
+    # the chain's 49, and one from each chain level to the fans' (49 of them arc beside the line)
+    assert len(layout.links) == 49 + 50
+    assert layout.hidden_links == 0
+    assert set(layout.node_of) == set(plan.order)
+    _check_geometry(layout)
+
+
+def test_layout_of_levels_past_the_limit_draws_only_neighbouring_levels() -> None:
+    steps = "  - {key: s0, command: x}\n" + "".join(
+        f"  - {{key: s{i}, command: x, depends_on: [{', '.join(f's{j}' for j in range(i))}]}}\n"
+        for i in range(1, 30)
+    )
+    plan = _plan(steps)  # every level depends on every earlier one: 435 level edges
+    layout = layout_plan(plan, collapse_over=10, work_limit=100)
+    assert layout.collapsed
+    assert len(layout.links) == 29 and layout.hidden_links == 435 - 29
+    _check_geometry(layout)

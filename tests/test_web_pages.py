@@ -15,6 +15,7 @@ import base64
 import json
 import re
 import subprocess
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -32,8 +34,10 @@ from markupsafe import escape
 
 from executor import run_build, run_build_sync
 from executor.api import create_app
+from executor.api.errors import LogStreamError
+from executor.api.live import MAX_STREAMS_PER_TOKEN, LiveLog, LogGrant
 from executor.api.service import BuildService as ApiBuildService
-from executor.errors import InvalidNameError
+from executor.errors import ErrorCode, InvalidNameError
 from executor.service import BuildService
 from executor.states import BuildState, JobState
 from executor.store import AttemptRow, BuildRow, JobRow, Store, open_store
@@ -307,7 +311,19 @@ async def test_login_refuses_a_token_it_cannot_use_with_a_401_saying_what_to_do(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    "after", ["//evil.example", "https://evil.example", "/\\evil.example", "evil.example", ""]
+    "after",
+    [
+        "//evil.example",
+        "https://evil.example",
+        "/\\evil.example",
+        "evil.example",
+        "",
+        "/\t/evil.example",  # a browser drops tabs and newlines: //evil.example
+        "/\n/evil.example",
+        "/\r/evil.example",
+        "/ /evil.example",
+        "/\x7f/evil.example",
+    ],
 )
 async def test_login_never_redirects_off_site(web: Web, after: str) -> None:
     async with _client(web.app) as client:
@@ -703,7 +719,9 @@ async def test_a_hostile_builds_strings_are_escaped_on_every_page(web: Web) -> N
         selected = await client.get(build, params={"job": IMG})
         selected_too = await client.get(build, params={"job": SCRIPT})
         unknown = await client.get(build, params={"job": SCRIPT + "x"})
-        login = await client.get("/login", params={"next": f"/{IMG}{SCRIPT}"})
+        # no spaces: a `next` with a space (or a tab, a newline) is refused outright
+        hostile_next = "/" + (IMG + SCRIPT).replace(" ", "/")
+        login = await client.get("/login", params={"next": hostile_next})
     for path, response in pages.items():
         assert response.status_code == 200, path
         _assert_inert(response.text)
@@ -718,7 +736,7 @@ async def test_a_hostile_builds_strings_are_escaped_on_every_page(web: Web) -> N
     assert selected.status_code == selected_too.status_code == 200
     assert unknown.status_code == 404 and escape(repr(SCRIPT + "x")) in unknown.text
     assert login.status_code == 200
-    assert f'value="{escape("/" + IMG + SCRIPT)}"' in login.text  # next, in its attributes
+    assert f'value="{escape(hostile_next)}"' in login.text  # next, in its attributes
 
 
 @pytest.mark.anyio
@@ -732,6 +750,137 @@ async def test_the_page_data_block_holds_no_closing_script_tag(web: Web) -> None
     assert [job[1] for job in data["jobs"]] == [SCRIPT, IMG]
     assert data["build"]["branch"] == SCRIPT and data["build"]["message"] == IMG
     assert data["selected"] == web.store.list_jobs(web.builds["hostile"].id)[0].id
+
+
+@pytest.mark.anyio
+async def test_the_sign_in_page_never_carries_an_off_site_next(web: Web) -> None:
+    # login.js goes on to `next` when the browser turns out to be signed in: the page must
+    # only ever carry a local path there
+    async with _client(web.app) as client:
+        for after in ("/%09/evil.example", "/%0A/evil.example", "//evil.example"):
+            page = await client.get(f"/login?next={after}")
+            assert 'data-next="/"' in page.text, after
+
+
+@pytest.mark.anyio
+async def test_a_sign_out_with_a_pasted_token_described_like_a_link_keeps_the_token(
+    web: Web,
+) -> None:
+    # whether signing out revokes the token is in the signed cookie, not in the token's
+    # description, which anyone who makes a token chooses
+    row, secret = web.store.create_token(
+        description="web sign-in link (a deploy token)",
+        organizations=None,
+        expires_at=None,
+        now=datetime.now(UTC),
+    )
+    async with _client(web.app, secret) as client:
+        csrf = await _csrf_of(client)
+        assert (await client.post("/login/out", data={"csrf": csrf})).status_code == 303
+    kept = web.store.get_token(row.id)
+    assert kept is not None and kept.revoked_at is None
+
+
+@pytest.mark.anyio
+async def test_the_page_of_a_build_refused_at_submission_shows_why(web: Web) -> None:
+    api = {"authorization": f"Bearer {web.token}"}
+    async with _client(web.app, web.token) as client:
+        made = await client.post(
+            "/api/v0/organizations/acme/pipelines",
+            json={"name": "Refused", "repository": "r", "default_branch": "main"},
+            headers=api,
+        )
+        assert made.status_code == 201, made.text
+        refused = await client.post(
+            "/api/v0/organizations/acme/pipelines/refused/builds",
+            json={"pipeline_ir": "steps:\n  - {key: a, command: 1}\n"},
+            headers=api,
+        )
+        assert refused.status_code == 422, refused.text
+        page = await client.get("/acme/pipelines/refused/builds/1")
+    assert page.status_code == 200, page.text
+    assert "This build has no jobs." in page.text
+    row = web.store.get_build(1, org="acme", pipeline="refused")
+    assert row is not None and row.error_message
+    assert row.error_message in refused.json()["error"]["message"]
+    assert str(escape(row.error_message)) in page.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", ["builds", "window"])
+async def test_a_cursor_past_what_a_store_can_compare_is_a_422_not_a_500(
+    web: Web, where: str
+) -> None:
+    job = web.store.list_jobs(web.builds["app"].id)[0]
+    path = {
+        "builds": "/acme/pipelines/app",
+        "window": f"/acme/pipelines/app/builds/1/jobs/{job.id}/window",
+    }[where]
+    async with _client(web.app, web.token) as client:
+        response = await client.get(path, params={"before": str(1 << 63)})
+        assert response.status_code == 422, response.text
+        fine = await client.get(path, params={"before": str((1 << 63) - 1)})
+        assert fine.status_code == 200, fine.text
+
+
+@pytest.mark.anyio
+async def test_redirects_errors_files_and_json_of_the_web_view_carry_the_headers(
+    web: Web,
+) -> None:
+    job = web.store.list_jobs(web.builds["app"].id)[0]
+    async with _client(web.app) as anonymous:
+        answers = {
+            "a redirect to sign in": await anonymous.get("/acme/pipelines"),
+            "a missing file": await anonymous.get("/static/nope.js"),
+            "the session probe": await anonymous.get("/login/session"),
+        }
+    async with _client(web.app, web.token) as client:
+        answers["the log window"] = await client.get(
+            f"/acme/pipelines/app/builds/1/jobs/{job.id}/window"
+        )
+        answers["a 422"] = await client.get("/acme/pipelines/app/builds/1?page=0")
+        answers["an unknown path"] = await client.get("/acme/nowhere/at/all")
+        answers["a raw log"] = await client.get(f"/acme/pipelines/app/builds/1/jobs/{job.id}/log")
+    statuses = {what: r.status_code for what, r in answers.items()}
+    assert statuses == {
+        "a redirect to sign in": 303,
+        "a missing file": 404,
+        "the session probe": 200,
+        "the log window": 200,
+        "a 422": 422,
+        "an unknown path": 404,
+        "a raw log": 200,
+    }
+    for what, response in answers.items():
+        _assert_secure_headers(response, what)
+    assert answers["the log window"].headers["cache-control"] == "no-store"
+    assert answers["the session probe"].json() == {"signed_in": False}
+
+
+def test_one_token_may_hold_only_so_many_live_streams() -> None:
+    live = LiveLog(heartbeat_s=15, poll_s=0.1, closing=threading.Event())
+    grant = LogGrant("build", "token-a", datetime.now(UTC) + timedelta(hours=1))
+    other = LogGrant("build", "token-b", datetime.now(UTC) + timedelta(hours=1))
+
+    async def forever() -> AsyncIterator[bytes]:
+        while True:
+            yield b": heartbeat\n\n"
+            await anyio.lowlevel.checkpoint()
+
+    async def main() -> None:
+        streams = [live.counted(grant, forever()) for _ in range(MAX_STREAMS_PER_TOKEN)]
+        for stream in streams:
+            assert await anext(stream) == b": heartbeat\n\n"  # each is open, and counted
+        with pytest.raises(LogStreamError) as refused:
+            live.check_room(grant)
+        assert (refused.value.status, refused.value.code) == (429, ErrorCode.TOO_MANY_STREAMS)
+        live.check_room(other)  # another token's room is its own
+        await streams[0].aclose()  # a stream that ends makes room
+        live.check_room(grant)
+        for stream in streams[1:]:
+            await stream.aclose()
+
+    anyio.run(main)
 
 
 # --- 6. headers ---------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from executor.store.rows import format_time
 __all__ = [
     "EVENT_SCHEMA",
     "LOG_TOKEN_TTL",
+    "MAX_STREAMS_PER_TOKEN",
     "LiveLog",
     "LogGrant",
     "chunk_json",
@@ -71,6 +72,8 @@ READ_BUDGET_BYTES = 1 << 20
 """Output read from the store per hop: a long log goes out as a bounded ``history`` and then
 ``chunk`` events, never as one event the size of the log."""
 _KEY_NAME = "log_token_hmac"
+MAX_STREAMS_PER_TOKEN = 32
+"""Live streams (logs and build events) one API token may have open on one server."""
 GRANT_CHECK_S = 2.0
 """How often an open stream checks that its log token still holds (expiry, revocation)."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -273,6 +276,33 @@ class LiveLog:
         self.poll_s = poll_s
         self.closing = closing
         self._key: bytes | None = None
+        self._open: dict[str, int] = {}  # API token id -> its live streams open here
+
+    def check_room(self, grant: LogGrant) -> None:
+        """LogStreamError 429 ``too_many_streams`` if the API token behind ``grant`` already
+        has MAX_STREAMS_PER_TOKEN streams open on this server (checked as a stream is asked
+        for; counted while it runs, by ``counted``)."""
+        if self._open.get(grant.api_token_id, 0) >= MAX_STREAMS_PER_TOKEN:
+            raise LogStreamError(
+                429,
+                ErrorCode.TOO_MANY_STREAMS,
+                f"API token {grant.api_token_id} already has {MAX_STREAMS_PER_TOKEN} live "
+                "streams open here; close the ones no longer read",
+            )
+
+    async def counted(self, grant: LogGrant, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """``stream``, counted as one of its API token's open streams while it runs."""
+        token = grant.api_token_id
+        self._open[token] = self._open.get(token, 0) + 1
+        try:
+            async for frame in stream:
+                yield frame
+        finally:
+            left = self._open[token] - 1
+            if left:
+                self._open[token] = left
+            else:
+                del self._open[token]
 
     def key(self, store: Store) -> bytes:
         """The HMAC key of the log tokens of ``store``."""

@@ -9,6 +9,7 @@ adds no state of its own but the sessions' keys in the store. See docs/web.md.
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
@@ -22,13 +23,32 @@ from executor.web.session import SignInLinks
 __all__ = ["SignInLinks", "add_web_view"]
 
 
-class _Static(StaticFiles):
-    async def get_response(self, path: str, scope: dict) -> Response:  # type: ignore[override,type-arg]
-        response = await super().get_response(path, scope)
-        for name, value in SECURITY_HEADERS.items():
-            if name != "cache-control":
-                response.headers[name] = value
-        return response
+class _SecurityHeaders:
+    """SECURITY_HEADERS on every response of the web view, whatever answered it (a page, a
+    redirect, a file, an error, a route's JSON), unless it set its own; not on the API's
+    (``/api``, ``/v0``: JSON and event streams for programs, answered as Harmont does).
+    Files under ``/static`` may be cached; nothing else is."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else "/api"
+        if path.startswith(("/api/", "/v0/")):
+            await self.app(scope, receive, send)
+            return
+        static = path.startswith("/static/")
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.setdefault("headers", [])
+                present = {name.lower() for name, _ in headers}
+                for name, value in SECURITY_HEADERS.items():
+                    if name.encode() not in present and not (static and name == "cache-control"):
+                        headers.append((name.encode(), value.encode()))
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def add_web_view(app: FastAPI, links: SignInLinks | None = None) -> SignInLinks:
@@ -37,7 +57,8 @@ def add_web_view(app: FastAPI, links: SignInLinks | None = None) -> SignInLinks:
     links = links or SignInLinks()
     app.state.sign_in_links = links
     app.include_router(router)
-    app.mount("/static", _Static(directory=STATIC), name="static")
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(_SecurityHeaders)
 
     async def sign_in(request: Request, exc: Exception) -> Response:
         after = exc.after if isinstance(exc, SignInRequired) else "/"

@@ -26,7 +26,7 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from itertools import pairwise
 
@@ -46,6 +46,10 @@ __all__ = [
 
 COLLAPSE_OVER = 300
 """Past this many jobs the DAG is drawn one node per level."""
+WORK_LIMIT = 4000
+"""Past this many nodes, edges and bends (see ``_work``) too: a few hundred jobs that each
+depend on dozens would cost the ordering pass minutes and the page megabytes."""
+ARC = 18.0  # how far an edge that skips levels arcs beside the line, per level skipped
 _SWEEPS = 12  # down-and-up pairs; the best order seen is kept
 
 NODE_W, NODE_H = 176.0, 36.0
@@ -106,6 +110,8 @@ class Layout:
     crossings: int
     node_of: Mapping[str, str] = field(default_factory=dict)
     """step key -> the id of the node that draws it (itself, or its level when collapsed)."""
+    hidden_links: int = 0
+    """Edges between levels that are not neighbours, left out of a very dense collapsed graph."""
 
 
 @dataclass(slots=True)
@@ -134,14 +140,48 @@ def layout_plan(
     *,
     direction: Direction = Direction.LR,
     collapse_over: int = COLLAPSE_OVER,
+    work_limit: int = WORK_LIMIT,
 ) -> Layout:
-    """The DAG of ``plan`` laid out (see the module docstring)."""
-    collapsed = len(plan) > collapse_over
-    graph = _levels_graph(plan) if collapsed else _jobs_graph(plan)
-    layer = _layers(graph)
-    rows, owners = _with_dummies(graph, layer)
-    rows = _order(rows, graph)
-    return _place(graph, rows, owners, direction, collapsed, plan)
+    """The DAG of ``plan`` laid out (see the module docstring). Its cost is bounded: a plan of
+    more than ``collapse_over`` jobs, or whose drawing would have more than ``work_limit``
+    nodes, edges and bends (a few hundred jobs that each depend on dozens), is drawn one node
+    per level."""
+    if len(plan) <= collapse_over:
+        graph = _jobs_graph(plan)
+        layer = _layers(graph)
+        if _work(graph, layer) <= work_limit:
+            rows, owners = _with_dummies(graph, layer)
+            rows = _order(rows, graph)
+            return _place(graph, rows, owners, direction, False, plan)
+    return _levels(plan, direction, work_limit)
+
+
+def _work(graph: _Graph, layer: Mapping[str, int]) -> int:
+    """What drawing ``graph`` in full would cost: its nodes, edges and the bends of its long
+    edges (the ordering pass's work grows with these)."""
+    bends = sum(
+        max(layer[t] - layer[s] - 1, 0) + 1 for s, targets in graph.succ.items() for t in targets
+    )
+    return len(graph.kind) + bends
+
+
+def _levels(plan: Plan, direction: Direction, work_limit: int) -> Layout:
+    """One node per plan level, in a line: levels are layers already (a job's level is one
+    more than its deepest prerequisite's), so there is nothing to order and no bend to route;
+    an edge that skips levels arcs beside the line. Past ``work_limit`` edges only those
+    between neighbouring levels are drawn (``hidden_links`` counts the others)."""
+    graph = _levels_graph(plan)
+    rows = [[node] for node in graph.kind]
+    pairs = [(s, t) for s, targets in graph.succ.items() for t in targets]
+    hidden = 0
+    if len(pairs) > work_limit:
+        near = [(s, t) for s, t in pairs if int(t[6:]) - int(s[6:]) == 1]
+        hidden, pairs = len(pairs) - len(near), near
+    graph.succ = defaultdict(list)
+    for s, t in pairs:
+        graph.succ[s].append(t)
+    layout = _place(graph, rows, {}, direction, True, plan)
+    return replace(layout, hidden_links=hidden)
 
 
 def _jobs_graph(plan: Plan) -> _Graph:
@@ -369,6 +409,7 @@ def _place(
         return (cx, cy + sign * h / 2)
 
     links = []
+    deepest = 0.0  # how far the arcs of a collapsed graph reach beside its line
     for source in [n for row in rows for n in row if graph.kind[n] is not NodeKind.DUMMY]:
         for first in graph.succ.get(source, ()):
             points = [port(source, True)]
@@ -376,12 +417,26 @@ def _place(
             while graph.kind[node] is NodeKind.DUMMY:
                 points.append(centre[node])
                 node = graph.succ[node][0]
+            skipped = layer_of[node] - layer_of[source] - 1
+            if collapsed and skipped > 0:  # one line of levels: arc beside it, not through
+                depth_of_arc = min(ARC * (skipped + 1), 12 * ARC)
+                deepest = max(deepest, depth_of_arc)
+                (sx, sy), (tx, ty) = centre[source], centre[node]
+                mid = (
+                    ((sx + tx) / 2, sy + across / 2 + depth_of_arc)
+                    if lr
+                    else (
+                        sx + across / 2 + depth_of_arc,
+                        (sy + ty) / 2,
+                    )
+                )
+                points.append(mid)
             points.append(port(node, False))
             links.append(
                 LayoutLink(source, node, tuple(points), tolerant=(source, node) in graph.tolerant)
             )
     extent = start - GAP_LAYER + MARGIN if rows else MARGIN * 2
-    breadth = MARGIN * 2 + span
+    breadth = MARGIN * 2 + span + deepest
     width, height = (extent, breadth) if direction is Direction.LR else (breadth, extent)
     node_of = {key: key for key in plan.order}
     if collapsed:

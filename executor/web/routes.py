@@ -8,7 +8,10 @@ through the build service the API uses. Routes are thin: ``view`` computes what 
 
 # No ``from __future__ import annotations``: FastAPI reads these annotations at runtime.
 import json
+import threading
+from collections import OrderedDict
 from datetime import UTC, datetime
+from functools import partial
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -34,7 +37,7 @@ from executor.api.service import BuildService
 from executor.errors import BuildStateError, ErrorCode, ExecutorError
 from executor.load import plan_build_text
 from executor.store import BuildRow, JobRow, Store
-from executor.web.layout import layout_plan, svg_path
+from executor.web.layout import Layout, layout_plan, svg_path
 from executor.web.pages import render
 from executor.web.session import (
     COOKIE,
@@ -68,6 +71,12 @@ LOG_WINDOW_BYTES = 128 << 10
 at once); earlier parts on demand."""
 _WINDOW_PAGE = 8  # chunks read per step back: a window overshoots its size by little
 _BUILD = "/{org}/pipelines/{pipeline}/builds/{number}"
+_MAX_SEQ = (1 << 63) - 1  # the largest number the stores compare
+LAYOUT_CACHE = 64
+"""Builds whose graph layout is kept (a build's plan never changes; its page is opened again
+and again while it runs)."""
+_LAYOUTS: OrderedDict[str, Layout] = OrderedDict()
+_LAYOUTS_LOCK = threading.Lock()
 
 
 class SignInRequired(Exception):
@@ -176,8 +185,16 @@ def _foreign(request: Request) -> str | None:
 
 
 def _local(after: str | None) -> str:
-    """Where to go after signing in: a path on this server, never another host."""
-    if not after or not after.startswith("/") or after.startswith("//") or "\\" in after:
+    """Where to go after signing in: a path on this server, never another host. A browser
+    drops tabs and newlines from a URL and reads ``\\`` as ``/``, so ``/<tab>/evil.example``
+    would be ``//evil.example``: a path with any of those, or any control character, goes
+    to ``/`` instead."""
+    if (
+        not after
+        or not after.startswith("/")
+        or after.startswith("//")
+        or any(c == "\\" or ord(c) < 0x21 or ord(c) == 0x7F for c in after)
+    ):
         return "/"
     return after
 
@@ -206,7 +223,7 @@ async def login_page(
                 },
                 status=401,
             )
-        session = await read(mint_session, store, token, _now())
+        session = await read(partial(mint_session, store, token, _now(), link=True))
         return _signed_in(request, session, "/")
     return render(request, "login.html.j2", {"after": _local(after), "error": None})
 
@@ -307,7 +324,7 @@ async def builds(
     pipeline: str,
     store: StoreDep,
     session: SessionDep,
-    before: Annotated[int | None, Query(ge=1)] = None,
+    before: Annotated[int | None, Query(ge=1, le=_MAX_SEQ)] = None,
     part: Annotated[str | None, Query()] = None,
 ) -> Response:
     def lookup() -> dict[str, Any]:
@@ -429,15 +446,29 @@ def _reused_build(store: Store, job: JobRow) -> int | None:
     return None if build is None else build.number
 
 
-def _layout(store: Store, build: BuildRow) -> Any:
+def _layout(store: Store, build: BuildRow) -> Layout:
+    """The build's graph, laid out once (a build's plan never changes) and kept."""
+    with _LAYOUTS_LOCK:
+        if build.id in _LAYOUTS:
+            _LAYOUTS.move_to_end(build.id)
+            return _LAYOUTS[build.id]
     recorded = store.build_plan(build.id)
-    if recorded is None:
-        return layout_plan(plan_build_text("steps: []", name="build.json"))
-    try:
-        plan = plan_build_text(recorded[0], name=build.build_file or "build.json", json_format=True)
-    except ExecutorError:  # a build refused at submission records the IR it could not load
-        plan = plan_build_text("steps: []", name="build.json")
-    return layout_plan(plan)
+    plan = None
+    if recorded is not None:
+        try:
+            plan = plan_build_text(
+                recorded[0], name=build.build_file or "build.json", json_format=True
+            )
+        except ExecutorError:  # a build refused at submission records the IR it could not load
+            plan = None
+    if plan is None:
+        plan = plan_build_text('{"steps": []}', name="build.json", json_format=True)
+    layout = layout_plan(plan)
+    with _LAYOUTS_LOCK:
+        _LAYOUTS[build.id] = layout
+        while len(_LAYOUTS) > LAYOUT_CACHE:
+            _LAYOUTS.popitem(last=False)
+    return layout
 
 
 # --- a job's log, artifacts -------------------------------------------------------------------
@@ -451,7 +482,7 @@ async def log_window(
     job_id: str,
     store: StoreDep,
     session: SessionDep,
-    before: Annotated[int | None, Query(ge=1)] = None,
+    before: Annotated[int | None, Query(ge=1, le=_MAX_SEQ)] = None,
 ) -> JSONResponse:
     """The last LOG_WINDOW_BYTES of the job's output before seq ``before`` (the end if not
     given), decoded as the live stream decodes it: ``{"chunks", "first", "last", "more"}``.
@@ -486,7 +517,7 @@ async def log_window(
         more = bool(store.log_page_before(job.id, before_seq=chunks[0].seq, limit=1))
         return {"chunks": wire_chunks, "first": chunks[0].seq, "last": chunks[-1].seq, "more": more}
 
-    return JSONResponse(await _lookup(window))
+    return JSONResponse(await _lookup(window), headers={"cache-control": "no-store"})
 
 
 @router.get(f"{_BUILD}/jobs/{{job_id}}/log")

@@ -53,8 +53,7 @@ LINK_TTL = timedelta(minutes=30)
 LINK_TOKEN_TTL = SESSION_TTL
 """The life of the API token a sign-in link makes (the session's)."""
 LINK_TOKEN_DESCRIPTION = "web sign-in link"
-"""How the API token a sign-in link makes is described (``token list``): it is the session's
-own, so signing out revokes it."""
+"""How the API token a sign-in link makes is described (``token list``)."""
 _SESSION_KEY = "web_session_hmac"
 _CSRF_KEY = "web_csrf_hmac"
 
@@ -75,14 +74,19 @@ class Session:
     token: TokenRow
     cookie: str
     expires_at: datetime
+    link: bool = False
+    """Made by a sign-in link, with an API token of its own (signing out revokes it)."""
 
 
-def mint_session(store: Store, token: TokenRow, now: datetime) -> Session:
-    """A session for ``token``, made now: its cookie value and when it ends."""
+def mint_session(store: Store, token: TokenRow, now: datetime, *, link: bool = False) -> Session:
+    """A session for ``token``, made now (``link``: by a sign-in link, which made the token
+    for it): its cookie value and when it ends. The cookie says ``link`` under its MAC, so
+    only the server can make a session that signing out revokes the token of."""
     issued = int(now.timestamp())
-    payload = json.dumps({"t": token.id, "i": issued}, separators=(",", ":")).encode()
+    fields = {"t": token.id, "i": issued, **({"l": 1} if link else {})}
+    payload = json.dumps(fields, separators=(",", ":")).encode()
     mac = hmac.new(store.store_key(_SESSION_KEY), payload, hashlib.sha256).digest()
-    return Session(token, f"{_b64(payload)}.{_b64(mac)}", _ends(token, issued))
+    return Session(token, f"{_b64(payload)}.{_b64(mac)}", _ends(token, issued), link)
 
 
 def _ends(token: TokenRow, issued: int) -> datetime:
@@ -107,8 +111,8 @@ def read_session(store: Store, cookie: str | None, now: datetime) -> Session | N
         return None
     try:
         data = json.loads(payload)
-        token_id, issued = str(data["t"]), int(data["i"])
-    except (ValueError, KeyError, TypeError):
+        token_id, issued, link = str(data["t"]), int(data["i"]), data.get("l") == 1
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
     token = store.get_token(token_id)
     if token is None or not token.usable_at(now):
@@ -116,7 +120,7 @@ def read_session(store: Store, cookie: str | None, now: datetime) -> Session | N
     ends = _ends(token, issued)
     if ends <= now:
         return None
-    return Session(token, cookie, ends)
+    return Session(token, cookie, ends, link)
 
 
 def end_session(store: Store, session: Session, now: datetime) -> None:
@@ -124,7 +128,7 @@ def end_session(store: Store, session: Session, now: datetime) -> None:
     revoked, so the cookie is worth nothing even if kept). A session made with a token the
     person pasted ends in this browser only (the cookie is deleted): revoke that token
     (`harmont-exec token revoke`) to end every session made with it."""
-    if (session.token.description or "").startswith(LINK_TOKEN_DESCRIPTION):
+    if session.link:
         store.revoke_token(session.token.id, now=now)
 
 

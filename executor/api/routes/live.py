@@ -76,6 +76,10 @@ def _issue(
             "model": models.LogStreamError,
             "description": "The job is not in the log token's build",
         },
+        429: {
+            "model": models.LogStreamError,
+            "description": "Too many live streams open for this token",
+        },
         **error_responses(422),
     },
 )
@@ -96,8 +100,9 @@ async def job_log_stream(
     # nullable. Documented in openapi_extra.
     after = resume_point(request.headers.get("last-event-id"), last_event_id)
     job, grant = await read(live_log.admit, store, token, job_id)
+    live_log.check_room(grant)
     return StreamingResponse(
-        live_log.events(store, job, grant, after),
+        live_log.counted(grant, live_log.events(store, job, grant, after)),
         media_type="text/event-stream",
         headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
     )
@@ -135,6 +140,10 @@ async def job_log_stream(
             "model": models.LogStreamError,
             "description": "The log token is another build's",
         },
+        429: {
+            "model": models.LogStreamError,
+            "description": "Too many live streams open for this token",
+        },
         **error_responses(422),
     },
 )
@@ -154,8 +163,9 @@ async def build_event_stream(
     build, grant = await read(admit_build, live_log, store, token, build_id)
     now = await read(store.last_change)
     start = resume_after(request.headers.get("last-event-id"), after, now)
+    live_log.check_room(grant)
     return StreamingResponse(
-        build_events(live_log, store, build, grant, start),
+        live_log.counted(grant, build_events(live_log, store, build, grant, start)),
         media_type="text/event-stream",
         headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
     )

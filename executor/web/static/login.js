@@ -7,7 +7,10 @@ if (next && next !== "/" && !document.querySelector("[role=alert]")) {
   fetch("/login/session", { credentials: "same-origin" })
     .then((response) => (response.ok ? response.json() : { signed_in: false }))
     .then((state) => {
-      if (state.signed_in) location.replace(next);
+      // Only a page of this server (the server checked `next` too; the browser's URL parser
+      // is the last word on where it leads).
+      const to = new URL(next, location.origin);
+      if (state.signed_in && to.origin === location.origin) location.replace(to.href);
     })
     .catch(() => {});
 }
