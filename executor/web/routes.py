@@ -69,7 +69,7 @@ FORM_LIMIT = 8 << 10
 LOG_WINDOW_BYTES = 128 << 10
 """Output sent per log window: a log opens at its last 128 KiB (some thousands of lines, drawn
 at once); earlier parts on demand."""
-_WINDOW_PAGE = 8  # chunks read per step back: a window overshoots its size by little
+_WINDOW_PAGE = 8  # chunks read per step back (then trimmed to the window's size)
 _BUILD = "/{org}/pipelines/{pipeline}/builds/{number}"
 _MAX_SEQ = (1 << 63) - 1  # the largest number the stores compare
 LAYOUT_CACHE = 64
@@ -500,6 +500,9 @@ async def log_window(
             chunks[:0] = page
             size += sum(len(c.content) for c in page)
             end = page[0].seq
+        # No more than the window's size (a chunk can be tens of KiB), but at least a chunk.
+        while len(chunks) > 1 and size > LOG_WINDOW_BYTES:
+            size -= len(chunks.pop(0).content)
         if not chunks:
             return {"chunks": [], "first": None, "last": None, "more": False}
         text = LogText()
