@@ -141,7 +141,7 @@ function refreshParts() {
 // --- the build's events ------------------------------------------------------------------------
 
 function follow() {
-  if (TERMINAL.has(data.build.state) || ["passed", "failed", "canceled"].includes(data.build.state)) return;
+  if (TERMINAL.has(data.build.state)) return; // an ended build changes no more
   const url = `/v0/builds/${encodeURIComponent(data.build_id)}/events?token=${encodeURIComponent(data.log_token)}&after=${data.point}`;
   const events = new EventSource(url);
   events.addEventListener("job", (e) => {

@@ -36,8 +36,8 @@ export class Style {
     this.bold = this.dim = this.italic = this.underline = false;
     this.fg = this.bg = null; // a class name ("red", "bright-red", "c5") or an rgb() value
   }
-  key() {
-    return `${this.bold}${this.dim}${this.italic}${this.underline}${this.fg}${this.bg}`;
+  snapshot() {
+    return Object.assign(new Style(), this);
   }
   plain() {
     return !this.bold && !this.dim && !this.italic && !this.underline && !this.fg && !this.bg;
@@ -97,7 +97,7 @@ export class Style {
   }
 }
 
-// Split text into [style-run text, ...] pieces, applying SGR sequences to `style` and
+// Split text into [[text, its style], ...] pieces, applying SGR sequences to `style` and
 // dropping every other escape. Returns [pieces, rest]: `rest` is an unfinished escape at the
 // end, to be put before the next text of the same stream.
 export function parseAnsi(text, style) {
@@ -120,19 +120,13 @@ export function parseAnsi(text, style) {
   ESCAPE.lastIndex = 0;
   let m;
   while ((m = ESCAPE.exec(text)) !== null) {
-    if (m.index > at) pieces.push([text.slice(at, m.index), style.key(), style.wrapFor()]);
+    if (m.index > at) pieces.push([text.slice(at, m.index), style.snapshot()]);
     if (m[2] === "m") style.apply(m[1] ?? "");
     at = ESCAPE.lastIndex;
   }
-  if (at < text.length) pieces.push([text.slice(at), style.key(), style.wrapFor()]);
+  if (at < text.length) pieces.push([text.slice(at), style.snapshot()]);
   return [pieces, held];
 }
-
-Style.prototype.wrapFor = function () {
-  const copy = new Style();
-  Object.assign(copy, this);
-  return copy;
-};
 
 const BUILDKITE = /^(---|\+\+\+|~~~) (.*)$/;
 const GH_GROUP = /^::group::(.*)$/;
@@ -199,7 +193,7 @@ export class LogView {
     }
     const [pieces, held] = parseAnsi(part, state.style);
     state.held = held;
-    for (const [text, , style] of pieces) {
+    for (const [text, style] of pieces) {
       body.appendChild(style.wrap(this.doc, text));
       state.text += text;
     }
