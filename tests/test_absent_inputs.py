@@ -23,7 +23,20 @@ def _pytest_without(
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     return subprocess.run(
-        [sys.executable, "-c", HIDDEN, package, "-q", "-p", "no:cacheprovider", "-rs", test],
+        # -n 0: in this process, where the package is hidden (pyproject asks for workers)
+        [
+            sys.executable,
+            "-c",
+            HIDDEN,
+            package,
+            "-q",
+            "-n",
+            "0",
+            "-p",
+            "no:cacheprovider",
+            "-rs",
+            test,
+        ],
         env={**env, "CI": ci},
         cwd=cwd,
         capture_output=True,
