@@ -5,6 +5,7 @@ live state changes (Server-Sent Events). The protocols are ``executor.api.live``
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Query, Request
@@ -14,7 +15,7 @@ from executor.api import models
 from executor.api.deps import Caller, LiveLogDep, StoreDep
 from executor.api.errors import error_responses
 from executor.api.events import admit_build, build_events, resume_after
-from executor.api.live import EVENT_SCHEMA, LiveLog, resume_point
+from executor.api.live import EVENT_SCHEMA, LiveLog, LogGrant, resume_point
 from executor.api.lookup import build_of, read
 from executor.api.middleware import HeadRouter
 from executor.api.paths import BUILD, BUILD_EVENTS, LIVE_LOG
@@ -44,44 +45,56 @@ def _issue(
     return live_log.issue(store, build_of(store, token, org, pipeline, number).id, token)
 
 
+def _stream_doc(resume: str, ok: str, forbidden: str) -> dict[str, Any]:
+    """What the two live streams document alike: the Last-Event-ID header (read by the route,
+    not declared: FastAPI would document an optional header as nullable), the event stream,
+    and Harmont's flat refusals."""
+    refusal = {"model": models.LogStreamError}
+    return {
+        "openapi_extra": {
+            "parameters": [
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "description": resume,
+                    "schema": {"type": "string"},
+                }
+            ]
+        },
+        "response_class": StreamingResponse,
+        "responses": {
+            200: {"description": ok, "content": {"text/event-stream": {"schema": EVENT_SCHEMA}}},
+            401: {**refusal, "description": "No log token, not one this server minted, or expired"},
+            403: {**refusal, "description": forbidden},
+            429: {**refusal, "description": "Too many live streams open for this token"},
+            **error_responses(422),
+        },
+    }
+
+
+def _stream(live_log: LiveLog, grant: LogGrant, events: AsyncIterator[bytes]) -> StreamingResponse:
+    """``events`` as a live stream, counted against its API token's streams (429 past them)."""
+    live_log.check_room(grant)
+    return StreamingResponse(
+        live_log.counted(grant, events),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
 @router.get(
     LIVE_LOG,
     tags=["jobs"],
     operation_id="streamJobLogs",
     summary="A job's log as Server-Sent Events (history, chunk, done)",
-    openapi_extra={
-        "parameters": [
-            {
-                "name": "Last-Event-ID",
-                "in": "header",
-                "required": False,
-                "description": "Resume after this chunk seq (EventSource sends it); a "
-                "negative value counts as 0, one that is not an integer is ignored.",
-                "schema": {"type": "string"},
-            }
-        ]
-    },
-    response_class=StreamingResponse,
-    responses={
-        200: {
-            "description": "A history event (no id), then a chunk event per new piece of "
-            "output (id: its seq), then done once the job has ended",
-            "content": {"text/event-stream": {"schema": EVENT_SCHEMA}},
-        },
-        401: {
-            "model": models.LogStreamError,
-            "description": "No log token, not one this server minted, or expired",
-        },
-        403: {
-            "model": models.LogStreamError,
-            "description": "The job is not in the log token's build",
-        },
-        429: {
-            "model": models.LogStreamError,
-            "description": "Too many live streams open for this token",
-        },
-        **error_responses(422),
-    },
+    **_stream_doc(
+        "Resume after this chunk seq (EventSource sends it); a negative value counts as 0, "
+        "one that is not an integer is ignored.",
+        "A history event (no id), then a chunk event per new piece of output (id: its seq), "
+        "then done once the job has ended",
+        "The job is not in the log token's build",
+    ),
 )
 async def job_log_stream(
     job_id: str,
@@ -96,16 +109,18 @@ async def job_log_stream(
         Query(description="Resume after this chunk seq (when no Last-Event-ID header)."),
     ] = None,
 ) -> StreamingResponse:
-    # Read here rather than declared: FastAPI would document an optional header as
-    # nullable. Documented in openapi_extra.
     after = resume_point(request.headers.get("last-event-id"), last_event_id)
     job, grant = await read(live_log.admit, store, token, job_id)
-    live_log.check_room(grant)
-    return StreamingResponse(
-        live_log.counted(grant, live_log.events(store, job, grant, after)),
-        media_type="text/event-stream",
-        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-    )
+    return _stream(live_log, grant, live_log.events(store, job, grant, after))
+
+
+_EVENTS_DOC = _stream_doc(
+    "Resume after this change (EventSource sends it).",
+    "The build now, then a job event per job change (the last of each batch with id: the "
+    "change), a build event when the build changes, done once it is finished",
+    "The log token is another build's",
+)
+_EVENTS_DOC["openapi_extra"]["x-harmont-extension"] = True
 
 
 @router.get(
@@ -113,39 +128,7 @@ async def job_log_stream(
     tags=["builds"],
     operation_id="streamBuildEvents",
     summary="A build's state changes as Server-Sent Events (build, job, done)",
-    openapi_extra={
-        "x-harmont-extension": True,
-        "parameters": [
-            {
-                "name": "Last-Event-ID",
-                "in": "header",
-                "required": False,
-                "description": "Resume after this change (EventSource sends it).",
-                "schema": {"type": "string"},
-            }
-        ],
-    },
-    response_class=StreamingResponse,
-    responses={
-        200: {
-            "description": "The build now, then a job event per job change (id: the "
-            "change), a build event when the build changes, done once it is finished",
-            "content": {"text/event-stream": {"schema": EVENT_SCHEMA}},
-        },
-        401: {
-            "model": models.LogStreamError,
-            "description": "No log token, not one this server minted, or expired",
-        },
-        403: {
-            "model": models.LogStreamError,
-            "description": "The log token is another build's",
-        },
-        429: {
-            "model": models.LogStreamError,
-            "description": "Too many live streams open for this token",
-        },
-        **error_responses(422),
-    },
+    **_EVENTS_DOC,
 )
 async def build_event_stream(
     build_id: str,
@@ -163,9 +146,4 @@ async def build_event_stream(
     build, grant = await read(admit_build, live_log, store, token, build_id)
     now = await read(store.last_change)
     start = resume_after(request.headers.get("last-event-id"), after, now)
-    live_log.check_room(grant)
-    return StreamingResponse(
-        live_log.counted(grant, build_events(live_log, store, build, grant, start)),
-        media_type="text/event-stream",
-        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-    )
+    return _stream(live_log, grant, build_events(live_log, store, build, grant, start))
